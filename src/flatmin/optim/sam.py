@@ -1,0 +1,331 @@
+r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM) as a wrapper optimizer.
+
+Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
+
+    g      = ∇L(w)                                  # first forward/backward pass
+    ε̂      = ρ · sign(g)|g|^(q−1) / (‖g‖_q^q)^(1/p)  # climb to the local maximum w + ε̂
+    g_SAM  = ∇L(w)|_{w + ε̂}                          # second pass at the perturbed point
+    w      ← base_step(w, g_SAM)                      # e.g. SGD with momentum, AdamW, ...
+
+The base optimizer owns the update; SAM only moves ``w`` to ``w + ε̂`` and back. Both share one list
+of ``param_groups``, so learning-rate schedulers, ``add_param_group`` and per-group ``rho`` just work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from flatmin.optim._perturb import PerturbGroup, perturb_foreach_, perturb_single_tensor_
+
+__all__ = ["SAM"]
+
+_SAM_KEYS = ("rho", "p", "adaptive", "eta")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    rho, p, eta, adaptive = group["rho"], group["p"], group["eta"], group["adaptive"]
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"Invalid rho: {rho!r} (expected a float)")
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"Invalid rho: {rho} (expected a finite value >= 0)")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"Invalid p: {p!r} (expected a float > 1 or math.inf)")
+    if math.isnan(p) or p <= 1:
+        raise ValueError(f"Invalid p: {p} (expected p > 1, or math.inf)")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"Invalid adaptive: {adaptive!r} (expected a bool)")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"Invalid eta: {eta!r} (expected a float)")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"Invalid eta: {eta} (expected a finite value >= 0)")
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization around any base optimizer (SAM, ASAM, any ℓp ball).
+
+    Update rule, with ``g`` the gradient over all param groups and 1/p + 1/q = 1:
+
+    .. math::
+
+        \hat\epsilon = \rho\, \mathrm{sign}(g)\, |g|^{q-1} / (\|g\|_q^q)^{1/p}, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w,\ \nabla L(w + \hat\epsilon)\big).
+
+    ``p = 2`` gives ``ρ g/‖g‖₂`` and ``p = math.inf`` gives ``ρ sign(g)``. With ``adaptive=True``
+    (ASAM) and ``T = |w| + η``: ``ε̂ = T · ε̂_p(T g)``, i.e. ``ρ T² g / ‖T g‖₂`` for p = 2.
+
+    Two ways to drive it:
+
+    * By hand: ``loss.backward(); opt.first_step(zero_grad=True)``, then a second forward/backward
+      at the perturbed weights, then ``opt.second_step(zero_grad=True)``.
+    * With a closure that zeroes the gradients, runs forward and backward, and returns the loss
+      (the PyTorch closure contract that Lightning's automatic optimization uses):
+      ``loss = opt.step(closure)``. SAM calls it twice and returns the loss at ``w``.
+
+    BatchNorm: the second pass would update the running statistics a second time, at perturbed
+    weights. Wrap it in :func:`flatmin.optim.bn.frozen_bn_stats` to keep them as the first pass
+    left them (``step(closure, model=...)`` does this for you).
+
+    Args:
+        params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
+            whose groups SAM adopts; pass ``None`` then).
+        base_optimizer: An optimizer class, built on SAM's param groups with ``base_kwargs``, or
+            an optimizer instance, whose param groups SAM adopts.
+        rho: Radius of the neighbourhood (per group).
+        p: The ℓp ball of the perturbation, ``p > 1`` or ``math.inf`` (per group).
+        adaptive: Use ASAM's scale-invariant neighbourhood (per group).
+        eta: ASAM's offset η in ``T = |w| + η`` (per group).
+        eps: Added to the normaliser so that a zero gradient gives a zero perturbation.
+        foreach: Use the multi-tensor kernel (default when ``None``); ``False`` selects the
+            single-tensor reference loop.
+        **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
+
+    Raises:
+        TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, or an
+            option has the wrong type.
+        ValueError: ``rho < 0`` or non-finite, ``p <= 1``, ``eta < 0``, ``eps < 0``.
+
+    References:
+        Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+        ICLR 2021, arXiv:2010.01412. Kwon et al., "ASAM", ICML 2021, arXiv:2102.11600.
+
+    Example:
+        >>> import torch, flatmin
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        *,
+        rho: float = 0.05,
+        p: float = 2,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        eps: float = 1e-12,
+        foreach: bool | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"Invalid eps: {eps!r} (expected a float >= 0)")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach: {foreach!r} (expected None or a bool)")
+        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta}
+        _check_group(defaults)
+        self._base_defaults: dict[str, Any] = {}
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    "base optimizer keyword arguments are only accepted with an optimizer class, "
+                    f"got an instance and {sorted(base_kwargs)}"
+                )
+            super().__init__(base_optimizer.param_groups, defaults)
+            base = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise TypeError("params is None but base_optimizer is a class (expected params)")
+            super().__init__(params, defaults)
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "Invalid base_optimizer: "
+                f"{base_optimizer!r} (expected a torch.optim.Optimizer subclass or instance)"
+            )
+        self.base_optimizer = base
+        # One list of group dicts for both: schedulers and add_param_group reach the base too.
+        self.param_groups = base.param_groups
+        self._base_defaults = dict(base.defaults)
+        self.defaults.update(base.defaults)
+        self.eps = float(eps)
+        self.foreach = foreach
+        # Backups of the weights perturbed by the last first_step, keyed by parameter.
+        self._backup: dict[Tensor, Tensor] = {}
+        self._perturbed: list[Tensor] = []
+        self._first_step_done = False
+
+    # -- param groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to SAM and its base optimizer (they share the list)."""
+        for key, value in self._base_defaults.items():
+            param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    # -- the two halves of a step ---------------------------------------------------------------
+    def _perturb_groups(self) -> list[PerturbGroup]:
+        groups = []
+        for group in self.param_groups:
+            params, grads = [], []
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                if w.grad.is_sparse:
+                    raise RuntimeError(
+                        "SAM does not support sparse gradients; use a dense embedding "
+                        "(sparse=False) for the parameters that SAM perturbs"
+                    )
+                params.append(w)
+                grads.append(w.grad)
+            groups.append(
+                PerturbGroup(params, grads, group["rho"], group["p"], group["adaptive"], group["eta"])
+            )
+        return groups
+
+    def _use_foreach(self) -> bool:
+        # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
+        return self.foreach is None or self.foreach
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climb to the local maximum: ``w ← w + ε̂(w)`` using the gradients now in ``.grad``.
+
+        Saves a copy of exactly the tensors it perturbs so that :meth:`second_step` can restore
+        them bit-exactly. Tensors without a gradient are left alone.
+
+        Args:
+            zero_grad: Clear the gradients afterwards (ready for the second pass).
+
+        Raises:
+            RuntimeError: Called twice without :meth:`second_step` in between, or a gradient is
+                sparse.
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are already "
+                "perturbed"
+            )
+        groups = self._perturb_groups()
+        params = [w for g in groups for w in g.params]
+        if params:
+            backups = []
+            for w in params:
+                buf = self._backup.get(w)
+                if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+                    buf = self._backup[w] = torch.empty_like(w, memory_format=torch.preserve_format)
+                backups.append(buf)
+            if self._use_foreach():
+                torch._foreach_copy_(backups, params)
+                perturb_foreach_(groups, self.eps)
+            else:
+                for buf, w in zip(backups, params):
+                    buf.copy_(w)
+                perturb_single_tensor_(groups, self.eps)
+        self._perturbed = params
+        self._first_step_done = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by :meth:`first_step` (bit-exact copy) without stepping.
+
+        Used by :meth:`second_step`, and on its own to abandon a SAM step (e.g. after a
+        non-finite loss at the perturbed point).
+        """
+        if not getattr(self, "_first_step_done", False):
+            raise RuntimeError("second_step()/restore() called before first_step()")
+        if self._perturbed:
+            backups = [self._backup[w] for w in self._perturbed]
+            if self._use_foreach():
+                torch._foreach_copy_(self._perturbed, backups)
+            else:
+                for w, buf in zip(self._perturbed, backups):
+                    w.copy_(buf)
+        self._perturbed = []
+        self._first_step_done = False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Go back to ``w`` and take the base optimizer's step with the gradient at ``w + ε̂``.
+
+        Args:
+            zero_grad: Clear the gradients after the base step.
+
+        Raises:
+            RuntimeError: Called before :meth:`first_step`.
+        """
+        self.restore()
+        self.base_optimizer.step()
+        # An LR scheduler attached to SAM tracks SAM.step(); a manual first/second step counts too.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+    ) -> Tensor:
+        """One full SAM step driven by ``closure`` (called twice, at ``w`` and at ``w + ε̂``).
+
+        Args:
+            closure: Zeroes the gradients, computes the loss, calls ``backward()`` and returns the
+                loss. It runs under ``torch.enable_grad()``.
+            model: If given, BatchNorm running statistics are kept unchanged during the second
+                pass (:func:`flatmin.optim.bn.frozen_bn_stats`).
+
+        Returns:
+            The loss at ``w`` (the first call's value).
+
+        Raises:
+            RuntimeError: ``closure`` is ``None`` (SAM needs two gradient evaluations).
+        """
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step() requires a closure that recomputes the loss and its gradients "
+                "(or call first_step()/second_step() yourself)"
+            )
+        from flatmin.optim.bn import frozen_bn_stats
+
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            with frozen_bn_stats(model):
+                closure()
+        except BaseException:
+            self.restore()  # never leave the caller's weights at w + ε̂
+            raise
+        self.second_step()
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Return SAM's param groups and state together with the base optimizer's state."""
+        if self._perturbed:
+            raise RuntimeError("state_dict() called between first_step() and second_step()")
+        return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: SAM's groups and the base optimizer's state."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"sam", "base"}:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+            raise ValueError(
+                f"Invalid SAM state_dict with keys {keys} (expected 'sam' and 'base'; "
+                "was it saved by SAM.state_dict()?)"
+            )
+        super().load_state_dict(state_dict["sam"])
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        # Both loads rebuild their group lists: share one again.
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            _check_group(group)
+
+    def __repr__(self) -> str:
+        base = self.base_optimizer.__class__.__name__
+        return f"SAM(base_optimizer={base}, groups={len(self.param_groups)})"
