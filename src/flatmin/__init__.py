@@ -1,7 +1,8 @@
 """flatmin: flat-minima optimization for PyTorch.
 
-Optimizers (SAM family, weight averaging, WASAM), loss-landscape analysis, real-data tasks in three
-domains and a benchmark that reproduces Kaddour et al. (2022), "When Do Flat Minima Optimizers Work?".
+Optimizers (SAM family, weight averaging, WASAM), loss-landscape analysis, real-data tasks in
+three domains and a benchmark that reproduces Kaddour et al. (2022), "When Do Flat Minima
+Optimizers Work?".
 """
 
 from flatmin.optim import SAM

@@ -142,7 +142,7 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
             if group.adaptive:
                 t = torch._foreach_abs(group.params)
                 torch._foreach_add_(t, group.eta)
-                hs_per_group.append(torch._foreach_mul(t, group.grads))
+                hs_per_group.append(list(torch._foreach_mul(t, group.grads)))
             else:
                 hs_per_group.append(group.grads)
         if math.isinf(p):
@@ -159,14 +159,14 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
                     torch._foreach_addcmul_(params, [hs[i] for i in idx], [scale] * len(idx))
                 continue
             if inv is None:  # p = inf: ε = ρ sign(h)
-                e = torch._foreach_sign(hs)
+                e = list(torch._foreach_sign(hs))
                 torch._foreach_mul_(e, group.rho)
             else:
                 # For p = 2 here h is already a temporary (adaptive), so scale it in place.
                 if p == 2.0:
                     e = list(hs)
                 else:
-                    e = torch._foreach_pow(torch._foreach_abs(hs), q - 1.0)
+                    e = list(torch._foreach_pow(torch._foreach_abs(hs), q - 1.0))
                     torch._foreach_mul_(e, torch._foreach_sign(hs))
                 for idx in _grouped(e).values():
                     torch._foreach_mul_([e[i] for i in idx], (inv * group.rho).to(e[idx[0]]))

@@ -7,8 +7,9 @@ Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
     g_SAM  = ∇L(w)|_{w + ε̂}                          # second pass at the perturbed point
     w      ← base_step(w, g_SAM)                      # e.g. SGD with momentum, AdamW, ...
 
-The base optimizer owns the update; SAM only moves ``w`` to ``w + ε̂`` and back. Both share one list
-of ``param_groups``, so learning-rate schedulers, ``add_param_group`` and per-group ``rho`` just work.
+The base optimizer owns the update; SAM only moves ``w`` to ``w + ε̂`` and back. Both share
+one list of ``param_groups``, so learning-rate schedulers, ``add_param_group`` and per-group
+``rho`` just work.
 """
 
 from __future__ import annotations
@@ -181,7 +182,9 @@ class SAM(Optimizer):
                 params.append(w)
                 grads.append(w.grad)
             groups.append(
-                PerturbGroup(params, grads, group["rho"], group["p"], group["adaptive"], group["eta"])
+                PerturbGroup(
+                    params, grads, group["rho"], group["p"], group["adaptive"], group["eta"]
+                )
             )
         return groups
 
@@ -205,8 +208,7 @@ class SAM(Optimizer):
         """
         if self._perturbed:
             raise RuntimeError(
-                "first_step() called twice without second_step(): the weights are already "
-                "perturbed"
+                "first_step() called twice without second_step(): the weights are already perturbed"
             )
         groups = self._perturb_groups()
         params = [w for g in groups for w in g.params]
