@@ -60,7 +60,8 @@ def hvp(
         params: Tensors ``w`` (leaves requiring grad) that define the Hessian.
         vectors: One tensor per parameter, same shapes; ``v`` is treated as a constant.
         grads: Optional ``∇L(w)`` already computed with ``create_graph=True`` (saves one backward).
-            Entries may be ``None`` for parameters the loss does not reach.
+            Entries may be ``None`` for parameters the loss does not reach; an entry without a
+            graph (a gradient constant in ``w``) contributes nothing.
         create_graph: Keep the graph of the result (for third-order quantities). When false the
             graph of ``loss`` is still retained, so several products can share one ``grads``.
 
@@ -70,7 +71,7 @@ def hvp(
     Raises:
         ValueError: if the number or shapes of ``vectors`` do not match ``params``, or ``loss`` is
             not a scalar.
-        RuntimeError: if ``grads`` were built without ``create_graph=True``.
+        RuntimeError: if no entry of ``grads`` has a graph (built without ``create_graph=True``).
 
     References:
         Pearlmutter 1994, "Fast Exact Multiplication by the Hessian".
@@ -101,8 +102,9 @@ def hvp(
         for g, v in zip(grad_list, vectors, strict=True)
         if g is not None and g.requires_grad
     ]
-    if grads is not None and any(g is not None and not g.requires_grad for g in grad_list):
-        raise RuntimeError("grads must be computed with create_graph=True to take an HVP")
+    if grads is not None and not pairs and any(g is not None for g in grad_list):
+        # A gradient that is constant in w has no graph; if none has one, create_graph was missed.
+        raise RuntimeError("Invalid grads: none has a graph (compute them with create_graph=True)")
     if not pairs:
         return [torch.zeros_like(p) for p in params]
     dot = torch.stack([(g * v).sum() for g, v in pairs]).sum()
