@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- data: list | fetch NAME... | verify -----------------------------------------------------------
+# --- data: list | fetch NAME... | verify ---------------------------------------------------
 
 
 def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

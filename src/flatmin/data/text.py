@@ -66,9 +66,7 @@ def _build(
     return Dataset(name, "text", splits[0], splits[1], splits[2], len(classes), classes, vocab)
 
 
-def _subset(
-    texts: list[str], labels: list[int], idx: torch.Tensor
-) -> tuple[list[str], list[int]]:
+def _subset(texts: list[str], labels: list[int], idx: torch.Tensor) -> tuple[list[str], list[int]]:
     return [texts[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
 
 

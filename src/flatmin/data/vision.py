@@ -22,9 +22,7 @@ FASHION_CLASSES = (
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
-def _standardise(
-    x: torch.Tensor, parts: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, ...]:
+def _standardise(x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     train = x[parts[0]]
     mean, std = train.mean(), train.std()
     return tuple((x[p] - mean) / std for p in parts)
@@ -45,9 +43,7 @@ def _from_arrays(
 def load_digits(paths: dict[str, Path]) -> Dataset:
     """scikit-learn digits: 1797 images 8×8 (values 0..16); stratified 70/10/20 split, seed 0."""
     raw = np.loadtxt(paths["digits.csv.gz"], delimiter=",", dtype=np.float32)
-    return _from_arrays(
-        "digits", raw[:, :-1], raw[:, -1], 8, 16.0, (0.7, 0.1, 0.2), DIGIT_CLASSES
-    )
+    return _from_arrays("digits", raw[:, :-1], raw[:, -1], 8, 16.0, (0.7, 0.1, 0.2), DIGIT_CLASSES)
 
 
 def load_mnist5k(paths: dict[str, Path]) -> Dataset:
@@ -83,6 +79,4 @@ def load_fashion_mnist(paths: dict[str, Path]) -> Dataset:
     parts = (train, val, test)
     xs = _standardise(x, parts)
     splits = [TensorSplit(xi, y[p]) for xi, p in zip(xs, parts, strict=True)]
-    return Dataset(
-        "fashion-mnist", "vision", splits[0], splits[1], splits[2], 10, FASHION_CLASSES
-    )
+    return Dataset("fashion-mnist", "vision", splits[0], splits[1], splits[2], 10, FASHION_CLASSES)

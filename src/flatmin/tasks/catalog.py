@@ -1,0 +1,140 @@
+"""The built-in tasks: three domains, each with a quick and a full budget.
+
+Budgets were sized on one CPU thread: a ``quick`` run takes at most about 10 s, a ``full`` run
+about 20-60 s (``docs/data.md`` has the measured one-epoch times).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flatmin.data import Dataset
+from flatmin.tasks.models import (
+    BagOfEmbeddings,
+    GraphClassifier,
+    NodeGCN,
+    ResNetCNN,
+    TransformerClassifier,
+)
+from flatmin.tasks.registry import Recipe, Task, register_task
+
+__all__ = ["NOISY_VARIANTS"]
+
+
+def _cnn8(ds: Dataset) -> nn.Module:
+    return ResNetCNN(ds.num_classes, width=16, blocks=(1, 1), stem_stride=1)
+
+
+def _cnn28(ds: Dataset) -> nn.Module:
+    return ResNetCNN(ds.num_classes, width=16, blocks=(1, 1), stem_stride=2)
+
+
+def _vocab(ds: Dataset) -> int:
+    if ds.vocab is None:
+        raise TypeError(f"Invalid dataset for a text model: {ds.name!r} has no vocabulary")
+    return len(ds.vocab)
+
+
+def _bag(ds: Dataset) -> nn.Module:
+    return BagOfEmbeddings(_vocab(ds), ds.num_classes, dim=64, hidden=64)
+
+
+def _transformer(ds: Dataset) -> nn.Module:
+    max_len = int(ds.train.inputs.shape[1])  # type: ignore[union-attr]
+    return TransformerClassifier(_vocab(ds), ds.num_classes, max_len=max_len, dim=64, layers=2)
+
+
+def _gin(ds: Dataset) -> nn.Module:
+    return GraphClassifier(ds.num_features, ds.num_classes, conv="gin", hidden=32, layers=3)
+
+
+def _gcn(ds: Dataset) -> nn.Module:
+    return GraphClassifier(ds.num_features, ds.num_classes, conv="gcn", hidden=32, layers=3)
+
+
+def _node_gcn(ds: Dataset) -> nn.Module:
+    return NodeGCN(ds.num_features, ds.num_classes, hidden=32, layers=2)
+
+
+for _task in (
+    # --- vision ----------------------------------------------------------------------------------
+    Task(
+        "digits", "vision", "digits", "ResNetCNN-8x8", _cnn8,
+        quick=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=64, epochs=8),
+        full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=64, epochs=30),
+        noisy_full=Recipe("sgd", lr=0.05, weight_decay=0.0, batch_size=64, epochs=80),
+        description="scikit-learn digits, BN ResNet",
+    ),
+    Task(
+        "mnist-5k", "vision", "mnist-5k", "ResNetCNN-28x28", _cnn28,
+        quick=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=3),
+        full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=12),
+        noisy_full=Recipe("sgd", lr=0.05, weight_decay=0.0, batch_size=128, epochs=25),
+        description="MNIST-5k, BN ResNet",
+    ),
+    Task(
+        "fashion-mnist", "vision", "fashion-mnist", "ResNetCNN-28x28", _cnn28,
+        quick=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=2,
+                     train_subset=3000, eval_subset=2000),
+        full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=5,
+                    train_subset=10000, eval_subset=5000),
+        description="Fashion-MNIST (fixed stratified train subsets), BN ResNet",
+    ),
+    # --- text ------------------------------------------------------------------------------------
+    Task(
+        "rotten-tomatoes", "text", "rotten-tomatoes", "BagOfEmbeddings", _bag,
+        quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=4),
+        full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=12),
+        description="Rotten Tomatoes sentiment, bag of embeddings",
+    ),
+    Task(
+        "rotten-tomatoes-transformer", "text", "rotten-tomatoes", "Transformer-2x64",
+        _transformer,
+        quick=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=1,
+                     train_subset=3000),
+        full=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=4),
+        description="Rotten Tomatoes sentiment, small transformer encoder",
+    ),
+    Task(
+        "reuters-r8", "text", "reuters-r8", "BagOfEmbeddings", _bag,
+        quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=4),
+        full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=12),
+        description="Reuters R8 topics, bag of embeddings",
+    ),
+    Task(
+        "reuters-r8-transformer", "text", "reuters-r8", "Transformer-2x64", _transformer,
+        quick=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=1,
+                     train_subset=1500, eval_subset=1000),
+        full=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=3),
+        description="Reuters R8 topics, small transformer encoder",
+    ),
+    Task(
+        "20newsgroups", "text", "20newsgroups", "BagOfEmbeddings", _bag,
+        quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=3),
+        full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=10),
+        description="20 Newsgroups, bag of embeddings",
+    ),
+    # --- graphs ----------------------------------------------------------------------------------
+    Task(
+        "mutag", "graph", "mutag", "GIN-3x32", _gin,
+        quick=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=40),
+        full=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=150),
+        description="MUTAG graph classification, GIN",
+    ),
+    Task(
+        "mutag-gcn", "graph", "mutag", "GCN-3x32", _gcn,
+        quick=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=40),
+        full=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=150),
+        description="MUTAG graph classification, GCN",
+    ),
+    Task(
+        "drosophila", "graph", "drosophila", "NodeGCN-2x32", _node_gcn,
+        quick=Recipe("adamw", lr=1e-2, weight_decay=5e-4, batch_size=1, epochs=100),
+        full=Recipe("adamw", lr=1e-2, weight_decay=5e-4, batch_size=1, epochs=300),
+        description="Drosophila connectome cell types (node classification), GCN",
+    ),
+):  # fmt: skip
+    register_task(_task)
+
+NOISY_VARIANTS = ("digits-noisy40", "mnist-5k-noisy40", "fashion-mnist-noisy40")
+"""Label-noise variants listed by ``flatmin tasks`` (any ``<task>-noisyNN`` works)."""
