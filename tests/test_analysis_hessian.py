@@ -43,7 +43,9 @@ def _dense(model, loss_fn, batches):
             n = int(np.prod(s))
             out[k] = flat[i : i + n].reshape(s)
             i += n
-        return sum(len(y) / total * loss_fn(functional_call(model, out, (x,)), y) for x, y in batches)
+        return sum(
+            len(y) / total * loss_fn(functional_call(model, out, (x,)), y) for x, y in batches
+        )
 
     return hessian(f)(flat0)
 
@@ -159,7 +161,9 @@ def test_parameters_without_gradient_are_handled():
 
 def test_batchnorm_model_is_restored_and_generator_reproduces():
     g = torch.Generator().manual_seed(0)
-    model = _init(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DT), 0)
+    model = _init(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DT), 0
+    )
     with torch.no_grad():
         model[1].running_mean.copy_(torch.randn(4, generator=g, dtype=DT))
     model.train()

@@ -51,9 +51,9 @@ def hvp(
     grads: Sequence[Tensor | None] | None = None,
     create_graph: bool = False,
 ) -> list[Tensor]:
-    """Hessian-vector product by double backward.
+    r"""Hessian-vector product by double backward.
 
-    .. math:: H v = \\nabla_w \\big( \\nabla_w L(w)^\\top v \\big)
+    .. math:: H v = \nabla_w \big( \nabla_w L(w)^\top v \big)
 
     Args:
         loss: Scalar loss whose graph reaches ``params``.
@@ -122,10 +122,10 @@ def functional_hvp(
     *,
     params: Mapping[str, Tensor] | None = None,
 ) -> list[Tensor]:
-    """Hessian-vector product by forward-over-reverse differentiation with :mod:`torch.func`.
+    r"""Hessian-vector product by forward-over-reverse differentiation with :mod:`torch.func`.
 
-    .. math:: H v = \\frac{\\partial}{\\partial t} \\nabla_w L(w + t v) \\Big|_{t=0}
-       = \\mathrm{jvp}(\\nabla_w L, (w,), (v,))
+    .. math:: H v = \frac{\partial}{\partial t} \nabla_w L(w + t v) \Big|_{t=0}
+       = \mathrm{jvp}(\nabla_w L, (w,), (v,))
 
     The model is called as a pure function of its parameters through
     :func:`torch.func.functional_call`; buffers are read from the module, in its current mode.
@@ -171,8 +171,8 @@ def functional_hvp(
         return loss_fn(out, targets)
 
     tangents = tuple(v.detach().to(p.dtype) for p, v in zip(primals, vec_list, strict=True))
-    _, result = jvp(grad(loss_of), (tuple(primals),), (tangents,))
-    return list(result)
+    out = jvp(grad(loss_of), (tuple(primals),), (tangents,))
+    return list(out[1])
 
 
 def tensors_to_flat(tensors: Sequence[Tensor]) -> Tensor:

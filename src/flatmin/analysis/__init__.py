@@ -1,8 +1,8 @@
 """Loss-landscape analysis: directions, rays and interpolation, sharpness, Hessian spectra.
 
 Conventions: ``loss_fn(outputs, targets) -> scalar``; ``batches`` is an iterable of
-``(inputs, targets)``; randomness only through an explicit ``torch.Generator``; every function leaves
-the model exactly as it found it (parameters, buffers, train/eval mode, BatchNorm momentum);
+``(inputs, targets)``; randomness only through an explicit ``torch.Generator``; every function
+leaves the model exactly as it found it (parameters, buffers, train/eval mode, BatchNorm momentum);
 results are frozen dataclasses with numpy arrays and their settings, saved as ``.npz`` + JSON.
 Plots live in :mod:`flatmin.analysis.plots` (matplotlib, the ``plot`` extra).
 """

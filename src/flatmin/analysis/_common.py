@@ -130,20 +130,15 @@ def count_errors(outputs: Tensor, targets: Tensor) -> tuple[float, int] | None:
     """Misclassified count and number of labels, or ``None`` if the outputs are not class scores.
 
     Class scores are ``outputs`` of shape ``(N, C, ...)`` with integer ``targets`` of shape
-    ``(N, ...)`` (prediction: ``argmax`` over dim 1), or float ``targets`` of the same shape as the
-    outputs (soft labels: compared by ``argmax``).
+    ``(N, ...)``; the prediction is the ``argmax`` over dim 1. Float targets (regression, soft
+    labels) give ``None``, reported as a NaN error.
     """
-    if outputs.ndim < 2:
+    if outputs.ndim < 2 or targets.is_floating_point():
         return None
-    if not targets.is_floating_point():
-        if targets.shape != outputs.shape[:1] + outputs.shape[2:]:
-            return None
-        wrong = (outputs.argmax(1) != targets).sum().item()
-        return float(wrong), targets.numel()
-    if targets.shape == outputs.shape:
-        wrong = (outputs.argmax(1) != targets.argmax(1)).sum().item()
-        return float(wrong), targets.numel() // targets.shape[1]
-    return None
+    if targets.shape != outputs.shape[:1] + outputs.shape[2:]:
+        return None
+    wrong = (outputs.argmax(1) != targets).sum().item()
+    return float(wrong), targets.numel()
 
 
 @torch.no_grad()

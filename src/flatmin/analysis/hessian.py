@@ -198,7 +198,8 @@ def hessian_eigenvalues(
 
     Example:
         >>> net = nn.Linear(3, 1).double()
-        >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))]
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> data = [(x, y)]
         >>> res = hessian_eigenvalues(net, nn.functional.mse_loss, data, k=2)
         >>> res.eigenvalues.shape
         (2,)
@@ -215,9 +216,7 @@ def hessian_eigenvalues(
             raise ValueError(f"Invalid k: {k} (the model has {op.n} trainable parameters)")
         if method == "lanczos":
             v0 = op.random(generator, "gaussian")
-            alphas, betas, basis, beta_last = _lanczos(
-                op, v0, max(max_iter, k), k=k, tol=tol
-            )
+            alphas, betas, basis, beta_last = _lanczos(op, v0, max(max_iter, k), k=k, tol=tol)
             theta, s = _tridiag_eig(alphas, betas)
             order = np.argsort(theta)[::-1][:k]
             values = theta[order]
@@ -287,10 +286,10 @@ def hessian_trace(
     max_batches: int | None = None,
     bn_mode: BNMode = "eval",
 ) -> TraceResult:
-    """Hutchinson estimate of the Hessian trace with its standard error.
+    r"""Hutchinson estimate of the Hessian trace with its standard error.
 
-    .. math:: \\operatorname{tr} H \\approx \\frac1N \\sum_{i=1}^N v_i^\\top H v_i,\\quad
-       \\mathrm{SE} = \\frac{\\operatorname{std}(v_i^\\top H v_i)}{\\sqrt N}
+    .. math:: \operatorname{tr} H \approx \frac1N \sum_{i=1}^N v_i^\top H v_i,\quad
+       \mathrm{SE} = \frac{\operatorname{std}(v_i^\top H v_i)}{\sqrt N}
 
     with ``v_i`` Rademacher (±1, minimum-variance) or standard Gaussian. The per-sample values are
     returned so other statistics can be derived; the standard error shrinks as ``1/√N``.
@@ -353,15 +352,15 @@ def hessian_spectrum(
     max_batches: int | None = None,
     bn_mode: BNMode = "eval",
 ) -> SpectrumResult:
-    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature (SLQ).
+    r"""Eigenvalue density of the Hessian by stochastic Lanczos quadrature (SLQ).
 
     For each probe ``v`` (Rademacher, normalised), ``m`` Lanczos steps give ``T = S Θ Sᵀ``; the
     spectral measure ``vᵀ δ(H − t) v`` is approximated by the Gauss quadrature with nodes ``θ_i``
     and weights ``τ_i = S_{1i}²``, so ``vᵀ f(H) v ≈ Σ_i τ_i f(θ_i)`` (exact for polynomials of
     degree < 2m). The density is smoothed with a Gaussian of width ``σ``:
 
-    .. math:: \\phi(t) = \\frac1{n_v}\\sum_{v}\\sum_i \\tau_i\\,
-       \\frac{1}{\\sqrt{2\\pi}\\sigma}e^{-(t-\\theta_i)^2/2\\sigma^2}
+    .. math:: \phi(t) = \frac1{n_v}\sum_{v}\sum_i \tau_i\,
+       \frac{1}{\sqrt{2\pi}\sigma}e^{-(t-\theta_i)^2/2\sigma^2}
 
     Args:
         model: The network; restored exactly on return.
@@ -414,4 +413,6 @@ def hessian_spectrum(
             "max_batches": max_batches,
             "bn_mode": bn_mode,
         }
-    return SpectrumResult(nodes=nodes, weights=weights, grid=grid, density=density, settings=settings)
+    return SpectrumResult(
+        nodes=nodes, weights=weights, grid=grid, density=density, settings=settings
+    )

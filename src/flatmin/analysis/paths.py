@@ -10,7 +10,8 @@ BatchNorm policy ``bn``:
 * ``"recompute"``: at every point reset the statistics and recompute them as a cumulative average
   over ``bn_batches`` in training mode (as :func:`torch.optim.swa_utils.update_bn` does). This is
   what a trained model at that point would use; it costs one pass over ``bn_batches`` per point.
-* ``"interpolate"`` (two-model line only): buffers ``(1−α) b + α b'``, exact at both endpoints.
+* ``"interpolate"`` (two-model line only): buffers ``(1−α) b + α b'``, exact at both endpoints;
+  an extrapolated ``running_var`` is clamped at 0 (it can cross zero for α < 0 or α > 1).
 
 References:
     Goodfellow, Vinyals, Saxe 2015 (arXiv:1412.6544), linear interpolation; Izmailov et al. 2018
@@ -59,7 +60,9 @@ def _coords(values: Sequence[float] | np.ndarray | Tensor, name: str) -> np.ndar
 def _check_bn(bn: str, bn_batches: Batches | None, allowed: tuple[str, ...]) -> None:
     check_choice("bn", bn, allowed)
     if bn == "recompute" and bn_batches is None:
-        raise ValueError("Invalid bn_batches: None (bn='recompute' needs batches for BN statistics)")
+        raise ValueError(
+            "Invalid bn_batches: None (bn='recompute' needs batches for BN statistics)"
+        )
 
 
 def _check_direction(model: nn.Module, direction: Direction, name: str) -> None:
@@ -69,8 +72,9 @@ def _check_direction(model: nn.Module, direction: Direction, name: str) -> None:
         raise ValueError(f"Invalid {name}: unknown parameter names {unknown}")
     for k, v in direction.items():
         if v.shape != params[k].shape:
+            expected = tuple(params[k].shape)
             raise ValueError(
-                f"Invalid {name}: {k} has shape {tuple(v.shape)} (expected {tuple(params[k].shape)})"
+                f"Invalid {name}: {k} has shape {tuple(v.shape)} (expected {expected})"
             )
 
 
@@ -225,9 +229,11 @@ def interpolate(
                 if p.is_floating_point():
                     p.copy_((1.0 - a) * s + a * e)
             if bn == "interpolate":
-                for (_, b), s, e in zip(ba, start_b, end_b, strict=True):
+                for (name, b), s, e in zip(ba, start_b, end_b, strict=True):
                     if b.is_floating_point():
                         b.copy_((1.0 - a) * s + a * e)
+                        if name.endswith("running_var"):  # extrapolation can cross zero
+                            b.clamp_(min=0.0)
             elif bn == "frozen":
                 for (_, b), s in zip(ba, start_b, strict=True):
                     b.copy_(s)
@@ -237,7 +243,9 @@ def interpolate(
             bn=bn, bn_batches=bn_batches, max_batches=max_batches, bn_mode=bn_mode,
         )  # fmt: skip
     settings = {"bn": bn, "max_batches": max_batches, "bn_mode": bn_mode}
-    return PathResult(kind="interpolation", coords=alphas, loss=loss, error=error, settings=settings)
+    return PathResult(
+        kind="interpolation", coords=alphas, loss=loss, error=error, settings=settings
+    )
 
 
 def asymmetry(
@@ -252,10 +260,10 @@ def asymmetry(
     max_batches: int | None = None,
     bn_mode: BNMode = "eval",
 ) -> AsymmetryResult:
-    """Asymmetry of the loss around ``θ_a`` along the line towards ``θ_b``.
+    r"""Asymmetry of the loss around ``θ_a`` along the line towards ``θ_b``.
 
-    .. math:: \\Delta = L(\\theta(+a)) - L(\\theta(-a)),\\quad \\theta(\\alpha) = (1-\\alpha)\\theta_a
-       + \\alpha\\theta_b
+    .. math:: \Delta = L(\theta(+a)) - L(\theta(-a)),\quad \theta(\alpha) = (1-\alpha)\theta_a
+       + \alpha\theta_b
 
     Kaddour et al. (2022) compare ``L(θ(0.1))`` and ``L(θ(−0.1))`` between a flat (SWA/SAM) and a
     non-flat solution to show that the minima lie in asymmetric valleys.

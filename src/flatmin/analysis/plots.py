@@ -1,4 +1,4 @@
-"""Matplotlib figures for analysis results (needs the ``plot`` extra: ``pip install flatmin[plot]``).
+"""Matplotlib figures for analysis results (the ``plot`` extra: ``pip install flatmin[plot]``).
 
 Every function returns the :class:`matplotlib.figure.Figure` it drew on and never saves or shows it.
 """
@@ -69,7 +69,7 @@ def plot_path(
     ax.set_ylabel("loss")
     right.set_ylabel("error (%)")
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize="small", loc="upper center")
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], fontsize="small", loc="upper center")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from flatmin._curvature import hvp, tensors_to_flat
 from flatmin.analysis._common import (
@@ -29,15 +30,15 @@ def sam_gradients(
     *,
     bn_mode: BNMode = "eval",
 ) -> SAMGradientResult:
-    """SAM's first-order gradient, the full (second-order) gradient and their cosine.
+    r"""SAM's first-order gradient, the full (second-order) gradient and their cosine.
 
     With ``g = ∇L(w)`` and ``ε̂(w) = ρ g / ‖g‖₂`` (Foret et al. eq. 2),
 
     .. math::
-        g_1 = \\nabla L(w)\\big|_{w+\\hat\\epsilon}, \\qquad
-        g_2 = \\frac{d}{dw} L(w + \\hat\\epsilon(w))
-            = g_1 + \\Big(\\frac{d\\hat\\epsilon}{dw}\\Big)^{\\!\\top} g_1
-            = g_1 + \\frac{\\rho}{\\|g\\|} H(w)\\,\\big(g_1 - \\hat g\\,\\hat g^\\top g_1\\big),
+        g_1 = \nabla L(w)\big|_{w+\hat\epsilon}, \qquad
+        g_2 = \frac{d}{dw} L(w + \hat\epsilon(w))
+            = g_1 + \Big(\frac{d\hat\epsilon}{dw}\Big)^{\!\top} g_1
+            = g_1 + \frac{\rho}{\|g\|} H(w)\,\big(g_1 - \hat g\,\hat g^\top g_1\big),
 
     since ``dε̂/dw = (ρ/‖g‖)(I − ĝĝᵀ) H`` with ``ĝ = g/‖g‖`` and ``H`` symmetric. SAM drops the
     second term; the cosine between ``g_1`` and ``g_2`` shows how much that changes the direction.
@@ -75,26 +76,24 @@ def sam_gradients(
     with preserved(model):
         set_eval_mode(model, bn_mode)
         inputs, targets = to_device(batch, model_device(model))
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("Invalid model: no parameter requires a gradient")
-        w0 = [p.detach().clone() for p in params]
+        params = [p for _, p in named]
         with torch.enable_grad():
             loss = loss_fn(forward(model, inputs), targets)
             raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)]
         gnorm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
         scale = float(rho / gnorm) if gnorm > 0 else 0.0
-        with torch.no_grad():
-            for p, w, g in zip(params, w0, grads, strict=True):
-                p.copy_(w + scale * g)
+        # Evaluate at w + ε̂ through functional_call: writing into the parameters in place would
+        # invalidate the graph of ∇L(w) that the Hessian-vector product below still needs.
+        shifted = {k: (p.detach() + scale * g).requires_grad_() for (k, p), g in zip(named, grads)}
+        args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         with torch.enable_grad():
-            pert_loss = loss_fn(forward(model, inputs), targets)
-            first = torch.autograd.grad(pert_loss, params, allow_unused=True)
+            pert_loss = loss_fn(functional_call(model, shifted, tuple(args)), targets)
+            first = torch.autograd.grad(pert_loss, list(shifted.values()), allow_unused=True)
         first_list = [torch.zeros_like(p) if g is None else g for p, g in zip(params, first)]
-        with torch.no_grad():
-            for p, w in zip(params, w0, strict=True):
-                p.copy_(w)
         if scale > 0:
             ghat = [g / gnorm.to(g) for g in grads]
             proj = sum((gh.double() * g1.double()).sum() for gh, g1 in zip(ghat, first_list))
@@ -115,7 +114,7 @@ def sam_gradients(
             first_order=f1.cpu().numpy(),
             second_order=f2.cpu().numpy(),
             cosine=cosine,
-            loss=float(loss),
-            perturbed_loss=float(pert_loss),
+            loss=float(loss.detach()),
+            perturbed_loss=float(pert_loss.detach()),
             settings={"rho": float(rho), "bn_mode": bn_mode, "n_params": int(gflat.numel())},
         )

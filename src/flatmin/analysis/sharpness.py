@@ -66,7 +66,9 @@ def _ascent_direction(grads: list[Tensor], scales: list[Tensor] | None, p: float
     return u if scales is None else [t * ui for t, ui in zip(scales, u, strict=True)]
 
 
-def _project(delta: list[Tensor], scales: list[Tensor] | None, rho: float, p: float) -> list[Tensor]:
+def _project(
+    delta: list[Tensor], scales: list[Tensor] | None, rho: float, p: float
+) -> list[Tensor]:
     """Project onto ``{‖δ / T‖_p ≤ ρ}``."""
     u = delta if scales is None else [d / t for d, t in zip(delta, scales, strict=True)]
     if p == 2:
@@ -96,13 +98,13 @@ def sharpness(
     max_batches: int | None = None,
     bn_mode: BNMode = "eval",
 ) -> SharpnessResult:
-    """Per-batch sharpness of the loss at the model's weights.
+    r"""Per-batch sharpness of the loss at the model's weights.
 
     Worst case (``kind="worst"``): with ``T = |w| + η`` if ``adaptive`` else ``T = 1``, ascent in
     the scaled coordinates ``u = δ / T`` for ``steps`` iterations,
 
-    .. math:: u \\leftarrow \\Pi_{\\|u\\|_p \\le \\rho}\\big(u + \\alpha\\, s_p(T \\odot
-       \\nabla L_B(w + T\\odot u))\\big),
+    .. math:: u \leftarrow \Pi_{\|u\|_p \le \rho}\big(u + \alpha\, s_p(T \odot
+       \nabla L_B(w + T\odot u))\big),
 
     with ``s_2(g) = g/‖g‖₂``, ``s_∞(g) = sign(g)``, ``α = ρ`` for one step (which gives SAM's
     ``ε = ρ g/‖g‖``, or ASAM's ``ρ T² g / ‖T g‖``) and ``α = 2ρ/steps`` by default otherwise. The
@@ -173,15 +175,17 @@ def sharpness(
 
         def loss_at(delta: list[Tensor] | None, batch: Batch, grad: bool) -> tuple[float, list]:
             with torch.no_grad():
-                for q, w, d in zip(params, w0, delta or [None] * len(params), strict=True):
-                    q.copy_(w if d is None else w + d)
+                for i, (q, w) in enumerate(zip(params, w0, strict=True)):
+                    q.copy_(w if delta is None else w + delta[i])
             inputs, targets = batch
             with torch.set_grad_enabled(grad):
                 loss = loss_fn(forward(model, inputs), targets)
             if not grad:
                 return float(loss), []
             g = torch.autograd.grad(loss, params, allow_unused=True)
-            return float(loss), [torch.zeros_like(q) if gi is None else gi for q, gi in zip(params, g)]
+            return float(loss), [
+                torch.zeros_like(q) if gi is None else gi for q, gi in zip(params, g)
+            ]
 
         for batch in data:
             chunk_vals, chunk_base, chunk_pert = [], [], []
