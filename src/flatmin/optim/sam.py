@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim._perturb import PerturbGroup, perturb_foreach_, perturb_single_tensor_
+from flatmin.optim._rng import RNGState
 
 __all__ = ["SAM"]
 
@@ -72,6 +73,14 @@ class SAM(Optimizer):
     weights. Wrap it in :func:`flatmin.optim.bn.frozen_bn_stats` to keep them as the first pass
     left them (``step(closure, model=...)`` does this for you).
 
+    In real training (recipes in ``docs/sam_in_practice.md``): DDP works as is (``global`` mode)
+    or per replica (``step(closure, model=ddp_model, per_replica=True)``); gradient accumulation is
+    a closure over micro-batches (:func:`flatmin.optim.accumulation.accumulation_closure`); fp16
+    with a ``GradScaler`` goes through :func:`flatmin.optim.amp.sam_step_amp`; ``max_grad_norm``
+    clips the SAM gradient; ``same_rng=True`` gives both passes the same dropout masks;
+    :class:`flatmin.optim.rho_schedule.ProportionalRho` drives ``rho`` from the learning rate;
+    :func:`flatmin.optim.second_order.second_order_step` adds the second-order term.
+
     Args:
         params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
             whose groups SAM adopts; pass ``None`` then).
@@ -84,12 +93,17 @@ class SAM(Optimizer):
         eps: Added to the normaliser so that a zero gradient gives a zero perturbation.
         foreach: Use the multi-tensor kernel (default when ``None``); ``False`` selects the
             single-tensor reference loop.
+        max_grad_norm: If set, :meth:`second_step` clips the SAM gradient (the one at ``w + ε̂``)
+            to this global ℓ2 norm over all groups before the base step
+            (:func:`torch.nn.utils.clip_grad_norm_`). Clipping the first-pass gradient instead
+            changes nothing: ``ε̂`` is invariant to rescaling ``g``.
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
         TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, or an
             option has the wrong type.
-        ValueError: ``rho < 0`` or non-finite, ``p <= 1``, ``eta < 0``, ``eps < 0``.
+        ValueError: ``rho < 0`` or non-finite, ``p <= 1``, ``eta < 0``, ``eps < 0``,
+            ``max_grad_norm <= 0``.
 
     References:
         Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
@@ -119,12 +133,18 @@ class SAM(Optimizer):
         eta: float = 0.01,
         eps: float = 1e-12,
         foreach: bool | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"Invalid eps: {eps!r} (expected a float >= 0)")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r} (expected None or a bool)")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise TypeError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a float)")
+            if not max_grad_norm > 0:
+                raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (expected > 0)")
         defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta}
         _check_group(defaults)
         self._base_defaults: dict[str, Any] = {}
@@ -153,6 +173,7 @@ class SAM(Optimizer):
         self.defaults.update(base.defaults)
         self.eps = float(eps)
         self.foreach = foreach
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         # Backups of the weights perturbed by the last first_step, keyed by parameter.
         self._backup: dict[Tensor, Tensor] = {}
         self._perturbed: list[Tensor] = []
@@ -250,9 +271,17 @@ class SAM(Optimizer):
         self._perturbed = []
         self._first_step_done = False
 
+    @property
+    def perturbed(self) -> bool:
+        """Whether :meth:`first_step` ran and the weights wait for :meth:`second_step`."""
+        return bool(getattr(self, "_first_step_done", False))
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Go back to ``w`` and take the base optimizer's step with the gradient at ``w + ε̂``.
+
+        With ``max_grad_norm`` set, the gradient at ``w + ε̂`` is first clipped to that global
+        norm.
 
         Args:
             zero_grad: Clear the gradients after the base step.
@@ -261,43 +290,78 @@ class SAM(Optimizer):
             RuntimeError: Called before :meth:`first_step`.
         """
         self.restore()
+        if self.max_grad_norm is not None:
+            grads = [w for g in self.param_groups for w in g["params"] if w.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm, foreach=self.foreach)
         self.base_optimizer.step()
         # An LR scheduler attached to SAM tracks SAM.step(); a manual first/second step counts too.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
-    def step(  # type: ignore[override]
+    @overload  # type: ignore[override]
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(
+        self,
+        closure: Callable[[], Tensor],
+        *,
+        model: torch.nn.Module | None = None,
+        same_rng: bool = False,
+        per_replica: bool = False,
+    ) -> Tensor: ...
+    def step(
         self,
         closure: Callable[[], Tensor] | None = None,
         *,
         model: torch.nn.Module | None = None,
-    ) -> Tensor:
+        same_rng: bool = False,
+        per_replica: bool = False,
+    ) -> Tensor | None:
         """One full SAM step driven by ``closure`` (called twice, at ``w`` and at ``w + ε̂``).
+
+        Without a closure, ``step()`` after :meth:`first_step` is :meth:`second_step` (so
+        wrappers that call ``optimizer.step()``, such as ``GradScaler.step``, finish a SAM step).
 
         Args:
             closure: Zeroes the gradients, computes the loss, calls ``backward()`` and returns the
                 loss. It runs under ``torch.enable_grad()``.
             model: If given, BatchNorm running statistics are kept unchanged during the second
-                pass (:func:`flatmin.optim.bn.frozen_bn_stats`).
+                pass (:func:`flatmin.optim.bn.frozen_bn_stats`). With ``per_replica`` it must be
+                the ``DistributedDataParallel`` module.
+            same_rng: Replay the CPU (and initialised CUDA) RNG state before the second pass, so
+                that both passes draw the same dropout masks (one dropout key per step, as the
+                official SAM code does).
+            per_replica: Run the first pass under ``model.no_sync()``: each DDP replica
+                perturbs with its own gradient (m-sharpness, one all-reduce fewer); the second
+                pass is synchronised as usual.
 
         Returns:
-            The loss at ``w`` (the first call's value).
+            The loss at ``w`` (the first call's value); ``None`` when called without a closure.
 
         Raises:
-            RuntimeError: ``closure`` is ``None`` (SAM needs two gradient evaluations).
+            RuntimeError: ``closure`` is ``None`` and no :meth:`first_step` is pending.
+            TypeError: ``per_replica=True`` and ``model`` has no ``no_sync()``.
         """
         if closure is None:
+            if self.perturbed:
+                self.second_step()
+                return None
             raise RuntimeError(
                 "SAM.step() requires a closure that recomputes the loss and its gradients "
                 "(or call first_step()/second_step() yourself)"
             )
         from flatmin.optim.bn import frozen_bn_stats
+        from flatmin.optim.distributed import perturbation_pass
 
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        rng = RNGState.capture() if same_rng else None
+        with perturbation_pass(model, per_replica=per_replica):
+            loss = closure()
         self.first_step(zero_grad=True)
         try:
+            if rng is not None:
+                rng.restore()
             with frozen_bn_stats(model):
                 closure()
         except BaseException:

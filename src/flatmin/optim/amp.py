@@ -1,0 +1,152 @@
+r"""SAM with fp16 mixed precision and ``torch.amp.GradScaler``.
+
+``GradScaler.step(optimizer)`` unscales once and steps once; SAM has two backward passes, and an
+overflow in either must cancel the whole step. :func:`sam_step_amp` does, per SAM step::
+
+    closure()                      # forward under autocast, scaler.scale(loss).backward()
+    unscale g, check for inf/NaN   # by hand: GradScaler allows one unscale_ per update
+    overflow? -> skip (weights never moved), scale backs off
+    first_step()                   # w + ε̂ from the unscaled gradient
+    closure()                      # second pass, BN statistics frozen
+    scaler.step(opt)               # unscale_ + check; finite: second_step (restore, base step)
+    overflow? -> restore w bit-exactly, no base step
+    scaler.update()                # once per SAM step: grow or back off the scale
+
+bf16 autocast needs no scaler: run ``opt.step(closure)`` with the forward under
+``torch.autocast(device_type, dtype=torch.bfloat16)``.
+
+References:
+    Micikevicius et al., "Mixed Precision Training", ICLR 2018, arXiv:1710.03740.
+    Foret et al., "Sharpness-Aware Minimization", ICLR 2021, arXiv:2010.01412.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from flatmin.optim._rng import RNGState
+from flatmin.optim.bn import frozen_bn_stats
+from flatmin.optim.distributed import perturbation_pass
+from flatmin.optim.sam import SAM
+
+__all__ = ["AmpStepResult", "sam_step_amp"]
+
+
+class AmpStepResult(NamedTuple):
+    """What :func:`sam_step_amp` did: the loss at ``w`` and whether the step was skipped."""
+
+    loss: Tensor
+    skipped: bool
+
+
+def _unscale_first_pass_(optimizer: SAM, scale: float) -> bool:
+    """Divide the gradients by ``scale`` in place; return whether any is inf or NaN."""
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for group in optimizer.param_groups:
+        for w in group["params"]:
+            if w.grad is not None:
+                by_device[w.grad.device].append(w.grad)
+    found_any = False
+    for device, grads in by_device.items():
+        found = torch.zeros(1, device=device)
+        inv_scale = torch.full((1,), 1.0 / scale, device=device)
+        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+        for g in grads:
+            by_dtype[g.dtype].append(g)
+        for same in by_dtype.values():
+            # The kernel GradScaler.unscale_ uses: g *= inv_scale, found = 1 if any non-finite.
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found, inv_scale)
+        found_any = found_any or bool(found.item())
+    return found_any
+
+
+def sam_step_amp(
+    optimizer: SAM,
+    scaler: torch.amp.GradScaler,
+    closure: Callable[[], Tensor],
+    *,
+    model: nn.Module | None = None,
+    same_rng: bool = False,
+    per_replica: bool = False,
+    update: bool = True,
+) -> AmpStepResult:
+    """One SAM step with a ``GradScaler``: unscale each pass, skip the step on any overflow.
+
+    ``closure`` zeroes the gradients, runs the forward under ``torch.autocast``, calls
+    ``scaler.scale(loss).backward()`` and returns the (unscaled) loss. It runs twice. If the
+    first pass overflows, the weights are never perturbed; if the second does, they are restored
+    bit-exactly from SAM's backup. Either way the base optimizer does not step (its state, e.g.
+    momentum, is untouched), the non-finite gradients are cleared and the scale backs off once.
+    With a disabled scaler this is ``optimizer.step(closure, ...)``.
+
+    Args:
+        optimizer: The SAM optimizer.
+        scaler: A ``torch.amp.GradScaler`` (or ``torch.cuda.amp.GradScaler``) used only by this
+            optimizer between two updates.
+        closure: As above.
+        model: The model, to freeze BatchNorm statistics in the second pass (and the DDP module
+            for ``per_replica``).
+        same_rng: Both passes see the same dropout masks (as ``SAM.step``).
+        per_replica: DDP per-replica perturbation (as ``SAM.step``).
+        update: Call ``scaler.update()`` at the end (once per SAM step). Pass ``False`` when
+            several optimizers share the scaler and you call ``update()`` yourself.
+
+    Returns:
+        The loss at ``w`` and whether the step was skipped for an overflow.
+
+    Raises:
+        TypeError: ``optimizer`` is not a :class:`~flatmin.optim.sam.SAM`.
+        RuntimeError: ``optimizer`` is already between ``first_step`` and ``second_step``.
+
+    Example:
+        >>> import torch, flatmin
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...         loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     scaler.scale(loss).backward()
+        ...     return loss
+        >>> loss, skipped = sam_step_amp(opt, scaler, closure)
+    """
+    if not isinstance(optimizer, SAM):
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected flatmin.SAM)")
+    if optimizer.perturbed:
+        raise RuntimeError("sam_step_amp() called between first_step() and second_step()")
+    if not scaler.is_enabled():
+        loss = optimizer.step(closure, model=model, same_rng=same_rng, per_replica=per_replica)
+        return AmpStepResult(loss, False)
+    closure = torch.enable_grad()(closure)
+    rng = RNGState.capture() if same_rng else None
+    with perturbation_pass(model, per_replica=per_replica):
+        loss = closure()
+    if _unscale_first_pass_(optimizer, scaler.get_scale()):
+        # The gradients are still non-finite, so unscale_ records the overflow for update().
+        scaler.unscale_(optimizer)
+        skipped = True
+    else:
+        optimizer.first_step(zero_grad=True)
+        try:
+            if rng is not None:
+                rng.restore()
+            with frozen_bn_stats(model):
+                closure()
+            # unscale_ + inf check; when finite it calls optimizer.step() == second_step().
+            scaler.step(optimizer)
+        finally:
+            skipped = optimizer.perturbed
+            if skipped:
+                optimizer.restore()
+    if skipped:
+        optimizer.zero_grad()  # non-finite; a finite step leaves the SAM gradient, as step() does
+    if update:
+        scaler.update()
+    return AmpStepResult(loss, skipped)
