@@ -21,7 +21,17 @@ normalised over its own tensors.
 
 Two kernels compute it: :func:`perturb_single_tensor_` (a plain loop, the reference) and
 :func:`perturb_foreach_` (``torch._foreach_*``, the default). Both write ``w + ε`` into the
-parameters in place and must agree in float64.
+parameters in place and must agree in float64. A group may carry a ``mask``: every tensor of the
+group counts towards the norm, but only the tensors whose mask entry is true are moved (ESAM's
+stochastic weight perturbation perturbs a random subset of the tensors).
+
+Cost (p = 2, not adaptive, the common case) in passes over parameter-sized tensors: the norm reads
+``g`` once; ``w ← w + s·g`` is one fused ``addcmul`` (reads ``w`` and ``g``, writes ``w``); no
+temporary the size of the parameters is allocated and the scale ``s = ρ/‖g‖`` stays a 0-d tensor,
+so there is no host sync (no ``.item()``). On CUDA the fused ``addcmul`` with a broadcast 0-d scale
+would leave the multi-tensor fast path (one kernel launch per tensor), so there the update is
+``_foreach_mul`` into one temporary (from the caching allocator) plus ``_foreach_add_``: two
+launches per chunk of tensors instead of one per tensor.
 
 References:
     Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
@@ -39,12 +49,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PerturbGroup", "dual_exponent", "perturb_foreach_", "perturb_single_tensor_"]
+__all__ = [
+    "PerturbGroup",
+    "add_scaled_",
+    "dual_exponent",
+    "perturb_foreach_",
+    "perturb_single_tensor_",
+]
 
 
 @dataclass
 class PerturbGroup:
-    """The tensors of one param group that take part in a perturbation, and its settings."""
+    """The tensors of one param group that take part in a perturbation, and its settings.
+
+    ``mask`` (one bool per tensor, or ``None`` for all) selects the tensors that are moved; every
+    tensor of the group counts towards the norm either way.
+    """
 
     params: list[Tensor]
     grads: list[Tensor]
@@ -52,6 +72,13 @@ class PerturbGroup:
     p: float
     adaptive: bool
     eta: float
+    mask: list[bool] | None = None
+
+    def moved(self) -> list[int]:
+        """Return the indices of the tensors that the perturbation moves."""
+        if self.mask is None:
+            return list(range(len(self.params)))
+        return [i for i, m in enumerate(self.mask) if m]
 
 
 def dual_exponent(p: float) -> float:
@@ -98,7 +125,8 @@ def perturb_single_tensor_(groups: Sequence[PerturbGroup], eps: float) -> None:
         # (‖h‖_q^q)^(1/p); for p = inf the exponent is 0 and ε = ρ sign(h).
         denom = None if total is None else total.pow(1.0 / p) + eps
         for group, hs in zip(ball, scaled):
-            for w, h in zip(group.params, hs):
+            for i in group.moved():
+                w, h = group.params[i], hs[i]
                 if math.isinf(p):
                     e = h.sign() * group.rho
                 else:
@@ -127,12 +155,34 @@ def _sum_pow_q(hs: Sequence[Tensor], q: float, dtype: torch.dtype) -> Tensor:
     return torch.stack([s.to(device) for s in partial]).sum()
 
 
+def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor) -> None:
+    """``t ← t + s·o`` for every pair, with ``s`` a 0-d tensor: no host sync, no ``.item()``.
+
+    On CPU one fused ``addcmul`` per tensor (one pass, no temporary). Elsewhere ``_foreach_mul``
+    into one temporary plus ``_foreach_add_``, which keeps the multi-tensor fast path (a broadcast
+    0-d operand would fall back to one kernel launch per tensor).
+
+    Args:
+        tensors: Updated in place.
+        others: Same shapes as ``tensors``.
+        scale: A 0-d tensor on any device; it is moved to each tensor's device and dtype.
+    """
+    for idx in _grouped(tensors).values():
+        ts = [tensors[i] for i in idx]
+        os = [others[i] for i in idx]
+        s = scale.to(device=ts[0].device, dtype=ts[0].dtype)
+        if ts[0].device.type == "cpu":
+            torch._foreach_addcmul_(ts, os, [s] * len(ts))
+        else:
+            torch._foreach_add_(ts, torch._foreach_mul(os, s))
+
+
 def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
     """Multi-tensor kernel: the same update as :func:`perturb_single_tensor_`.
 
     For the common case (p = 2, not adaptive) it makes one fused pass ``w ← w + s·g`` per tensor
-    (``addcmul`` with a 0-d scale tensor, so there is no host sync and no temporary the size of
-    the parameters); the other cases build ``ε`` in temporaries first.
+    (:func:`add_scaled_` with a 0-d scale tensor, so there is no host sync and on CPU no temporary
+    the size of the parameters); the other cases build ``ε`` in temporaries first.
     """
     for p, ball in _by_p(groups).items():
         q = dual_exponent(p)
@@ -150,13 +200,15 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
         else:
             total = _sum_pow_q([h for hs in hs_per_group for h in hs], q, dtype)
             inv = 1.0 / (total.pow(1.0 / p) + eps)
-        for group, hs in zip(ball, hs_per_group):
+        for group, all_hs in zip(ball, hs_per_group):
+            moved = group.moved()
+            if not moved:
+                continue
+            params = [group.params[i] for i in moved]
+            hs = [all_hs[i] for i in moved]
             if inv is not None and p == 2.0 and not group.adaptive:
                 # Fused: one pass over w and g, no temporary the size of the parameters.
-                for idx in _grouped(group.params).values():
-                    params = [group.params[i] for i in idx]
-                    scale = (inv * group.rho).to(params[0])
-                    torch._foreach_addcmul_(params, [hs[i] for i in idx], [scale] * len(idx))
+                add_scaled_(params, hs, inv * group.rho)
                 continue
             if inv is None:  # p = inf: ε = ρ sign(h)
                 e = list(torch._foreach_sign(hs))
@@ -171,7 +223,7 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
                 for idx in _grouped(e).values():
                     torch._foreach_mul_([e[i] for i in idx], (inv * group.rho).to(e[idx[0]]))
             if group.adaptive:
-                t = torch._foreach_abs(group.params)
+                t = torch._foreach_abs(params)
                 torch._foreach_add_(t, group.eta)
                 torch._foreach_mul_(e, t)
-            torch._foreach_add_(group.params, e)
+            torch._foreach_add_(params, e)
