@@ -1,4 +1,4 @@
-"""SAM in real training: accumulation, AMP, clipping, same RNG, rho schedules, second order, trainers.
+"""SAM in real training: accumulation, AMP, clipping, same RNG, rho, second order, trainers.
 
 Every reference below is independent of flatmin's kernels: SAM written out with torch.func in
 float64, torch's own clip rule, closed-form schedules, and autograd of L(w + ε(w)) through ε.
@@ -316,3 +316,264 @@ def test_clipping_before_the_ascent_changes_nothing(kw):
 def test_max_grad_norm_errors(value, exc):
     with pytest.raises(exc, match="Invalid max_grad_norm"):
         SAM(_mlp().parameters(), torch.optim.SGD, lr=0.1, max_grad_norm=value)
+
+
+# -- 4. same randomness in both passes ----------------------------------------------------------
+def _dropout_run(same_rng, seed=3):
+    x, y = _data(32)
+    model = _mlp(dropout=0.5)
+    masks = []
+    model[2].register_forward_hook(lambda m, i, o: masks.append(o == 0))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    torch.manual_seed(seed)
+    opt.step(closure, same_rng=same_rng)
+    return model, masks, torch.random.get_rng_state()
+
+
+def test_same_rng_gives_both_passes_the_same_dropout_mask():
+    model, masks, rng_after = _dropout_run(same_rng=True)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    # The generator ends where one pass leaves it.
+    drop = nn.Dropout(0.5)
+    torch.manual_seed(3)
+    drop(torch.ones(32, 7, dtype=torch.float64))
+    assert torch.equal(rng_after, torch.random.get_rng_state())
+    # Reference: the two passes by hand, each started from the same seed.
+    x, y = _data(32)
+    ref = _mlp(dropout=0.5)
+    opt = SAM(ref.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
+    torch.manual_seed(3)
+    F.cross_entropy(ref(x), y).backward()
+    opt.first_step(zero_grad=True)
+    torch.manual_seed(3)
+    F.cross_entropy(ref(x), y).backward()
+    opt.second_step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_without_same_rng_the_masks_differ():
+    model_a, masks, _ = _dropout_run(same_rng=False)
+    assert len(masks) == 2 and not torch.equal(masks[0], masks[1])
+    model_b, _, _ = _dropout_run(same_rng=True)
+    diff = max((p - q).abs().max() for p, q in zip(model_a.parameters(), model_b.parameters()))
+    assert diff > 1e-6
+
+
+# -- 5. rho schedules -----------------------------------------------------------------------------
+def test_proportional_rho_follows_warmup_and_cosine():
+    lr_max, warm, total, rho_max, rho_min = 0.2, 3, 12, 0.1, 0.01
+
+    def lr_at(t):  # closed form of the schedule below
+        if t < warm:
+            return lr_max * (t + 1) / warm
+        return lr_max * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+
+    x, y = _data()
+    model = _mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho_max, lr=lr_max)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_at(t) / lr_max)
+    rho_sched = ProportionalRho(opt, rho_min=rho_min)  # rho_max, lr_max: from the groups
+    assert rho_sched.rho_max == [rho_max] and rho_sched.lr_max == [lr_max]
+    for t in range(total):
+        expected = rho_min + (rho_max - rho_min) * lr_at(t) / lr_max
+        assert opt.param_groups[0]["rho"] == pytest.approx(expected, abs=1e-12)
+        assert rho_sched.get_last_rho() == [opt.param_groups[0]["rho"]]
+        # SAM really uses it: ‖ε̂‖₂ = rho_t.
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step()
+        moved = [(p.detach() - b) ** 2 for p, b in zip(model.parameters(), before)]
+        step = torch.sqrt(sum(m.sum() for m in moved))
+        assert float(step) == pytest.approx(expected, rel=1e-9)
+        opt.second_step()
+        lr_sched.step()
+        rho_sched.step()
+
+
+def test_proportional_rho_per_group_and_state_dict():
+    model = _mlp()
+    opt = SAM(
+        [
+            {"params": model[0].parameters(), "lr": 0.1, "rho": 0.05},
+            {"params": model[3].parameters(), "lr": 0.4, "rho": 0.2},
+        ],
+        torch.optim.SGD,
+        lr=0.1,
+    )
+    sched = ProportionalRho(opt, lr_min=[0.0, 0.1])
+    assert [g["rho"] for g in opt.param_groups] == [0.05, 0.2]
+    for g in opt.param_groups:
+        g["lr"] /= 2
+    sched.step()
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.025)
+    assert opt.param_groups[1]["rho"] == pytest.approx(0.2 * (0.2 - 0.1) / 0.3)
+    # Below lr_min the radius is clamped, never negative.
+    opt.param_groups[1]["lr"] = 0.0
+    sched.step()
+    assert opt.param_groups[1]["rho"] == 0.0
+    other = ProportionalRho(opt, rho_max=1.0, lr_max=1.0)
+    other.load_state_dict(sched.state_dict())
+    assert other.state_dict() == sched.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"rho_min": -0.1}, ValueError, "Invalid rho_min: -0.1"),
+        ({"lr_max": [0.1, 0.2]}, ValueError, "2 values for 1 param groups"),
+        ({"lr_max": 0.0}, ValueError, "equals lr_min"),
+        ({"rho_max": "x"}, TypeError, "Invalid rho_max"),
+    ],
+)
+def test_proportional_rho_errors(kwargs, exc, match):
+    opt = SAM(_mlp().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(exc, match=match):
+        ProportionalRho(opt, **kwargs)
+
+
+def test_proportional_rho_needs_sam_groups():
+    with pytest.raises(TypeError, match="no 'rho'"):
+        ProportionalRho(torch.optim.SGD(_mlp().parameters(), lr=0.1))
+
+
+# -- 6. second-order SAM ------------------------------------------------------------------------
+def _sam_objective_grad(model, x, y, *, rho, p=2.0, adaptive=False, eta=0.01):
+    """∇_w L(w + ε(w)) by autograd straight through ε(w) (ε written out, float64)."""
+    names = [n for n, _ in model.named_parameters()]
+    w = {n: t.detach().clone().requires_grad_(True) for n, t in model.named_parameters()}
+
+    def loss_of(params):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    g = torch.autograd.grad(loss_of(w), [w[n] for n in names], create_graph=True)
+    t = [w[n].abs() + eta if adaptive else torch.ones_like(w[n]) for n in names]
+    h = [ti * gi for ti, gi in zip(t, g)]
+    q = p / (p - 1)
+    norm_p = sum((hi.abs() ** q).sum() for hi in h) ** (1 / p)
+    eps = [ti * rho * hi.sign() * hi.abs() ** (q - 1) / norm_p for ti, hi in zip(t, h)]
+    w_adv = {n: w[n] + e for n, e in zip(names, eps)}
+    grads = torch.autograd.grad(loss_of(w_adv), [w[n] for n in names])
+    return dict(zip(names, grads))
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"adaptive": True}, {"p": 3.0}, {"p": 3.0, "adaptive": True, "eta": 0.1}]
+)
+def test_second_order_step_is_the_exact_gradient_of_the_sam_objective(kw):
+    x, y = _data(12)
+    model = _mlp()
+    ref = _sam_objective_grad(model, x, y, rho=0.3, **kw)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=1.0, eps=0.0, **kw)
+    loss = second_order_step(opt, lambda: F.cross_entropy(model(x), y))
+    assert loss == pytest.approx(float(F.cross_entropy(_mlp()(x), y)), abs=1e-12)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(before[n] - p.detach(), ref[n], atol=1e-10, rtol=1e-8)
+    # The second-order term matters here: first-order SAM is farther away than the tolerance.
+    first = _mlp()
+    o1 = SAM(first.parameters(), torch.optim.SGD, rho=0.3, lr=1.0, eps=0.0, **kw)
+
+    def closure():
+        o1.zero_grad()
+        loss = F.cross_entropy(first(x), y)
+        loss.backward()
+        return loss
+
+    o1.step(closure)
+    gap = max((before[n] - p.detach() - ref[n]).abs().max() for n, p in first.named_parameters())
+    assert gap > 1e-4
+
+
+def test_second_order_step_errors_and_frozen_params():
+    x, y = _data(12)
+    model = _mlp()
+    model[0].bias.requires_grad_(False)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=1.0)
+    bias = model[0].bias.detach().clone()
+    second_order_step(opt, lambda: F.cross_entropy(model(x), y))
+    assert torch.equal(model[0].bias, bias)
+    with pytest.raises(RuntimeError, match="scalar loss"):
+        second_order_step(opt, lambda: torch.ones(()))
+    assert not opt.perturbed
+    with pytest.raises(TypeError, match=r"expected flatmin\.SAM"):
+        second_order_step(torch.optim.SGD(model.parameters(), lr=0.1), lambda: torch.ones(()))
+
+
+# -- 7. trainers ----------------------------------------------------------------------------------
+def _closure_for(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.slow
+def test_torch_compile_model_with_sam():
+    x, y = _data(16, dtype=torch.float32)
+    eager = _mlp(torch.float32)
+    compiled_base = _mlp(torch.float32)
+    # aot_eager traces with Dynamo + AOTAutograd like inductor but skips C++ codegen (CPU CI time).
+    compiled = torch.compile(compiled_base, backend="aot_eager")
+    o1 = SAM(eager.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    o2 = SAM(compiled.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        l1 = o1.step(_closure_for(eager, o1, x, y))
+        l2 = o2.step(_closure_for(compiled, o2, x, y))
+        torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    for p, q in zip(eager.parameters(), compiled_base.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
+
+
+def test_lightning_automatic_optimization_with_sam():
+    pl = pytest.importorskip("lightning.pytorch")
+    x, y = _data(24)
+    batches = list(zip(x.split(8), y.split(8)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.3, momentum=0.9)
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            # Extra step() options pass through Lightning (but not ``model=``, which it consumes).
+            optimizer.step(closure=optimizer_closure, same_rng=True)
+
+    module = Module()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 6
+
+    ref = _mlp()
+    opt = SAM(ref.parameters(), torch.optim.SGD, rho=0.1, lr=0.3, momentum=0.9)
+    for _ in range(2):
+        for xb, yb in batches:
+            opt.step(_closure_for(ref, opt, xb, yb))
+    for p, q in zip(module.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
