@@ -1,0 +1,68 @@
+"""The benchmark: methods as recipes, a resumable runner, the report (Kaddour et al. 2022).
+
+Example:
+    >>> from flatmin.bench import BenchConfig, get_suite, run_grid
+    >>> cfg = BenchConfig.from_suite(get_suite("quick"), "runs/quick")  # doctest: +SKIP
+    >>> summary = run_grid(cfg)  # doctest: +SKIP
+
+References:
+    Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
+"""
+
+from flatmin.bench.methods import (
+    METHODS,
+    Hyper,
+    Method,
+    get_method,
+    method_names,
+    register_method,
+    start_epoch,
+    unknown_method_message,
+)
+from flatmin.bench.report import summarize, write_report
+from flatmin.bench.runner import (
+    BenchConfig,
+    GridSummary,
+    RegistryResolver,
+    TuneChoice,
+    plan_runs,
+    plan_tuning,
+    run_grid,
+    select_hyper,
+)
+from flatmin.bench.store import append_record, read_records
+from flatmin.bench.suites import SUITES, Suite, get_suite, suite_names, unknown_suite_message
+from flatmin.bench.train import NonFiniteLossError, RunSpec, TrainResult, evaluate, train
+
+__all__ = [
+    "METHODS",
+    "SUITES",
+    "BenchConfig",
+    "GridSummary",
+    "Hyper",
+    "Method",
+    "NonFiniteLossError",
+    "RegistryResolver",
+    "RunSpec",
+    "Suite",
+    "TrainResult",
+    "TuneChoice",
+    "append_record",
+    "evaluate",
+    "get_method",
+    "get_suite",
+    "method_names",
+    "plan_runs",
+    "plan_tuning",
+    "read_records",
+    "register_method",
+    "run_grid",
+    "select_hyper",
+    "start_epoch",
+    "suite_names",
+    "summarize",
+    "train",
+    "unknown_method_message",
+    "unknown_suite_message",
+    "write_report",
+]

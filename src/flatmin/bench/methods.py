@@ -1,0 +1,228 @@
+"""Benchmark methods as recipes: a registry of frozen :class:`Method` records.
+
+A method says how to build the optimizer (and, for the averaging methods, the averager) from the
+task's own base optimizer, learning rate and schedule. Every method trains for the task's epoch
+budget under the task's LR schedule; averaging never replaces that schedule (Kaddour et al. 2022,
+Sec. 4). A variant is another record (different builder or defaults), never an ``if`` on a name.
+
+=========  ==========================================================  ====================
+name       optimizer                                                   tuned on validation
+=========  ==========================================================  ====================
+baseline   the task's optimizer (SGD with momentum or AdamW)           —
+swa        baseline + SWA of one snapshot per epoch from ``start``     ``start``
+sam        SAM around the task's optimizer (Foret et al. 2021)         ``rho``
+asam       adaptive SAM (Kwon et al. 2021)                             ``rho`` (own grid)
+wasam      SAM + the same per-epoch SWA (Kaddour et al. 2022)          rho (sam), start (swa)
+=========  ==========================================================  ====================
+
+References:
+    Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
+    Izmailov et al., arXiv:1803.05407 (SWA). Foret et al., arXiv:2010.01412 (SAM).
+    Kwon et al., arXiv:2102.11600 (ASAM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from flatmin.optim.averaging import WeightAveraging
+from flatmin.optim.sam import SAM
+from flatmin.optim.wasam import WASAM
+
+__all__ = [
+    "METHODS",
+    "Hyper",
+    "Method",
+    "get_method",
+    "method_names",
+    "register_method",
+    "start_epoch",
+    "unknown_method_message",
+]
+
+RHO_GRID = (0.01, 0.02, 0.05, 0.1, 0.2)
+ASAM_RHO_GRID = (0.1, 0.2, 0.5, 1.0, 2.0)
+START_GRID = (0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The method hyper-parameters of one run (``None`` where the method has none).
+
+    Attributes:
+        rho: SAM neighbourhood radius.
+        start: fraction of the epoch budget after which SWA starts averaging (one snapshot at the
+            end of each later epoch).
+    """
+
+    rho: float | None = None
+    start: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The set hyper-parameters only."""
+        return {k: v for k, v in (("rho", self.rho), ("start", self.start)) if v is not None}
+
+
+def start_epoch(start: float, epochs: int) -> int:
+    """First epoch (1-based) whose end-of-epoch weights enter the SWA average.
+
+    ``floor(start · epochs) + 1`` clipped to ``[1, epochs]``: with 8 epochs and ``start = 0.75``
+    the weights after epochs 7 and 8 are averaged (the last quarter of the budget).
+
+    Raises:
+        ValueError: ``start`` outside ``[0, 1)`` or ``epochs < 1``.
+    """
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"Invalid start: {start} (expected 0 <= start < 1)")
+    if epochs < 1:
+        raise ValueError(f"Invalid epochs: {epochs} (expected >= 1)")
+    return min(epochs, math.floor(start * epochs) + 1)
+
+
+Built = tuple[Optimizer, WeightAveraging | None]
+Builder = Callable[[nn.Module, type[Optimizer], Mapping[str, Any], Hyper, int], Built]
+
+
+def _build_base(
+    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+) -> Built:
+    return base(model.parameters(), **kw), None
+
+
+def _build_swa(
+    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+) -> Built:
+    opt = base(model.parameters(), **kw)
+    assert hp.start is not None  # filled from the method's default by Method.resolve
+    return opt, WeightAveraging(model, mode="swa", start=start_epoch(hp.start, epochs))
+
+
+def _sam_builder(*, adaptive: bool) -> Builder:
+    def build(
+        model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+    ) -> Built:
+        assert hp.rho is not None
+        return SAM(model.parameters(), base, rho=hp.rho, adaptive=adaptive, **kw), None
+
+    return build
+
+
+def _build_wasam(
+    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+) -> Built:
+    assert hp.rho is not None and hp.start is not None
+    # average_on_step=False: the runner counts epochs (one snapshot per epoch, as SWA does).
+    opt = WASAM(
+        model, base, rho=hp.rho, start=start_epoch(hp.start, epochs), average_on_step=False, **kw
+    )
+    return opt, opt.averaging
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmark method: how to build its optimizer and averager, and what to tune.
+
+    Attributes:
+        name: registry name (``flatmin bench --methods NAME``).
+        description: one line for the report.
+        build: ``build(model, base_class, base_kwargs, hyper, epochs) -> (optimizer, averager)``;
+            the averager (or ``None``) is updated once per epoch by the training loop.
+        grads_per_step: gradient evaluations per optimizer step (nominal cost: 2 for SAM).
+        defaults: default hyper-parameters (``rho``, ``start``).
+        grids: validation grid of each hyper-parameter this method tunes itself.
+        tuned_by: for each hyper-parameter, the method whose validation grid selects it (e.g.
+            WASAM takes ``rho`` from SAM's grid and ``start`` from SWA's).
+        references: arXiv ids.
+    """
+
+    name: str
+    description: str
+    build: Builder
+    grads_per_step: float = 1.0
+    defaults: Hyper = field(default_factory=Hyper)
+    grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    tuned_by: Mapping[str, str] = field(default_factory=dict)
+    references: tuple[str, ...] = ()
+
+    @property
+    def averages(self) -> bool:
+        """Whether the method reports an average of its iterates (SWA-style)."""
+        return self.defaults.start is not None
+
+    def resolve(self, rho: float | None = None, start: float | None = None) -> Hyper:
+        """Hyper-parameters of a run: the given values, else this method's defaults.
+
+        Values for hyper-parameters the method does not have are ignored.
+        """
+        d = self.defaults
+        return Hyper(
+            rho=None if d.rho is None else float(d.rho if rho is None else rho),
+            start=None if d.start is None else float(d.start if start is None else start),
+        )
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (``ValueError`` on a duplicate name); returns it."""
+    if method.name in METHODS:
+        raise ValueError(f"Invalid method name: {method.name!r} (already registered)")
+    METHODS[method.name] = method
+    return method
+
+
+def method_names() -> list[str]:
+    """Names of the registered methods."""
+    return list(METHODS)
+
+
+def unknown_method_message(name: str) -> str:
+    """``Unknown method: 'x' (known: ...)``."""
+    return f"Unknown method: {name!r} (known: {', '.join(METHODS)})"
+
+
+def get_method(name: str) -> Method:
+    """The method ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known methods).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(unknown_method_message(name)) from None
+
+
+for _m in (
+    Method(
+        "baseline", "the task's optimizer and LR schedule (non-flat baseline)", _build_base
+    ),
+    Method(
+        "swa", "baseline + SWA: one snapshot per epoch from `start`, BN recomputed", _build_swa,
+        defaults=Hyper(start=0.75), grids={"start": START_GRID}, tuned_by={"start": "swa"},
+        references=("1803.05407",),
+    ),
+    Method(
+        "sam", "SAM around the task's optimizer", _sam_builder(adaptive=False),
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), grids={"rho": RHO_GRID},
+        tuned_by={"rho": "sam"}, references=("2010.01412",),
+    ),
+    Method(
+        "asam", "adaptive SAM (ASAM, T = |w| + 0.01)", _sam_builder(adaptive=True),
+        grads_per_step=2.0, defaults=Hyper(rho=0.5), grids={"rho": ASAM_RHO_GRID},
+        tuned_by={"rho": "asam"}, references=("2102.11600",),
+    ),
+    Method(
+        "wasam", "SAM + SWA of its unperturbed iterates (rho from sam, start from swa)",
+        _build_wasam, grads_per_step=2.0, defaults=Hyper(rho=0.05, start=0.75),
+        tuned_by={"rho": "sam", "start": "swa"}, references=("2202.00661",),
+    ),
+):  # fmt: skip
+    register_method(_m)

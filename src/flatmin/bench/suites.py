@@ -1,0 +1,99 @@
+"""Named benchmark suites: which tasks, methods, seeds and budget ``flatmin bench`` runs.
+
+* ``quick`` — the README's first command: all three domains (plus one label-noise task), the
+  four methods of Kaddour et al. (baseline, SWA, SAM, WASAM), 2 seeds, the tasks' ``quick``
+  budgets and the methods' default hyper-parameters (rho = 0.05, SWA from 75 % of the budget; no
+  validation grid, to fit in a few minutes on 2 CPU cores).
+* ``full`` — the committed run in ``docs/results/``: more tasks per domain including label-noise
+  tasks long enough for SGD to memorise the noise, ASAM as well, 3 seeds, the ``full`` budgets,
+  and rho / start chosen per task on the validation split from the methods' grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SUITES", "Suite", "get_suite", "suite_names", "unknown_suite_message"]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A grid of tasks × methods × seeds at one budget.
+
+    Attributes:
+        name: registry name (``flatmin bench --suite NAME``).
+        description: one line.
+        tasks: task names.
+        methods: method names (``baseline`` first: the others are reported against it).
+        seeds: number of evaluation seeds (``0 .. seeds - 1``).
+        budget: ``"quick"`` or ``"full"`` recipes of the tasks.
+        tune: choose rho / start per task on the validation split (the methods' grids).
+        tune_seed: the seed of the validation-grid runs (not one of the evaluation seeds).
+        jobs: default number of parallel worker processes.
+    """
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: int
+    budget: str
+    tune: bool
+    tune_seed: int = 100
+    jobs: int = 2
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "quick",
+            "3 domains + label noise, 4 methods, 2 seeds, quick budgets, default rho/start",
+            tasks=("digits", "digits-noisy40", "rotten-tomatoes", "mutag"),
+            methods=("baseline", "swa", "sam", "wasam"),
+            seeds=2,
+            budget="quick",
+            tune=False,
+        ),
+        Suite(
+            "full",
+            "3 domains + label noise, 5 methods, 3 seeds, full budgets, rho/start tuned on val",
+            tasks=(
+                "digits",
+                "digits-noisy40",
+                "mnist-5k",
+                "fashion-mnist",
+                "rotten-tomatoes",
+                "reuters-r8",
+                "mutag",
+                "drosophila",
+            ),
+            methods=("baseline", "swa", "sam", "asam", "wasam"),
+            seeds=3,
+            budget="full",
+            tune=True,
+        ),
+    )
+}
+
+
+def suite_names() -> list[str]:
+    """Names of the suites."""
+    return list(SUITES)
+
+
+def unknown_suite_message(name: str) -> str:
+    """``Unknown suite: 'x' (known: quick, full)``."""
+    return f"Unknown suite: {name!r} (known: {', '.join(SUITES)})"
+
+
+def get_suite(name: str) -> Suite:
+    """The suite ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known suites).
+    """
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise ValueError(unknown_suite_message(name)) from None
