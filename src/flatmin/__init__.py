@@ -5,8 +5,8 @@ three domains and a benchmark that reproduces Kaddour et al. (2022), "When Do Fl
 Optimizers Work?".
 """
 
-from flatmin.optim import SAM, WASAM, WeightAveraging
+from flatmin.optim import ESAM, SAM, WASAM, LookSAM, SAMEveryK, WeightAveraging
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "WASAM", "WeightAveraging", "__version__"]
+__all__ = ["ESAM", "SAM", "WASAM", "LookSAM", "SAMEveryK", "WeightAveraging", "__version__"]
