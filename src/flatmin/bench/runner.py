@@ -102,6 +102,7 @@ class BenchConfig:
         epochs: override every task's epoch budget (tests, smoke runs).
         progress: show tqdm progress bars (stderr).
         report: write the report after the grid.
+        run: train the missing runs (``False``: only rewrite the report from what is recorded).
         suite: the suite's name, for the report.
     """
 
@@ -117,6 +118,7 @@ class BenchConfig:
     epochs: int | None = None
     progress: bool = True
     report: bool = True
+    run: bool = True
     suite: str | None = None
 
     @classmethod
@@ -481,20 +483,24 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
         left = []
         for spec in specs:
             rec = done.get(spec.config_hash(task_of[spec.task]))
-            if rec is None or rec.get("status") == "error":
+            if rec is not None and rec.get("status") != "error":
+                summary.skipped += 1
+            elif cfg.run:
                 left.append(spec)
         summary.planned += len(specs)
-        summary.skipped += len(specs) - len(left)
         summary.ran += len(left)
         return left
 
     tune_specs = plan_tuning(cfg)
-    if tune_specs:
-        _run_specs(todo(tune_specs), cfg, look, results, "validation grid")
+    left = todo(tune_specs)
+    if left:
+        _run_specs(left, cfg, look, results, "validation grid")
     records = latest_by_hash(read_records(results))
     hypers, summary.tuning = select_hyper(cfg, records, look)
     specs = plan_runs(cfg, hypers)
-    _run_specs(todo(specs), cfg, look, results, "benchmark")
+    left = todo(specs)
+    if left:
+        _run_specs(left, cfg, look, results, "benchmark")
 
     records = latest_by_hash(read_records(results))
     summary.records = [

@@ -151,7 +151,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "flatmin": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": sys.version.split()[0],
     }
 
