@@ -69,7 +69,7 @@ for _task in (
         "mnist-5k", "vision", "mnist-5k", "ResNetCNN-28x28", _cnn28,
         quick=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=3),
         full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=12),
-        noisy_full=Recipe("sgd", lr=0.05, weight_decay=0.0, batch_size=128, epochs=25),
+        noisy_full=Recipe("sgd", lr=0.05, weight_decay=0.0, batch_size=128, epochs=40),
         description="MNIST-5k, BN ResNet",
     ),
     Task(
