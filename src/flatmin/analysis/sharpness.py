@@ -181,9 +181,9 @@ def sharpness(
             with torch.set_grad_enabled(grad):
                 loss = loss_fn(forward(model, inputs), targets)
             if not grad:
-                return float(loss), []
+                return float(loss.detach()), []
             g = torch.autograd.grad(loss, params, allow_unused=True)
-            return float(loss), [
+            return float(loss.detach()), [
                 torch.zeros_like(q) if gi is None else gi for q, gi in zip(params, g)
             ]
 
