@@ -55,6 +55,7 @@ __all__ = [
     "dual_exponent",
     "perturb_foreach_",
     "perturb_single_tensor_",
+    "split_by_device_dtype",
 ]
 
 
@@ -86,11 +87,13 @@ def dual_exponent(p: float) -> float:
     return 1.0 if math.isinf(p) else p / (p - 1.0)
 
 
-def _norm_dtype(groups: Sequence[PerturbGroup]) -> torch.dtype:
+def _norm_dtype(groups: Sequence[PerturbGroup], uniform: bool = False) -> torch.dtype:
     # Low-precision parameters (bf16/fp16) get their norm accumulated in float32.
-    if any(t.dtype == torch.float64 for g in groups for t in g.params):
-        return torch.float64
-    return torch.float32
+    if uniform:  # one dtype for all tensors: one look is enough
+        wide = next(g.params[0] for g in groups if g.params).dtype == torch.float64
+    else:
+        wide = any(t.dtype == torch.float64 for g in groups for t in g.params)
+    return torch.float64 if wide else torch.float32
 
 
 def _by_p(groups: Sequence[PerturbGroup]) -> dict[float, list[PerturbGroup]]:
@@ -138,24 +141,38 @@ def perturb_single_tensor_(groups: Sequence[PerturbGroup], eps: float) -> None:
                 w.add_(e)
 
 
-def _grouped(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+def split_by_device_dtype(
+    *lists: Sequence[Tensor], uniform: bool = False
+) -> list[tuple[list[Tensor], ...]]:
+    """Split aligned tensor lists by the (device, dtype) of the first list.
+
+    ``torch._foreach_*`` ops want one device and dtype per call. ``uniform=True`` promises that
+    all tensors already share one (SAM checks it once per set of parameters), which skips the
+    per-tensor scan: on an accelerator that Python loop costs more than the kernels.
+    """
+    if uniform or not lists[0]:
+        return [tuple(list(t) for t in lists)]
     index: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(lists[0]):
         index[(t.device, t.dtype)].append(i)
-    return index
+    return [tuple([t[i] for i in idx] for t in lists) for idx in index.values()]
 
 
-def _sum_pow_q(hs: Sequence[Tensor], q: float, dtype: torch.dtype) -> Tensor:
+def _sum_pow_q(hs: Sequence[Tensor], q: float, dtype: torch.dtype, uniform: bool) -> Tensor:
     """Return Σ_i ‖h_i‖_q^q as one 0-d tensor, without a host sync."""
     partial = []
-    for idx in _grouped(hs).values():
-        norms = torch._foreach_norm([hs[i] for i in idx], q, dtype=dtype)
+    for (sub,) in split_by_device_dtype(hs, uniform=uniform):
+        norms = torch._foreach_norm(sub, q, dtype=dtype)
         partial.append(torch.stack(norms).pow(q).sum())
+    if len(partial) == 1:
+        return partial[0]
     device = partial[0].device
     return torch.stack([s.to(device) for s in partial]).sum()
 
 
-def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor) -> None:
+def add_scaled_(
+    tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor, *, uniform: bool = False
+) -> None:
     """``t ← t + s·o`` for every pair, with ``s`` a 0-d tensor: no host sync, no ``.item()``.
 
     On CPU one fused ``addcmul`` per tensor (one pass, no temporary). Elsewhere ``_foreach_mul``
@@ -166,10 +183,11 @@ def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tens
         tensors: Updated in place.
         others: Same shapes as ``tensors``.
         scale: A 0-d tensor on any device; it is moved to each tensor's device and dtype.
+        uniform: All tensors share one device and dtype (see :func:`split_by_device_dtype`).
     """
-    for idx in _grouped(tensors).values():
-        ts = [tensors[i] for i in idx]
-        os = [others[i] for i in idx]
+    for ts, os in split_by_device_dtype(tensors, others, uniform=uniform):
+        if not ts:
+            continue
         s = scale.to(device=ts[0].device, dtype=ts[0].dtype)
         if ts[0].device.type == "cpu":
             torch._foreach_addcmul_(ts, os, [s] * len(ts))
@@ -177,16 +195,21 @@ def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tens
             torch._foreach_add_(ts, torch._foreach_mul(os, s))
 
 
-def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
+def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float, *, uniform: bool = False) -> None:
     """Multi-tensor kernel: the same update as :func:`perturb_single_tensor_`.
 
     For the common case (p = 2, not adaptive) it makes one fused pass ``w ← w + s·g`` per tensor
     (:func:`add_scaled_` with a 0-d scale tensor, so there is no host sync and on CPU no temporary
     the size of the parameters); the other cases build ``ε`` in temporaries first.
+
+    Args:
+        groups: The participating tensors per param group with their settings.
+        eps: Added to the normaliser so that a zero gradient gives ``ε = 0``, not NaN.
+        uniform: All tensors share one device and dtype (skips a per-tensor scan).
     """
     for p, ball in _by_p(groups).items():
         q = dual_exponent(p)
-        dtype = _norm_dtype(ball)
+        dtype = _norm_dtype(ball, uniform)
         hs_per_group: list[list[Tensor]] = []
         for group in ball:
             if group.adaptive:
@@ -198,17 +221,18 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
         if math.isinf(p):
             inv = None
         else:
-            total = _sum_pow_q([h for hs in hs_per_group for h in hs], q, dtype)
-            inv = 1.0 / (total.pow(1.0 / p) + eps)
-        for group, all_hs in zip(ball, hs_per_group):
-            moved = group.moved()
-            if not moved:
+            all_hs = [h for hs in hs_per_group for h in hs]
+            inv = 1.0 / (_sum_pow_q(all_hs, q, dtype, uniform).pow(1.0 / p) + eps)
+        for group, hs in zip(ball, hs_per_group):
+            params = group.params
+            if group.mask is not None:
+                params = [w for w, m in zip(params, group.mask) if m]
+                hs = [h for h, m in zip(hs, group.mask) if m]
+            if not params:
                 continue
-            params = [group.params[i] for i in moved]
-            hs = [all_hs[i] for i in moved]
             if inv is not None and p == 2.0 and not group.adaptive:
                 # Fused: one pass over w and g, no temporary the size of the parameters.
-                add_scaled_(params, hs, inv * group.rho)
+                add_scaled_(params, hs, inv * group.rho, uniform=uniform)
                 continue
             if inv is None:  # p = inf: ε = ρ sign(h)
                 e = list(torch._foreach_sign(hs))
@@ -220,8 +244,8 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float) -> None:
                 else:
                     e = list(torch._foreach_pow(torch._foreach_abs(hs), q - 1.0))
                     torch._foreach_mul_(e, torch._foreach_sign(hs))
-                for idx in _grouped(e).values():
-                    torch._foreach_mul_([e[i] for i in idx], (inv * group.rho).to(e[idx[0]]))
+                for (sub,) in split_by_device_dtype(e, uniform=uniform):
+                    torch._foreach_mul_(sub, (inv * group.rho).to(sub[0]))
             if group.adaptive:
                 t = torch._foreach_abs(params)
                 torch._foreach_add_(t, group.eta)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._perturb import add_scaled_
+from flatmin.optim._perturb import add_scaled_, split_by_device_dtype
 from flatmin.optim.sam import SAM
 
 __all__ = ["LookSAM", "SAMEveryK"]
@@ -135,7 +135,7 @@ class SAMEveryK(SAM):
         Raises:
             RuntimeError: Called between :meth:`first_step` and :meth:`second_step`.
         """
-        if _perturbed(self):
+        if self.perturbed:
             raise RuntimeError("plain_step() called between first_step() and second_step()")
         self._adjust_plain_grad()
         self.base_optimizer.step()
@@ -161,7 +161,7 @@ class SAMEveryK(SAM):
         Returns:
             The loss at ``w``.
         """
-        if closure is None or self.is_sam_step or _perturbed(self):
+        if closure is None or self.is_sam_step or self.perturbed:
             return super().step(closure, **kwargs)
         with torch.enable_grad():
             loss = closure()
@@ -276,7 +276,7 @@ class LookSAM(SAMEveryK):
     def first_step(self, zero_grad: bool = False) -> None:
         """Keep ``g`` (in the direction buffers), then SAM's ``w ← w + ε̂``."""
         params = self._with_grad()
-        if params and not _perturbed(self):
+        if params and not self.perturbed:
             grads = [w.grad for w in params if w.grad is not None]
             torch._foreach_copy_(self._buffers(params), grads)
             self._g_sq = _sum_sq(grads, torch.float64 if _any_f64(params) else torch.float32)
@@ -286,7 +286,7 @@ class LookSAM(SAMEveryK):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Turn the stored ``g`` into the unit ``g_v / ‖g_v‖``, then SAM's second step."""
-        if _perturbed(self) and self._first_params and self._g_sq is not None:
+        if self.perturbed and self._first_params and self._g_sq is not None:
             params = [w for w in self._first_params if w.grad is not None]
             if params:
                 bufs = [self.state[w][_U_KEY] for w in params]
@@ -301,11 +301,11 @@ class LookSAM(SAMEveryK):
                 ).sum()
                 # g_v = g_s − c·g with c = g·g_s/‖g‖² (c = 0 when g = 0, so g_v = g_s).
                 c = dot / (self._g_sq + self.eps)
-                for bs, ss in _pairs(bufs, g_s):
+                for bs, ss in split_by_device_dtype(bufs, g_s):
                     torch._foreach_mul_(bs, (-c).to(device=bs[0].device, dtype=bs[0].dtype))
                     torch._foreach_add_(bs, ss)
                 inv = 1.0 / (_sum_sq(bufs, dtype).sqrt() + self.eps)
-                for bs, _ in _pairs(bufs, g_s):
+                for bs, _ in split_by_device_dtype(bufs, g_s):
                     torch._foreach_mul_(bs, inv.to(device=bs[0].device, dtype=bs[0].dtype))
         self._g_sq = None
         self._first_params = []
@@ -326,18 +326,5 @@ class LookSAM(SAMEveryK):
         add_scaled_(grads, [self.state[w][_U_KEY] for w in params], scale)
 
 
-def _perturbed(opt: SAM) -> bool:
-    """Whether ``first_step`` ran and ``second_step`` has not yet."""
-    return bool(getattr(opt, "_first_step_done", False))
-
-
 def _any_f64(params: list[Tensor]) -> bool:
     return any(w.dtype == torch.float64 for w in params)
-
-
-def _pairs(a: list[Tensor], b: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-    """Split two aligned lists by (device, dtype) of ``a`` for the foreach ops."""
-    index: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(a):
-        index.setdefault((t.device, t.dtype), []).append(i)
-    return [([a[i] for i in idx], [b[i] for i in idx]) for idx in index.values()]

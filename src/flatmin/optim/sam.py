@@ -176,7 +176,10 @@ class SAM(Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         # Backups of the weights perturbed by the last first_step, keyed by parameter.
         self._backup: dict[Tensor, Tensor] = {}
-        self._perturbed: list[Tensor] = []
+        # (ids of params, backups, uniform device/dtype) of the last first_step: _backups_for.
+        self._plan: tuple[list[int], list[Tensor], bool] | None = None
+        # What the pending first_step moved, and where it saved the originals.
+        self._perturbed: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._first_step_done = False
 
     # -- param groups ---------------------------------------------------------------------------
@@ -189,25 +192,50 @@ class SAM(Optimizer):
 
     # -- the two halves of a step ---------------------------------------------------------------
     def _perturb_groups(self) -> list[PerturbGroup]:
+        # List comprehensions, not loops with branches: on an accelerator this Python is what a
+        # SAM step waits for, the kernels themselves are few.
         groups = []
         for group in self.param_groups:
-            params, grads = [], []
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                if w.grad.is_sparse:
-                    raise RuntimeError(
-                        "SAM does not support sparse gradients; use a dense embedding "
-                        "(sparse=False) for the parameters that SAM perturbs"
-                    )
-                params.append(w)
-                grads.append(w.grad)
+            params = [w for w in group["params"] if w.grad is not None]
+            grads = [w.grad for w in params]
             groups.append(
                 PerturbGroup(
-                    params, grads, group["rho"], group["p"], group["adaptive"], group["eta"]
+                    params,
+                    grads,
+                    group["rho"],
+                    group["p"],
+                    group["adaptive"],
+                    group["eta"],
                 )
             )
         return groups
+
+    def _backups_for(self, params: list[Tensor]) -> tuple[list[Tensor], bool]:
+        """Backup buffers for ``params`` and whether they share one device and dtype.
+
+        Cached for the last set of parameters (compared by identity), so a step allocates
+        nothing and scans nothing per tensor once the set is stable.
+        """
+        ids = list(map(id, params))
+        cached = self._plan
+        if cached is not None and cached[0] == ids:
+            return cached[1], cached[2]
+        # A new set of tensors: check it once (a parameter's gradient layout is fixed by its
+        # module, e.g. Embedding(sparse=True)), then build and cache its buffers.
+        if any(w.grad is not None and w.grad.is_sparse for w in params):
+            raise RuntimeError(
+                "SAM does not support sparse gradients; use a dense embedding "
+                "(sparse=False) for the parameters that SAM perturbs"
+            )
+        backups = []
+        for w in params:
+            buf = self._backup.get(w)
+            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+                buf = self._backup[w] = torch.empty_like(w, memory_format=torch.preserve_format)
+            backups.append(buf)
+        uniform = len({(w.device, w.dtype) for w in params}) <= 1
+        self._plan = (ids, backups, uniform)
+        return backups, uniform
 
     def _use_foreach(self) -> bool:
         # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
@@ -227,27 +255,23 @@ class SAM(Optimizer):
             RuntimeError: Called twice without :meth:`second_step` in between, or a gradient is
                 sparse.
         """
-        if self._perturbed:
+        if self._first_step_done:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
             )
         groups = self._perturb_groups()
         params = [w for g in groups for w in g.params]
+        backups: list[Tensor] = []
         if params:
-            backups = []
-            for w in params:
-                buf = self._backup.get(w)
-                if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-                    buf = self._backup[w] = torch.empty_like(w, memory_format=torch.preserve_format)
-                backups.append(buf)
+            backups, uniform = self._backups_for(params)
             if self._use_foreach():
                 torch._foreach_copy_(backups, params)
-                perturb_foreach_(groups, self.eps)
+                perturb_foreach_(groups, self.eps, uniform=uniform)
             else:
                 for buf, w in zip(backups, params):
                     buf.copy_(w)
                 perturb_single_tensor_(groups, self.eps)
-        self._perturbed = params
+        self._perturbed = (params, backups)
         self._first_step_done = True
         if zero_grad:
             self.zero_grad()
@@ -259,22 +283,22 @@ class SAM(Optimizer):
         Used by :meth:`second_step`, and on its own to abandon a SAM step (e.g. after a
         non-finite loss at the perturbed point).
         """
-        if not getattr(self, "_first_step_done", False):
+        if not self._first_step_done:
             raise RuntimeError("second_step()/restore() called before first_step()")
-        if self._perturbed:
-            backups = [self._backup[w] for w in self._perturbed]
+        params, backups = self._perturbed
+        if params:
             if self._use_foreach():
-                torch._foreach_copy_(self._perturbed, backups)
+                torch._foreach_copy_(params, backups)
             else:
-                for w, buf in zip(self._perturbed, backups):
+                for w, buf in zip(params, backups):
                     w.copy_(buf)
-        self._perturbed = []
+        self._perturbed = ([], [])
         self._first_step_done = False
 
     @property
     def perturbed(self) -> bool:
         """Whether :meth:`first_step` ran and the weights wait for :meth:`second_step`."""
-        return bool(getattr(self, "_first_step_done", False))
+        return self._first_step_done
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -373,7 +397,7 @@ class SAM(Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Return SAM's param groups and state together with the base optimizer's state."""
-        if self._perturbed:
+        if self._first_step_done:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
         return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict()}
 
