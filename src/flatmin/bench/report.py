@@ -456,7 +456,9 @@ def _figures(
                 ax.set_yscale("log")
         for ax in list(axes.flat)[len(rows) :]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize="small")
+        labelled = [ax for ax in axes.flat if ax.get_lines()]
+        if labelled:
+            labelled[0].legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

@@ -1,0 +1,80 @@
+"""Tiny synthetic tasks for the benchmark tests (imported by test_bench_*.py and subprocesses).
+
+``ToyResolver`` serves tasks on a 3-class Gaussian-cluster dataset with a BatchNorm MLP, so a run
+takes a fraction of a second and every method (SWA's BN recomputation included) is exercised.
+``toy-nan`` has a model whose output is NaN: its runs must end ``failed``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from flatmin.data import Dataset, TensorSplit
+from flatmin.tasks import Recipe, Task
+
+
+def toy_dataset(seed: int = 0) -> Dataset:
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 8, generator=gen) * 1.5
+
+    def split(n: int) -> TensorSplit:
+        y = torch.arange(n) % 3
+        x = centers[y] + torch.randn(n, 8, generator=gen)
+        return TensorSplit(x, y)
+
+    return Dataset(
+        name="toy", domain="vision", train=split(96), val=split(48), test=split(60),
+        num_classes=3, class_names=("a", "b", "c"),
+    )  # fmt: skip
+
+
+class _NaNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * float("nan")
+
+
+def _mlp(ds: Dataset) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _nan(ds: Dataset) -> nn.Module:
+    return _NaNNet()
+
+
+RECIPE = Recipe("sgd", lr=0.1, weight_decay=1e-4, batch_size=16, epochs=4)
+TASKS = {
+    "toy-a": Task("toy-a", "vision", "toy", "MLP-BN", _mlp, quick=RECIPE, full=RECIPE),
+    "toy-b": Task(
+        "toy-b",
+        "graph",
+        "toy",
+        "MLP-BN",
+        _mlp,
+        quick=Recipe("adamw", lr=0.01, weight_decay=0.0, batch_size=32, epochs=4),
+        full=RECIPE,
+    ),
+    "toy-nan": Task("toy-nan", "text", "toy", "NaN-net", _nan, quick=RECIPE, full=RECIPE),
+}
+
+
+class ToyResolver:
+    """Resolver of the toy tasks; ``TOY_SLEEP`` seconds of delay per run (for the kill test)."""
+
+    def task(self, name: str) -> Task:
+        if name not in TASKS:
+            raise ValueError(f"Unknown task: {name!r} (known: {', '.join(TASKS)})")
+        return TASKS[name]
+
+    def dataset(self, task: Task) -> Dataset:
+        delay = float(os.environ.get("TOY_SLEEP", "0"))
+        if delay:
+            time.sleep(delay)
+        return toy_dataset()
