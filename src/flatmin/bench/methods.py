@@ -13,12 +13,17 @@ swa        baseline + SWA of one snapshot per epoch from ``start``     ``start``
 sam        SAM around the task's optimizer (Foret et al. 2021)         ``rho``
 asam       adaptive SAM (Kwon et al. 2021)                             ``rho`` (own grid)
 wasam      SAM + the same per-epoch SWA (Kaddour et al. 2022)          rho (sam), start (swa)
+samk       SAM on every 2nd step, base steps in between                rho (sam)
+looksam    LookSAM, k = 5, α = 0.7 (Liu et al. 2022)                   rho (sam)
 =========  ==========================================================  ====================
+
+ESAM (Du et al. 2022) is not a benchmark method yet: its step needs per-sample losses of
+sub-batches, which the graph tasks' batches do not provide.
 
 References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
     Izmailov et al., arXiv:1803.05407 (SWA). Foret et al., arXiv:2010.01412 (SAM).
-    Kwon et al., arXiv:2102.11600 (ASAM).
+    Kwon et al., arXiv:2102.11600 (ASAM). Liu et al., arXiv:2203.02714 (LookSAM).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from flatmin.optim.averaging import WeightAveraging
+from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.optim.sam import SAM
 from flatmin.optim.wasam import WASAM
 
@@ -103,12 +109,14 @@ def _build_swa(
     return opt, WeightAveraging(model, mode="swa", start=start_epoch(hp.start, epochs))
 
 
-def _sam_builder(*, adaptive: bool) -> Builder:
+def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
+    """A builder of ``cls(params, base, rho=hyper.rho, **options, **base_kwargs)``."""
+
     def build(
         model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
     ) -> Built:
         assert hp.rho is not None
-        return SAM(model.parameters(), base, rho=hp.rho, adaptive=adaptive, **kw), None
+        return cls(model.parameters(), base, rho=hp.rho, **options, **kw), None
 
     return build
 
@@ -210,7 +218,7 @@ for _m in (
         references=("1803.05407",),
     ),
     Method(
-        "sam", "SAM around the task's optimizer", _sam_builder(adaptive=False),
+        "sam", "SAM around the task's optimizer", _sam_builder(),
         grads_per_step=2.0, defaults=Hyper(rho=0.05), grids={"rho": RHO_GRID},
         tuned_by={"rho": "sam"}, references=("2010.01412",),
     ),
@@ -223,6 +231,16 @@ for _m in (
         "wasam", "SAM + SWA of its unperturbed iterates (rho from sam, start from swa)",
         _build_wasam, grads_per_step=2.0, defaults=Hyper(rho=0.05, start=0.75),
         tuned_by={"rho": "sam", "start": "swa"}, references=("2202.00661",),
+    ),
+    Method(
+        "samk", "SAM every 2nd step, base steps in between (rho from sam)",
+        _sam_builder(SAMEveryK, k=2), grads_per_step=1.5, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2203.02714",),
+    ),
+    Method(
+        "looksam", "LookSAM, k = 5, alpha = 0.7 (rho from sam)",
+        _sam_builder(LookSAM, k=5, alpha=0.7), grads_per_step=1.2, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2203.02714",),
     ),
 ):  # fmt: skip
     register_method(_m)
