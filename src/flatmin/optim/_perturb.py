@@ -170,32 +170,54 @@ def _sum_pow_q(hs: Sequence[Tensor], q: float, dtype: torch.dtype, uniform: bool
     return torch.stack([s.to(device) for s in partial]).sum()
 
 
+def _fused_addcmul(device: torch.device) -> bool:
+    # On CPU the foreach ops loop over tensors anyway, so one fused addcmul per tensor (one pass
+    # over memory) wins; on accelerators a broadcast 0-d operand leaves the multi-tensor fast path.
+    return device.type == "cpu"
+
+
 def add_scaled_(
-    tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor, *, uniform: bool = False
+    tensors: Sequence[Tensor],
+    others: Sequence[Tensor],
+    scale: Tensor,
+    *,
+    uniform: bool = False,
+    scratch_others: bool = False,
 ) -> None:
     """``t ← t + s·o`` for every pair, with ``s`` a 0-d tensor: no host sync, no ``.item()``.
 
     On CPU one fused ``addcmul`` per tensor (one pass, no temporary). Elsewhere ``_foreach_mul``
     into one temporary plus ``_foreach_add_``, which keeps the multi-tensor fast path (a broadcast
-    0-d operand would fall back to one kernel launch per tensor).
+    0-d operand would fall back to one kernel launch per tensor); with ``scratch_others`` the
+    product goes into ``others`` in place instead, with no temporary at all.
 
     Args:
         tensors: Updated in place.
         others: Same shapes as ``tensors``.
         scale: A 0-d tensor on any device; it is moved to each tensor's device and dtype.
         uniform: All tensors share one device and dtype (see :func:`split_by_device_dtype`).
+        scratch_others: ``others`` may be overwritten (e.g. gradients about to be cleared).
     """
     for ts, os in split_by_device_dtype(tensors, others, uniform=uniform):
         if not ts:
             continue
         s = scale.to(device=ts[0].device, dtype=ts[0].dtype)
-        if ts[0].device.type == "cpu":
+        if _fused_addcmul(ts[0].device):
             torch._foreach_addcmul_(ts, os, [s] * len(ts))
+        elif scratch_others:
+            torch._foreach_mul_(os, s)
+            torch._foreach_add_(ts, os)
         else:
             torch._foreach_add_(ts, torch._foreach_mul(os, s))
 
 
-def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float, *, uniform: bool = False) -> None:
+def perturb_foreach_(
+    groups: Sequence[PerturbGroup],
+    eps: float,
+    *,
+    uniform: bool = False,
+    consume_grads: bool = False,
+) -> None:
     """Multi-tensor kernel: the same update as :func:`perturb_single_tensor_`.
 
     For the common case (p = 2, not adaptive) it makes one fused pass ``w ← w + s·g`` per tensor
@@ -206,6 +228,8 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float, *, uniform: boo
         groups: The participating tensors per param group with their settings.
         eps: Added to the normaliser so that a zero gradient gives ``ε = 0``, not NaN.
         uniform: All tensors share one device and dtype (skips a per-tensor scan).
+        consume_grads: The gradients are cleared right after, so they may serve as scratch
+            space (saves a temporary the size of the parameters on accelerators).
     """
     for p, ball in _by_p(groups).items():
         q = dual_exponent(p)
@@ -232,7 +256,9 @@ def perturb_foreach_(groups: Sequence[PerturbGroup], eps: float, *, uniform: boo
                 continue
             if inv is not None and p == 2.0 and not group.adaptive:
                 # Fused: one pass over w and g, no temporary the size of the parameters.
-                add_scaled_(params, hs, inv * group.rho, uniform=uniform)
+                add_scaled_(
+                    params, hs, inv * group.rho, uniform=uniform, scratch_others=consume_grads
+                )
                 continue
             if inv is None:  # p = inf: ε = ρ sign(h)
                 e = list(torch._foreach_sign(hs))

@@ -266,7 +266,8 @@ class SAM(Optimizer):
             backups, uniform = self._backups_for(params)
             if self._use_foreach():
                 torch._foreach_copy_(backups, params)
-                perturb_foreach_(groups, self.eps, uniform=uniform)
+                # zero_grad: the first-pass gradients are dropped next, so they can be scratch.
+                perturb_foreach_(groups, self.eps, uniform=uniform, consume_grads=zero_grad)
             else:
                 for buf, w in zip(backups, params):
                     buf.copy_(w)
