@@ -243,6 +243,21 @@ def _hyper_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> l
     return _table(["Task", *(m.upper() for m in methods)], body)
 
 
+def _task_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    seen: dict[str, list[str]] = {}
+    for r in records:
+        rec = r.get("recipe")
+        if r["task"] in seen or not rec:
+            continue
+        seen[r["task"]] = [
+            r["task"], r.get("domain", "?"), r.get("model", "?"), str(r.get("budget", "?")),
+            f"{rec['optimizer']} lr {rec['lr']:g}, wd {rec['weight_decay']:g}",
+            str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"],
+        ]  # fmt: skip
+    header = ["Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule"]
+    return _table(header, list(seen.values()))
+
+
 def _tuning_table(tuning: Sequence[Any]) -> list[str]:
     body = []
     for c in tuning:
@@ -327,7 +342,9 @@ def write_report(
 
     lines = ["# flatmin benchmark report", ""]
     lines += [
-        f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets; "
+        f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
+        + "".join(f" ({t}: `{b}`)" for t, b in (meta.get("task_budgets") or {}).items())
+        + "; "
         f"{len(rows)} tasks × {len(methods)} methods × {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))}); {len(ok)} of {len(records)} runs finished.",
         "",

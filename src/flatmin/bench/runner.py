@@ -24,7 +24,7 @@ import os
 import queue
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -95,6 +95,7 @@ class BenchConfig:
         tasks, methods: grid axes (``baseline`` is the reference of the report).
         seeds: evaluation seeds.
         budget: the tasks' ``"quick"`` or ``"full"`` recipes.
+        task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose rho / start on the validation split (see the module docstring).
         tune_seed: seed of the validation-grid runs.
         jobs: parallel worker processes.
@@ -111,6 +112,7 @@ class BenchConfig:
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
     budget: str = "quick"
+    task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seed: int = 100
     jobs: int = 1
@@ -126,10 +128,15 @@ class BenchConfig:
         """The suite's grid with ``overrides`` (``None`` values are ignored)."""
         base = cls(
             out=Path(out), tasks=suite.tasks, methods=suite.methods,
-            seeds=tuple(range(suite.seeds)), budget=suite.budget, tune=suite.tune,
+            seeds=tuple(range(suite.seeds)), budget=suite.budget,
+            task_budgets=dict(suite.task_budgets), tune=suite.tune,
             tune_seed=suite.tune_seed, jobs=suite.jobs, suite=suite.name,
         )  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def budget_of(self, task: str) -> str:
+        """The budget of ``task``'s runs."""
+        return self.task_budgets.get(task, self.budget)
 
     def validate(self, resolver: Resolver | None = None) -> None:
         """Check names and ranges.
@@ -143,8 +150,9 @@ class BenchConfig:
             look.task(name)
         for name in self.methods:
             get_method(name)
-        if self.budget not in BUDGETS:
-            raise ValueError(f"Invalid budget: {self.budget!r} (expected one of {BUDGETS})")
+        for budget in (self.budget, *self.task_budgets.values()):
+            if budget not in BUDGETS:
+                raise ValueError(f"Invalid budget: {budget!r} (expected one of {BUDGETS})")
         if not self.tasks or not self.methods or not self.seeds:
             raise ValueError(
                 f"Invalid grid: {len(self.tasks)} tasks × {len(self.methods)} methods × "
@@ -223,7 +231,7 @@ def plan_tuning(cfg: BenchConfig) -> list[RunSpec]:
             for value in get_method(owner).grids[param]:
                 specs.append(
                     RunSpec(
-                        task, owner, cfg.tune_seed, cfg.budget, Hyper(**{param: value}),
+                        task, owner, cfg.tune_seed, cfg.budget_of(task), Hyper(**{param: value}),
                         cfg.epochs, stage="tune",
                     )
                 )  # fmt: skip
@@ -256,7 +264,7 @@ def select_hyper(
                 accs: list[float | None] = []
                 for value in values:
                     spec = RunSpec(
-                        task, owner, cfg.tune_seed, cfg.budget, Hyper(**{param: value}),
+                        task, owner, cfg.tune_seed, cfg.budget_of(task), Hyper(**{param: value}),
                         cfg.epochs, stage="tune",
                     )  # fmt: skip
                     rec = records.get(spec.config_hash(t))
@@ -282,7 +290,7 @@ def select_hyper(
 def plan_runs(cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]) -> list[RunSpec]:
     """The evaluation runs, ordered task → seed → method (paired runs finish close together)."""
     return [
-        RunSpec(task, method, seed, cfg.budget, hypers[(task, method)], cfg.epochs)
+        RunSpec(task, method, seed, cfg.budget_of(task), hypers[(task, method)], cfg.epochs)
         for task in cfg.tasks
         for seed in cfg.seeds
         for method in cfg.methods
@@ -529,6 +537,7 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
     return {
         "suite": cfg.suite,
         "budget": cfg.budget,
+        "task_budgets": dict(cfg.task_budgets),
         "tasks": list(cfg.tasks),
         "methods": list(cfg.methods),
         "seeds": list(cfg.seeds),
