@@ -23,8 +23,13 @@ def make_model() -> nn.Module:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
 
     return nn.Sequential(
-        block(1, 32), block(32, 32), nn.MaxPool2d(2),  # 8x8 -> 4x4
-        block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        block(1, 32),
+        block(32, 32),
+        nn.MaxPool2d(2),  # 8x8 -> 4x4
+        block(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -76,7 +81,8 @@ def main() -> None:
     for method in ("sgd", "sam"):
         start = time.perf_counter()
         acc = train(method)
-        print(f"{method.upper():4s} test accuracy: {100 * acc:.2f}%  ({time.perf_counter() - start:.1f} s)")
+        elapsed = time.perf_counter() - start
+        print(f"{method.upper():4s} test accuracy: {100 * acc:.2f}%  ({elapsed:.1f} s)")
 
 
 if __name__ == "__main__":
