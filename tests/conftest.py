@@ -1,7 +1,13 @@
 """Shared test settings: single-threaded, deterministic CPU torch."""
 
+import os
+
 import pytest
 import torch
+
+# On CI every dataset must be there: a data test that cannot fetch fails instead of skipping.
+if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+    os.environ.setdefault("FLATMIN_REQUIRE_DATA", "1")
 
 
 @pytest.fixture(autouse=True)
