@@ -238,6 +238,9 @@ def _hyper_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> l
     for r in records:
         hp = r.get("hyper") or {}
         text = ", ".join(f"{k}={v:g}" for k, v in sorted(hp.items())) or "–"
+        first, last = r.get("averaging_start_epoch"), r.get("epochs_planned")
+        if first is not None and last is not None:
+            text += f" [{first}–{last}]"
         used.setdefault(r["task"], {})[r["method"]] = text
     body = [[t, *(hp.get(m, "–") for m in methods)] for t, hp in used.items()]
     return _table(["Task", *(m.upper() for m in methods)], body)
@@ -343,7 +346,11 @@ def write_report(
     lines = ["# flatmin benchmark report", ""]
     lines += [
         f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
-        + "".join(f" ({t}: `{b}`)" for t, b in (meta.get("task_budgets") or {}).items())
+        + (
+            " except " + ", ".join(f"{t} (`{b}`)" for t, b in meta["task_budgets"].items())
+            if meta.get("task_budgets")
+            else ""
+        )
         + "; "
         f"{len(rows)} tasks × {len(methods)} methods × {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))}); {len(ok)} of {len(records)} runs finished.",
@@ -394,7 +401,17 @@ def write_report(
         "",
     ]
     lines += [*_cost_table(rows, methods), ""]
-    lines += ["## Hyper-parameters used", "", *_hyper_table(records, methods), ""]
+    lines += ["## Tasks and budgets", "", *_task_table(records), ""]
+    lines += [
+        "## Hyper-parameters used",
+        "",
+        "`start` is the fraction of the epoch budget after which SWA averages one snapshot per "
+        "epoch; the averaged epochs are shown in brackets (a single epoch means the average is "
+        "the final weights, so SWA equals the baseline there).",
+        "",
+        *_hyper_table(records, methods),
+        "",
+    ]
     if tuning:
         lines += ["## Validation grid", "", *_tuning_table(tuning), ""]
     bad = [r for r in list(records) + list(tune_records) if r.get("status") != "ok"]
