@@ -148,3 +148,14 @@ def test_report_figures(fixture_jsonl, tmp_path):
     text = write_report(out, read_records(fixture_jsonl)).read_text()
     for name in ("differences.png", "curves_test.png", "curves_train_loss.png"):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in text
+
+
+def test_summary_table_counts(fixture_jsonl):
+    from flatmin.bench.report import summary_table
+
+    rows = summarize(read_records(fixture_jsonl), ["baseline", "swa", "sam"])
+    table = "\n".join(summary_table(rows, ["baseline", "swa", "sam"]))
+    swa = statistics.mean([statistics.mean([1.0, 0.0, 2.0]), statistics.mean([5.0, 0.0])])
+    sam = statistics.mean([statistics.mean([5.0, 5.0, 4.0]), 1.0])
+    assert f"| SWA | 2 (0) | 0 (0) | 2 | {swa:+.2f} |" in table
+    assert f"| SAM | 2 (1) | 0 (0) | 2 | {sam:+.2f} |" in table

@@ -207,6 +207,34 @@ def accuracy_tables(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str
     return out
 
 
+def summary_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
+    """Markdown: per method, on how many tasks it beats / trails the baseline (final epoch)."""
+    body = []
+    for m in methods:
+        if m == "baseline":
+            continue
+        cells = [r.diffs[m] for r in rows if r.diffs.get(m) is not None]
+        diffs = [c for c in cells if c is not None]
+        if not diffs:
+            continue
+        better = sum(c.mean > 0 for c in diffs)
+        worse = sum(c.mean < 0 for c in diffs)
+        sig_b = sum(c.mean > 0 and c.significant for c in diffs)
+        sig_w = sum(c.mean < 0 and c.significant for c in diffs)
+        mean = float(np.mean([c.mean for c in diffs]))
+        body.append(
+            [
+                m.upper(),
+                f"{better} ({sig_b})",
+                f"{worse} ({sig_w})",
+                str(len(diffs)),
+                f"{mean:+.2f}",
+            ]
+        )
+    header = ["Method", "Tasks better (*)", "Tasks worse (*)", "Tasks", "Mean difference"]
+    return _table(header, body)
+
+
 def _fit_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     body = []
     for r in rows:
@@ -383,6 +411,15 @@ def write_report(
             "",
         ]
     lines += ["## Test accuracy (final epoch)", "", *accuracy_tables(rows, methods)]
+    lines += [
+        "### summary",
+        "",
+        "Tasks on which each method's mean difference to the baseline is positive / negative "
+        "(in brackets: with p < 0.05), and the unweighted mean difference over tasks (points).",
+        "",
+        *summary_table(rows, methods),
+        "",
+    ]
     lines += ["## Test accuracy (epoch of best validation accuracy)", ""]
     lines += accuracy_tables(best_rows, methods)
     lines += [
