@@ -28,6 +28,7 @@ from flatmin.bench import (
     train,
 )
 from flatmin.bench.store import append_record
+from flatmin.bench.train import per_sample_losses
 from test_bench_support import TASKS, ToyResolver, toy_dataset
 
 TESTS = Path(__file__).parent
@@ -292,3 +293,70 @@ def test_parallel_jobs_match_sequential(tmp_path):
     assert _csv_without_time(tmp_path / "par") == _csv_without_time(tmp_path / "seq")
     lines = (tmp_path / "par" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 12 and all(json.loads(line)["status"] == "ok" for line in lines)
+
+
+# -- ESAM's per-sample losses ----------------------------------------------------------------------
+
+
+def test_per_sample_losses_tensor_inputs_match_single_sample_losses():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    outputs: list[torch.Tensor] = []
+    fn = per_sample_losses(model, x, y, outputs)
+    whole = fn(None)
+    singles = torch.stack(
+        [torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) for i in range(6)]
+    )
+    torch.testing.assert_close(whole, singles)
+    torch.testing.assert_close(fn(torch.tensor([4, 1])), singles[[4, 1]])
+    assert len(outputs) == 1 and outputs[0].shape == (6, 3)
+
+
+def test_per_sample_losses_graph_subset_equals_collating_the_subset():
+    from flatmin.data.batching import collate_graphs
+    from flatmin.tasks.models import GraphClassifier
+    from test_bench_support import toy_graphs
+
+    split = toy_graphs(5, 7)
+    torch.manual_seed(0)
+    model = GraphClassifier(3, 2, conv="gin", hidden=8, layers=2).eval()  # no batch statistics
+    batch = collate_graphs(split.graphs)
+    fn = per_sample_losses(model, batch, split.targets, [])
+    index = torch.tensor([3, 0])
+    direct = model(collate_graphs([split.graphs[3], split.graphs[0]]))
+    expected = torch.nn.functional.cross_entropy(direct, split.targets[index], reduction="none")
+    torch.testing.assert_close(fn(index), expected)
+    torch.testing.assert_close(fn(None)[index], expected)
+
+
+def test_per_sample_losses_node_level_counts_labelled_nodes_only():
+    from flatmin.data import IGNORE_INDEX
+    from flatmin.data.batching import GraphBatch
+    from flatmin.tasks.models import NodeGCN
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    edges = torch.tensor([[0, 1, 2, 3, 4, 1], [1, 0, 3, 2, 5, 2]])
+    g = GraphBatch(x, edges, torch.zeros(6, dtype=torch.long), 1)
+    targets = torch.tensor([1, IGNORE_INDEX, 0, IGNORE_INDEX, 2, 1])
+    model = NodeGCN(4, 3, hidden=8)
+    fn = per_sample_losses(model, g, targets, [])
+    whole = fn(None)
+    assert whole.shape == (4,)
+    out = model(g)
+    labelled = [0, 2, 4, 5]
+    ref = torch.nn.functional.cross_entropy(out[labelled], targets[labelled], reduction="none")
+    torch.testing.assert_close(whole, ref)
+    torch.testing.assert_close(fn(torch.tensor([2])), ref[[2]])
+    # The mean of the per-sample losses is the task's loss (cross-entropy, ignore_index=-100).
+    torch.testing.assert_close(whole.mean(), torch.nn.functional.cross_entropy(out, targets))
+
+
+def test_esam_trains_on_graph_batches():
+    from test_bench_support import toy_graph_dataset
+
+    res = train(
+        RunSpec("toy-graph", "esam", 0), task=TASKS["toy-graph"], dataset=toy_graph_dataset()
+    )
+    assert res.record["status"] == "ok" and res.record["steps"] == 2 * (48 // 8)

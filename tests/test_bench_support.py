@@ -13,8 +13,9 @@ import time
 import torch
 from torch import nn
 
-from flatmin.data import Dataset, TensorSplit
+from flatmin.data import Dataset, Graph, GraphSplit, TensorSplit
 from flatmin.tasks import Recipe, Task
+from flatmin.tasks.models import GraphClassifier
 
 
 def toy_dataset(seed: int = 0) -> Dataset:
@@ -29,6 +30,27 @@ def toy_dataset(seed: int = 0) -> Dataset:
     return Dataset(
         name="toy", domain="vision", train=split(96), val=split(48), test=split(60),
         num_classes=3, class_names=("a", "b", "c"),
+    )  # fmt: skip
+
+
+def toy_graphs(n: int, seed: int) -> GraphSplit:
+    """Random undirected graphs with 3-d node features; label 1 iff the graph has > 5 nodes."""
+    gen = torch.Generator().manual_seed(seed)
+    graphs, labels = [], []
+    for _ in range(n):
+        k = int(torch.randint(3, 9, (1,), generator=gen))
+        src = torch.randint(0, k, (2 * k,), generator=gen)
+        dst = torch.randint(0, k, (2 * k,), generator=gen)
+        edges = torch.cat([torch.stack([src, dst]), torch.stack([dst, src])], 1)
+        graphs.append(Graph(torch.randn(k, 3, generator=gen), edges))
+        labels.append(int(k > 5))
+    return GraphSplit(tuple(graphs), torch.tensor(labels))
+
+
+def toy_graph_dataset() -> Dataset:
+    return Dataset(
+        name="toy-graphs", domain="graph", train=toy_graphs(48, 1), val=toy_graphs(16, 2),
+        test=toy_graphs(16, 3), num_classes=2, class_names=("small", "large"),
     )  # fmt: skip
 
 
@@ -49,6 +71,10 @@ def _nan(ds: Dataset) -> nn.Module:
     return _NaNNet()
 
 
+def _gin(ds: Dataset) -> nn.Module:
+    return GraphClassifier(3, 2, conv="gin", hidden=8, layers=2)
+
+
 RECIPE = Recipe("sgd", lr=0.1, weight_decay=1e-4, batch_size=16, epochs=4)
 TASKS = {
     "toy-a": Task("toy-a", "vision", "toy", "MLP-BN", _mlp, quick=RECIPE, full=RECIPE),
@@ -62,6 +88,15 @@ TASKS = {
         full=RECIPE,
     ),
     "toy-nan": Task("toy-nan", "text", "toy", "NaN-net", _nan, quick=RECIPE, full=RECIPE),
+    "toy-graph": Task(
+        "toy-graph",
+        "graph",
+        "toy-graphs",
+        "GIN-2x8",
+        _gin,
+        quick=Recipe("adamw", lr=0.01, weight_decay=0.0, batch_size=8, epochs=2),
+        full=RECIPE,
+    ),
 }
 
 
@@ -77,4 +112,4 @@ class ToyResolver:
         delay = float(os.environ.get("TOY_SLEEP", "0"))
         if delay:
             time.sleep(delay)
-        return toy_dataset()
+        return toy_graph_dataset() if task.dataset == "toy-graphs" else toy_dataset()

@@ -14,16 +14,15 @@ sam        SAM around the task's optimizer (Foret et al. 2021)         ``rho``
 asam       adaptive SAM (Kwon et al. 2021)                             ``rho`` (own grid)
 wasam      SAM + the same per-epoch SWA (Kaddour et al. 2022)          rho (sam), start (swa)
 samk       SAM on every 2nd step, base steps in between                rho (sam)
+esam       ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                     rho (sam)
 looksam    LookSAM, k = 5, α = 0.7 (Liu et al. 2022)                   rho (sam)
 =========  ==========================================================  ====================
-
-ESAM (Du et al. 2022) is not a benchmark method yet: its step needs per-sample losses of
-sub-batches, which the graph tasks' batches do not provide.
 
 References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
     Izmailov et al., arXiv:1803.05407 (SWA). Foret et al., arXiv:2010.01412 (SAM).
     Kwon et al., arXiv:2102.11600 (ASAM). Liu et al., arXiv:2203.02714 (LookSAM).
+    Du et al., arXiv:2110.03141 (ESAM).
 """
 
 from __future__ import annotations
@@ -33,10 +32,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from flatmin.optim.averaging import WeightAveraging
+from flatmin.optim.esam import ESAM
 from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.optim.sam import SAM
 from flatmin.optim.wasam import WASAM
@@ -92,17 +93,27 @@ def start_epoch(start: float, epochs: int) -> int:
 
 
 Built = tuple[Optimizer, WeightAveraging | None]
-Builder = Callable[[nn.Module, type[Optimizer], Mapping[str, Any], Hyper, int], Built]
+Builder = Callable[[nn.Module, type[Optimizer], Mapping[str, Any], Hyper, int, int], Built]
 
 
 def _build_base(
-    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+    model: nn.Module,
+    base: type[Optimizer],
+    kw: Mapping[str, Any],
+    hp: Hyper,
+    epochs: int,
+    seed: int,
 ) -> Built:
     return base(model.parameters(), **kw), None
 
 
 def _build_swa(
-    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+    model: nn.Module,
+    base: type[Optimizer],
+    kw: Mapping[str, Any],
+    hp: Hyper,
+    epochs: int,
+    seed: int,
 ) -> Built:
     opt = base(model.parameters(), **kw)
     assert hp.start is not None  # filled from the method's default by Method.resolve
@@ -113,7 +124,12 @@ def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
     """A builder of ``cls(params, base, rho=hyper.rho, **options, **base_kwargs)``."""
 
     def build(
-        model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+        model: nn.Module,
+        base: type[Optimizer],
+        kw: Mapping[str, Any],
+        hp: Hyper,
+        epochs: int,
+        seed: int,
     ) -> Built:
         assert hp.rho is not None
         return cls(model.parameters(), base, rho=hp.rho, **options, **kw), None
@@ -121,8 +137,27 @@ def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
     return build
 
 
+def _build_esam(
+    model: nn.Module,
+    base: type[Optimizer],
+    kw: Mapping[str, Any],
+    hp: Hyper,
+    epochs: int,
+    seed: int,
+) -> Built:
+    assert hp.rho is not None
+    gen = torch.Generator().manual_seed(seed)  # the SWP draws follow the run seed
+    opt = ESAM(model.parameters(), base, rho=hp.rho, beta=0.6, gamma=0.5, generator=gen, **kw)
+    return opt, None
+
+
 def _build_wasam(
-    model: nn.Module, base: type[Optimizer], kw: Mapping[str, Any], hp: Hyper, epochs: int
+    model: nn.Module,
+    base: type[Optimizer],
+    kw: Mapping[str, Any],
+    hp: Hyper,
+    epochs: int,
+    seed: int,
 ) -> Built:
     assert hp.rho is not None and hp.start is not None
     # average_on_step=False: the runner counts epochs (one snapshot per epoch, as SWA does).
@@ -139,8 +174,11 @@ class Method:
     Attributes:
         name: registry name (``flatmin bench --methods NAME``).
         description: one line for the report.
-        build: ``build(model, base_class, base_kwargs, hyper, epochs) -> (optimizer, averager)``;
-            the averager (or ``None``) is updated once per epoch by the training loop.
+        build: ``build(model, base_class, base_kwargs, hyper, epochs, seed) -> (optimizer,
+            averager)``; the averager (or ``None``) is updated once per epoch by the training
+            loop.
+        per_sample: the optimizer's ``step`` takes per-sample losses ``loss_fn(index)`` instead
+            of a closure (ESAM).
         grads_per_step: gradient evaluations per optimizer step (nominal cost: 2 for SAM).
         defaults: default hyper-parameters (``rho``, ``start``).
         grids: validation grid of each hyper-parameter this method tunes itself.
@@ -152,6 +190,7 @@ class Method:
     name: str
     description: str
     build: Builder
+    per_sample: bool = False
     grads_per_step: float = 1.0
     defaults: Hyper = field(default_factory=Hyper)
     grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
@@ -236,6 +275,11 @@ for _m in (
         "samk", "SAM every 2nd step, base steps in between (rho from sam)",
         _sam_builder(SAMEveryK, k=2), grads_per_step=1.5, defaults=Hyper(rho=0.05),
         tuned_by={"rho": "sam"}, references=("2203.02714",),
+    ),
+    Method(
+        "esam", "ESAM, beta = 0.6 of the tensors, gamma = 0.5 of the batch (rho from sam)",
+        _build_esam, per_sample=True, grads_per_step=1.5, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2110.03141",),
     ),
     Method(
         "looksam", "LookSAM, k = 5, alpha = 0.7 (rho from sam)",

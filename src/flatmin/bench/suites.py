@@ -63,7 +63,7 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "full",
-            "3 domains + label noise, 7 methods, 3 seeds, full budgets, rho/start tuned on val",
+            "3 domains + label noise, 8 methods, 3 seeds, full budgets, rho/start tuned on val",
             tasks=(
                 "digits",
                 "digits-noisy40",
@@ -74,7 +74,7 @@ SUITES: dict[str, Suite] = {
                 "mutag-gcn",
                 "drosophila",
             ),
-            methods=("baseline", "swa", "sam", "asam", "wasam", "samk", "looksam"),
+            methods=("baseline", "swa", "sam", "asam", "wasam", "samk", "looksam", "esam"),
             seeds=3,
             budget="full",
             tune=True,

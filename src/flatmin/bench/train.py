@@ -31,15 +31,24 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from flatmin.bench.methods import Hyper, get_method, start_epoch
-from flatmin.data import Dataset
-from flatmin.data.batching import Batches
+from flatmin.data import IGNORE_INDEX, Dataset
+from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
 from flatmin.optim.sam import SAM
 from flatmin.tasks import Recipe, Task, TaskData, get_task
 
-__all__ = ["EpochCallback", "NonFiniteLossError", "RunSpec", "TrainResult", "evaluate", "train"]
+__all__ = [
+    "EpochCallback",
+    "NonFiniteLossError",
+    "RunSpec",
+    "TrainResult",
+    "evaluate",
+    "per_sample_losses",
+    "train",
+]
 
 SCHEMA = 1
 EpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -117,6 +126,47 @@ class TrainResult:
     data: TaskData
 
 
+def _graph_subset(g: GraphBatch, index: torch.Tensor) -> GraphBatch:
+    """The graphs ``index`` of a merged batch, as a new batch (graph ``j`` is ``index[j]``)."""
+    new_id = torch.full((g.num_graphs,), -1, dtype=torch.long)
+    new_id[index] = torch.arange(index.numel())
+    node_graph = new_id[g.batch]
+    keep = node_graph >= 0
+    renumber = torch.cumsum(keep.long(), 0) - 1
+    edges = g.edge_index[:, keep[g.edge_index[0]]]  # edges never cross graphs
+    return GraphBatch(g.x[keep], renumber[edges], node_graph[keep], int(index.numel()))
+
+
+def per_sample_losses(
+    model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
+) -> Callable[[torch.Tensor | None], torch.Tensor]:
+    """ESAM's ``loss_fn(index)``: per-sample cross-entropy of the batch or of samples ``index``.
+
+    Samples are the labelled targets: images or documents (a sub-batch is sliced), graphs (a
+    sub-batch of graphs is re-merged), or the labelled nodes of a node-classification graph (the
+    whole graph is run and the selected nodes' losses kept). The outputs of the whole-batch call
+    are appended to ``outputs`` (for the running train accuracy).
+    """
+    labelled = torch.nonzero(targets != IGNORE_INDEX).flatten()
+    node_level = isinstance(inputs, GraphBatch) and targets.numel() != inputs.num_graphs
+
+    def loss_fn(index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            out = model(inputs)
+            outputs.append(out.detach())
+            return F.cross_entropy(out[labelled], targets[labelled], reduction="none")
+        rows = labelled[index]
+        if node_level:
+            out = model(inputs)[rows]
+        elif isinstance(inputs, GraphBatch):
+            out = model(_graph_subset(inputs, rows))
+        else:
+            out = model(inputs[rows])
+        return F.cross_entropy(out, targets[rows], reduction="none")
+
+    return loss_fn
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -186,7 +236,7 @@ def train(
     epochs = recipe.epochs
     model = data.make_model()
     opt, averager = method.build(
-        model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs
+        model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs, spec.seed
     )
     # The task's schedule, per step, attached to the optimizer the method built (SAM shares its
     # param groups with the base optimizer, so the scheduler drives both).
@@ -220,8 +270,11 @@ def train(
                 return loss
 
             # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
-            # pass (model=model); plain optimizers run it once.
-            if isinstance(opt, SAM):
+            # pass (model=model); plain optimizers run it once; ESAM takes per-sample losses.
+            if method.per_sample:
+                per_sample = per_sample_losses(model, inputs, targets, outputs)
+                loss = cast(torch.Tensor, opt.step(per_sample, model=model))  # type: ignore[call-overload]
+            elif isinstance(opt, SAM):
                 loss = opt.step(closure, model=model)
             else:
                 loss = cast(torch.Tensor, opt.step(cast(Callable[[], float], closure)))
