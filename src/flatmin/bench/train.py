@@ -368,5 +368,6 @@ def train(
         }
     record["wall_time"] = time.perf_counter() - t0
     record["versions"] = _versions()
-    record["curves"] = curves
+    # Curves feed the figures only: 7 significant digits keep results.jsonl small.
+    record["curves"] = {k: [float(f"{v:.7g}") for v in vals] for k, vals in curves.items()}
     return TrainResult(record=record, model=model, averager=averager, data=data)
