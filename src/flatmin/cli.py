@@ -215,7 +215,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as exc:
         return _error(exc)
-    summary = bench.run_grid(cfg)
+    from flatmin.data import DataUnavailableError
+
+    try:
+        summary = bench.run_grid(cfg)
+    except DataUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     report = cfg.out / "report.md"
     print(
         f"{summary.planned} runs: {summary.ran} trained, {summary.skipped} already done, "

@@ -477,6 +477,7 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
 
     Raises:
         ValueError: an unknown name or a bad option (before anything runs).
+        flatmin.data.DataUnavailableError: a dataset cannot be fetched (before anything runs).
     """
     look = resolver or RegistryResolver()
     cfg.validate(look)
@@ -485,6 +486,11 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     results = cfg.out / RESULTS
     summary = GridSummary(out=cfg.out)
     task_of = {name: look.task(name) for name in cfg.tasks}
+    if cfg.run:
+        # Fetch and load every dataset once in this process before any worker starts: a missing
+        # source fails here with one clear error, and workers never download concurrently.
+        for task in task_of.values():
+            look.dataset(task)
 
     def todo(specs: list[RunSpec]) -> list[RunSpec]:
         done = latest_by_hash(read_records(results))
