@@ -96,6 +96,13 @@ Built = tuple[Optimizer, WeightAveraging | None]
 Builder = Callable[[nn.Module, type[Optimizer], Mapping[str, Any], Hyper, int, int], Built]
 
 
+def _required(value: float | None, name: str, method: str) -> float:
+    """A hyper-parameter the builder needs (``Method.resolve`` fills in the defaults)."""
+    if value is None:
+        raise ValueError(f"Invalid {name}: None (method {method!r} needs it; use Method.resolve)")
+    return value
+
+
 def _build_base(
     model: nn.Module,
     base: type[Optimizer],
@@ -116,8 +123,8 @@ def _build_swa(
     seed: int,
 ) -> Built:
     opt = base(model.parameters(), **kw)
-    assert hp.start is not None  # filled from the method's default by Method.resolve
-    return opt, WeightAveraging(model, mode="swa", start=start_epoch(hp.start, epochs))
+    start = _required(hp.start, "start", "swa")
+    return opt, WeightAveraging(model, mode="swa", start=start_epoch(start, epochs))
 
 
 def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
@@ -131,8 +138,8 @@ def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
         epochs: int,
         seed: int,
     ) -> Built:
-        assert hp.rho is not None
-        return cls(model.parameters(), base, rho=hp.rho, **options, **kw), None
+        rho = _required(hp.rho, "rho", cls.__name__)
+        return cls(model.parameters(), base, rho=rho, **options, **kw), None
 
     return build
 
@@ -145,9 +152,9 @@ def _build_esam(
     epochs: int,
     seed: int,
 ) -> Built:
-    assert hp.rho is not None
+    rho = _required(hp.rho, "rho", "esam")
     gen = torch.Generator().manual_seed(seed)  # the SWP draws follow the run seed
-    opt = ESAM(model.parameters(), base, rho=hp.rho, beta=0.6, gamma=0.5, generator=gen, **kw)
+    opt = ESAM(model.parameters(), base, rho=rho, beta=0.6, gamma=0.5, generator=gen, **kw)
     return opt, None
 
 
@@ -159,11 +166,9 @@ def _build_wasam(
     epochs: int,
     seed: int,
 ) -> Built:
-    assert hp.rho is not None and hp.start is not None
+    rho, start = _required(hp.rho, "rho", "wasam"), _required(hp.start, "start", "wasam")
     # average_on_step=False: the runner counts epochs (one snapshot per epoch, as SWA does).
-    opt = WASAM(
-        model, base, rho=hp.rho, start=start_epoch(hp.start, epochs), average_on_step=False, **kw
-    )
+    opt = WASAM(model, base, rho=rho, start=start_epoch(start, epochs), average_on_step=False, **kw)
     return opt, opt.averaging
 
 
