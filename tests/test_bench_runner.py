@@ -134,6 +134,7 @@ def test_every_method_trains_and_records(method):
     res = train(RunSpec("toy-a", method, 0, epochs=2), task=TASKS["toy-a"], dataset=toy_dataset())
     rec = res.record
     assert rec["status"] == "ok" and rec["epochs"] == 2
+    assert rec["sizes"] == {"train": 96, "val": 48, "test": 60}
     for key in ("test_acc", "test_loss", "train_acc", "train_loss", "val_acc"):
         assert 0.0 <= rec["final"][key] < 10.0
     assert rec["best_val"]["epoch"] in (1, 2)

@@ -284,8 +284,12 @@ def _task_table(records: Sequence[dict[str, Any]]) -> list[str]:
             r["task"], r.get("domain", "?"), r.get("model", "?"), str(r.get("budget", "?")),
             f"{rec['optimizer']} lr {rec['lr']:g}, wd {rec['weight_decay']:g}",
             str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"],
+            "/".join(str(n) for n in (r.get("sizes") or {}).values()) or "?",
         ]  # fmt: skip
-    header = ["Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule"]
+    header = [
+        "Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule",
+        "Train/val/test",
+    ]  # fmt: skip
     return _table(header, list(seen.values()))
 
 
@@ -438,7 +442,15 @@ def write_report(
         "",
     ]
     lines += [*_cost_table(rows, methods), ""]
-    lines += ["## Tasks and budgets", "", *_task_table(records), ""]
+    lines += [
+        "## Tasks and budgets",
+        "",
+        "Split sizes are samples (labelled nodes for node classification): one test sample is "
+        "100/n points of accuracy.",
+        "",
+        *_task_table(records),
+        "",
+    ]
     lines += [
         "## Hyper-parameters used",
         "",

@@ -333,6 +333,11 @@ def train(
         "model": task.model,
         "status": status,
         "reason": reason,
+        "sizes": {
+            "train": len(data.dataset.train),
+            "val": len(data.dataset.val),
+            "test": len(data.dataset.test),
+        },
         "epochs": len(curves["epoch"]),
         "epochs_planned": epochs,
         "steps": step,
