@@ -299,8 +299,6 @@ def plan_runs(cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]) -> list[Ru
 
 # -- execution ------------------------------------------------------------------------------------
 
-_Message = tuple[str, int, int, int, float]  # (kind, run id, epoch, epochs, test acc)
-
 
 def _execute(
     spec: RunSpec,
@@ -423,17 +421,28 @@ def _run_specs(
                 append_record(results, rec)
                 bars.finish(run_id, rec)
             return
-        ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-        with ctx.Manager() as manager, cf.ProcessPoolExecutor(
+        _run_parallel(specs, cfg, resolver, results, bars)
+    finally:
+        bars.close()
+
+
+def _run_parallel(
+    specs: Sequence[RunSpec], cfg: BenchConfig, resolver: Resolver, results: Path, bars: _Bars
+) -> None:
+    """Run ``specs`` in ``cfg.jobs`` spawned workers; the main process appends and draws bars."""
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    with ctx.Manager() as manager:
+        messages = manager.Queue()  # (kind, run id, epoch, epochs, test acc) from the workers
+        with cf.ProcessPoolExecutor(
             max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
-            initargs=(resolver, messages := manager.Queue(), cfg.threads),
+            initargs=(resolver, messages, cfg.threads),
         ) as pool:  # fmt: skip
             pending: dict[cf.Future[dict[str, Any]], int] = {}
             queued = list(enumerate(specs))
             started: set[int] = set()
 
             def submit() -> None:
-                # Keep at most `jobs` runs in flight, so a bar appears when its run starts.
+                # At most `jobs` runs in flight, so a run's bar appears when the run starts.
                 while queued and len(pending) < cfg.jobs:
                     run_id, spec = queued.pop(0)
                     pending[pool.submit(_worker_run, run_id, spec)] = run_id
@@ -461,8 +470,6 @@ def _run_specs(
                 for fut in pending:
                     fut.cancel()
                 raise
-    finally:
-        bars.close()
 
 
 def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSummary:
