@@ -109,6 +109,13 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 # non-finite loss; 2 bad arguments (unknown task/method/suite: the message lists the valid names).
 
 
+_BENCH_EXIT = (
+    "Exit codes: 0 ok (runs that end 'failed' with a non-finite loss are results, listed in the "
+    "report); 1 a run raised an exception, no run finished, or a dataset is unavailable; 2 bad "
+    "arguments (unknown task/method/suite: the message lists the valid names)."
+)
+
+
 def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flag = argparse.BooleanOptionalAction
     p = sub.add_parser(
@@ -116,13 +123,14 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="run a benchmark suite (tasks × methods × seeds) and write its report",
         description="Run (or resume) a grid of tasks × methods × seeds; finished runs are kept "
         "in OUT/results.jsonl and skipped on a rerun. Writes OUT/report.md, results.csv, figures.",
+        epilog=_BENCH_EXIT,
     )
     p.add_argument("--suite", default="quick", help="quick (default) or full")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="override the suite's methods")
     p.add_argument("--seeds", type=int, metavar="N", help="evaluation seeds 0..N-1")
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/SUITE)")
-    p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes")
+    p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run")
     p.add_argument("--tune", action=flag, default=None, help="choose rho/start on validation")
     p.add_argument("--epochs", type=int, metavar="N", help="override every task's epoch budget")
@@ -133,7 +141,9 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(handler=_cmd_bench)
 
     t = sub.add_parser(
-        "train", help="train one run and save a checkpoint (final and averaged weights)"
+        "train",
+        help="train one run and save a checkpoint (final and averaged weights)",
+        epilog="Exit codes: 0 ok; 1 the run hit a non-finite loss; 2 bad arguments.",
     )
     t.add_argument("--task", required=True)
     t.add_argument("--method", required=True)
