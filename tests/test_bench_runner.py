@@ -361,3 +361,20 @@ def test_esam_trains_on_graph_batches():
         RunSpec("toy-graph", "esam", 0), task=TASKS["toy-graph"], dataset=toy_graph_dataset()
     )
     assert res.record["status"] == "ok" and res.record["steps"] == 2 * (48 // 8)
+
+
+def test_suites_cover_the_protocol():
+    from flatmin.bench import get_suite
+    from flatmin.tasks import get_task
+
+    for name in ("quick", "full"):
+        suite = get_suite(name)
+        assert {get_task(t).domain for t in suite.tasks} == {"vision", "text", "graph"}
+        assert {"baseline", "swa", "sam", "wasam"} <= set(suite.methods)
+        assert suite.methods[0] == "baseline" and suite.seeds >= 2
+        assert any(get_task(t).label_noise > 0 for t in suite.tasks)
+        for m in suite.methods:
+            get_method(m)
+    assert get_suite("full").tune and get_suite("full").seeds >= 3
+    with pytest.raises(ValueError, match="known: quick, full"):
+        get_suite("medium")
