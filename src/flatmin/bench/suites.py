@@ -57,8 +57,9 @@ SUITES: dict[str, Suite] = {
             methods=("baseline", "swa", "sam", "wasam"),
             seeds=3,
             budget="quick",
-            # The cheap tasks at their full budgets: SGD memorises the noisy labels, GIN fits MUTAG.
-            task_budgets={"digits-noisy40": "full", "mutag": "full"},
+            # The cheap tasks at their full budgets: SGD memorises the noisy labels, GIN fits
+            # MUTAG, and the text task trains 12 epochs, so that SWA from 75 % averages 3 of them.
+            task_budgets={"digits-noisy40": "full", "rotten-tomatoes": "full", "mutag": "full"},
             tune=False,
         ),
         Suite(
