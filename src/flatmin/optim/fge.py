@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatmin.optim.averaging import ForwardFn, call_model, unwrap_model
-from flatmin.optim.schedules import _AbsoluteLR, _per_group
+from flatmin.optim.schedules import CyclicSWALR
 
 __all__ = ["FGE", "FGECyclicLR"]
 
 
-class FGECyclicLR(_AbsoluteLR):
+class FGECyclicLR(CyclicSWALR):
     r"""FGE's per-iteration triangular schedule between ``α1`` (peak) and ``α2`` (minimum).
 
     .. math::
@@ -82,15 +82,12 @@ class FGECyclicLR(_AbsoluteLR):
         cycle: int,
         last_epoch: int = -1,
     ) -> None:
-        if isinstance(cycle, bool) or not isinstance(cycle, int):
-            raise TypeError(f"Invalid cycle: {cycle!r} (expected an even int >= 2)")
-        if cycle < 2 or cycle % 2:
+        # The same arguments as Izmailov's cyclic schedule; only the shape within a cycle differs.
+        if isinstance(cycle, int) and not isinstance(cycle, bool) and (cycle < 2 or cycle % 2):
             raise ValueError(f"Invalid cycle: {cycle} (expected an even int >= 2)")
-        n = len(optimizer.param_groups)
-        self.alpha1 = _per_group("alpha1", alpha1, n)
-        self.alpha2 = _per_group("alpha2", alpha2, n)
-        self.cycle = cycle
-        super().__init__(optimizer, last_epoch)
+        super().__init__(
+            optimizer, alpha1=alpha1, alpha2=alpha2, cycle=cycle, last_epoch=last_epoch
+        )
 
     def _lr(self, i: int, group: int) -> float:
         t = ((i - 1) % self.cycle + 1) / self.cycle

@@ -19,25 +19,14 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from torch.optim import Optimizer
 
+from flatmin.optim.schedules import _per_group
+
 __all__ = ["ProportionalRho"]
-
-
-def _values(name: str, value: float | Sequence[float], n: int) -> list[float]:
-    values = list(value) if isinstance(value, Sequence) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"Invalid {name}: {len(values)} values for {n} param groups")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"Invalid {name}: {v!r} (expected a float)")
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"Invalid {name}: {v} (expected a finite value >= 0)")
-    return [float(v) for v in values]
 
 
 class ProportionalRho:
@@ -92,13 +81,13 @@ class ProportionalRho:
                 "(expected a flatmin.SAM optimizer)"
             )
         self.optimizer = optimizer
-        self.rho_max = _values(
+        self.rho_max = _per_group(
             "rho_max", [g["rho"] for g in groups] if rho_max is None else rho_max, n
         )
-        self.rho_min = _values("rho_min", rho_min, n)
+        self.rho_min = _per_group("rho_min", rho_min, n)
         default_lr = [g.get("initial_lr", g["lr"]) for g in groups]
-        self.lr_max = _values("lr_max", default_lr if lr_max is None else lr_max, n)
-        self.lr_min = _values("lr_min", lr_min, n)
+        self.lr_max = _per_group("lr_max", default_lr if lr_max is None else lr_max, n)
+        self.lr_min = _per_group("lr_min", lr_min, n)
         for i, (hi, lo) in enumerate(zip(self.lr_max, self.lr_min)):
             if hi == lo:
                 raise ValueError(f"Invalid lr_max: {hi} equals lr_min in group {i}")
@@ -140,8 +129,8 @@ class ProportionalRho:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`."""
         n = len(self.optimizer.param_groups)
-        self.rho_max = _values("rho_max", state_dict["rho_max"], n)
-        self.rho_min = _values("rho_min", state_dict["rho_min"], n)
-        self.lr_max = _values("lr_max", state_dict["lr_max"], n)
-        self.lr_min = _values("lr_min", state_dict["lr_min"], n)
+        self.rho_max = _per_group("rho_max", state_dict["rho_max"], n)
+        self.rho_min = _per_group("rho_min", state_dict["rho_min"], n)
+        self.lr_max = _per_group("lr_max", state_dict["lr_max"], n)
+        self.lr_min = _per_group("lr_min", state_dict["lr_min"], n)
         self._last_rho = [float(r) for r in state_dict["last_rho"]]
