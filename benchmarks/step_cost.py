@@ -39,6 +39,7 @@ from flatmin.optim import SAM
 from flatmin.optim.bn import frozen_bn_stats
 from flatmin.optim.esam import ESAM
 from flatmin.optim.looksam import LookSAM, SAMEveryK
+from flatmin.tasks.models import ResNetCNN
 
 try:
     from flatmin.optim.wasam import WASAM
@@ -55,46 +56,9 @@ RHO = 0.05
 
 
 # -- models ---------------------------------------------------------------------------------------
-class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class _LocalResNetCNN(nn.Module):
-    """Copy of ``flatmin.tasks.models.ResNetCNN(10, width=16, blocks=(1, 1), stem_stride=2)``."""
-
-    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.stages = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2))
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
-
-
 def make_cnn() -> tuple[nn.Module, str]:
-    try:
-        from flatmin.tasks.models import ResNetCNN
-
-        return ResNetCNN(10, width=16, blocks=(1, 1), stem_stride=2), "flatmin.tasks ResNetCNN"
-    except ImportError:
-        return _LocalResNetCNN(), "local ResNetCNN copy"
+    """The vision tasks' BN ResNet at the size the 28x28 tasks use."""
+    return ResNetCNN(10, width=16, blocks=(1, 1), stem_stride=2), "flatmin.tasks ResNetCNN"
 
 
 class DeepMLP(nn.Module):
