@@ -36,6 +36,9 @@ def _records():
                     "hash": f"{task}-{method}-{seed}", "task": task, "method": method,
                     "seed": seed, "stage": "eval", "status": "ok", "domain": DOMAIN[task],
                     "model": f"net-{task}", "hyper": {}, "epochs": 3,
+                    "sizes": {"train": 100, "val": 20, "test": 40}, "budget": "quick",
+                    "recipe": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0,
+                               "batch_size": 8, "epochs": 3, "schedule": "cosine"},
                     "wall_time": TIME[method] * (1 + seed),
                     "final": {"test_acc": acc, "test_loss": 1 - acc, "val_acc": acc,
                               "train_acc": acc + 0.05, "train_loss": 0.1, "train_acc_clean": None,
@@ -131,6 +134,8 @@ def test_report_markdown_and_csv(fixture_jsonl, tmp_path):
     assert "| beta | net-beta | 65.00 ± 7.07 | +2.50 ± 3.54 | +1.00 ± n/a |" in text
     assert "| alpha | 87.0 / 82.0 | 88.0 / 83.0 | 91.7 / 86.7 |" in text  # fit table
     assert "| alpha | 1.00× | 1.10× | 2.00× |" in text  # cost table
+    # Split sizes in train/val/test order (results.jsonl stores keys sorted).
+    assert "| quick | sgd lr 0.1, wd 0 | 8 | 3 | cosine | 100/20/40 |" in text
     assert "beta / sam / seed 1: failed — non-finite training loss" in text
     assert "ttest_rel" in text and "seeds (0, 1, 2)" in text
     with open(out / "results.csv") as f:

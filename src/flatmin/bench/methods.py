@@ -14,6 +14,7 @@ sam        SAM around the task's optimizer (Foret et al. 2021)         ``rho``
 asam       adaptive SAM (Kwon et al. 2021)                             ``rho`` (own grid)
 wasam      SAM + the same per-epoch SWA (Kaddour et al. 2022)          rho (sam), start (swa)
 samk       SAM on every 2nd step, base steps in between                rho (sam)
+samk5      SAM on every 5th step, base steps in between                rho (sam)
 esam       ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                     rho (sam)
 looksam    LookSAM, k = 5, α = 0.7 (Liu et al. 2022)                   rho (sam)
 =========  ==========================================================  ====================
@@ -279,6 +280,11 @@ for _m in (
     Method(
         "samk", "SAM every 2nd step, base steps in between (rho from sam)",
         _sam_builder(SAMEveryK, k=2), grads_per_step=1.5, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2203.02714",),
+    ),
+    Method(
+        "samk5", "SAM every 5th step, base steps in between (rho from sam)",
+        _sam_builder(SAMEveryK, k=5), grads_per_step=1.2, defaults=Hyper(rho=0.05),
         tuned_by={"rho": "sam"}, references=("2203.02714",),
     ),
     Method(

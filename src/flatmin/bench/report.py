@@ -284,7 +284,8 @@ def _task_table(records: Sequence[dict[str, Any]]) -> list[str]:
             r["task"], r.get("domain", "?"), r.get("model", "?"), str(r.get("budget", "?")),
             f"{rec['optimizer']} lr {rec['lr']:g}, wd {rec['weight_decay']:g}",
             str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"],
-            "/".join(str(n) for n in (r.get("sizes") or {}).values()) or "?",
+            # By name: results.jsonl stores keys sorted, so the dict's order is not the split's.
+            "/".join(str((r.get("sizes") or {}).get(k, "?")) for k in ("train", "val", "test")),
         ]  # fmt: skip
     header = [
         "Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule",

@@ -64,7 +64,7 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "full",
-            "3 domains + label noise, 8 methods, 3 seeds, full budgets, rho/start tuned on val",
+            "3 domains + label noise, 9 methods, 3 seeds, full budgets, rho/start tuned on val",
             tasks=(
                 "digits",
                 "digits-noisy40",
@@ -75,7 +75,7 @@ SUITES: dict[str, Suite] = {
                 "mutag-gcn",
                 "drosophila",
             ),
-            methods=("baseline", "swa", "sam", "asam", "wasam", "samk", "looksam", "esam"),
+            methods=("baseline", "swa", "sam", "asam", "wasam", "samk", "samk5", "looksam", "esam"),
             seeds=3,
             budget="full",
             tune=True,
