@@ -16,7 +16,8 @@ from torch.optim.swa_utils import (
     update_bn,
 )
 
-from flatmin.optim.averaging import WeightAveraging, call_model, unwrap_model
+from flatmin.optim.averaging import WeightAveraging, unwrap_model
+from flatmin.optim.bn import call_model
 
 
 def make_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:

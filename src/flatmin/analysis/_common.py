@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatmin.optim.bn import bn_modules
+
 Batch = tuple[Any, Tensor]
 Batches = Iterable[Batch]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -174,11 +176,6 @@ def evaluate(
     return total_loss / total_n, error
 
 
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm layers that track running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, batches: Batches, max_batches: int | None) -> None:
     """Recompute BN running statistics as a cumulative average over ``batches`` (in place).
@@ -187,7 +184,7 @@ def recompute_batchnorm(model: nn.Module, batches: Batches, max_batches: int | N
     cumulative moving average, BN layers run in training mode and every other layer in eval mode
     (so dropout stays off). The caller restores momentum and modes (see :func:`preserved`).
     """
-    layers = batchnorm_layers(model)
+    layers = bn_modules(model)
     if not layers:
         return
     for m in layers:

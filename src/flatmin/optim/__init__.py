@@ -3,7 +3,7 @@
 from flatmin.optim.accumulation import accumulation_closure
 from flatmin.optim.amp import AmpStepResult, sam_step_amp
 from flatmin.optim.averaging import WeightAveraging, unwrap_model
-from flatmin.optim.bn import frozen_bn_stats
+from flatmin.optim.bn import frozen_bn_stats, recompute_bn_stats
 from flatmin.optim.distributed import perturbation_pass
 from flatmin.optim.esam import ESAM
 from flatmin.optim.fge import FGE, FGECyclicLR
@@ -31,6 +31,7 @@ __all__ = [
     "accumulation_closure",
     "frozen_bn_stats",
     "perturbation_pass",
+    "recompute_bn_stats",
     "sam_step_amp",
     "second_order_step",
     "unwrap_model",

@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -36,11 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatmin.optim.bn import ForwardFn, recompute_bn_stats
+
 __all__ = ["WeightAveraging", "unwrap_model"]
 
 Mode = Literal["swa", "ema"]
 BufferPolicy = Literal["average", "copy", "none"]
-ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -57,51 +58,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _is_averageable(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
-
-
-def _move(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _move(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move(v, device) for v in obj)
-    return obj
-
-
-def call_model(
-    model: nn.Module,
-    batch: Any,
-    forward_fn: ForwardFn | None = None,
-    device: torch.device | str | None = None,
-) -> Any:
-    """Run ``model`` on one batch of any structure (shared by ``update_bn`` and FGE).
-
-    ``forward_fn(model, batch)`` wins when given (and receives the batch untouched). Otherwise a
-    tensor is passed as is, a tuple/list contributes its first element (``(inputs, targets)``) and
-    a mapping is unpacked as keyword arguments (``model(**batch)``); ``device`` moves the selected
-    inputs first.
-
-    Raises:
-        TypeError: The batch is none of the above and no ``forward_fn`` was given.
-    """
-    if forward_fn is not None:
-        return forward_fn(model, batch)
-    dev = None if device is None else torch.device(device)
-    if isinstance(batch, Tensor):
-        return model(_move(batch, dev))
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise TypeError("Invalid batch: an empty tuple/list (expected (inputs, ...))")
-        return model(_move(batch[0], dev))
-    if isinstance(batch, Mapping):
-        return model(**_move(dict(batch), dev))
-    raise TypeError(
-        f"Invalid batch type: {type(batch).__name__} (expected a tensor, a tuple/list whose first "
-        "element is the input, or a dict of keyword arguments; or pass forward_fn)"
-    )
 
 
 class _Group:
@@ -466,10 +422,6 @@ class WeightAveraging:
         """
         if self._n_averaged == 0:
             raise RuntimeError("update_bn() before the first average: nothing to recompute")
-        if max_batches is not None and (
-            isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-        ):
-            raise ValueError(f"Invalid max_batches: {max_batches!r} (expected None or an int >= 1)")
         bns = {
             name: m
             for name, m in self.module.named_modules()
@@ -478,30 +430,13 @@ class WeightAveraging:
         if not bns:
             return
         with self.swap() as model:
-            modes = {m: m.training for m in model.modules()}
-            momenta = {m: m.momentum for m in bns.values()}
-            try:
-                for m in bns.values():
-                    m.reset_running_stats()
-                    m.momentum = None
-                model.train()
-                with torch.no_grad():
-                    for i, batch in enumerate(loader):
-                        if max_batches is not None and i >= max_batches:
-                            break
-                        call_model(model, batch, forward_fn, device)
-                _all_reduce_bn_stats(list(bns.values()))
-                if any(int(m.num_batches_tracked) == 0 for m in bns.values()):  # type: ignore[arg-type]
-                    raise ValueError("update_bn() saw no batch: the loader is empty")
-                stats: dict[str, Tensor] = {}
-                for prefix, m in bns.items():
-                    for bname, buf in m.named_buffers(prefix=prefix, recurse=False):
-                        stats[bname] = buf.detach().to(self.device or buf.device, copy=True)
-            finally:
-                for m, momentum in momenta.items():
-                    m.momentum = momentum
-                for module, training in modes.items():
-                    module.training = training
+            recompute_bn_stats(
+                model, loader, forward_fn=forward_fn, max_batches=max_batches, device=device
+            )
+            stats: dict[str, Tensor] = {}
+            for prefix, m in bns.items():
+                for bname, buf in m.named_buffers(prefix=prefix, recurse=False):
+                    stats[bname] = buf.detach().to(self.device or buf.device, copy=True)
         self._bn_stats = stats
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -568,37 +503,3 @@ class WeightAveraging:
             f"WeightAveraging(mode={self.mode!r}{extra}, start={self.start}, every={self.every}, "
             f"buffers={self.buffer_policy!r}, count={self._count}, n_averaged={self._n_averaged})"
         )
-
-
-def _all_reduce_bn_stats(bns: list[_BatchNorm]) -> None:
-    """Combine cumulative BN statistics across ranks as one process over all batches would.
-
-    With ``momentum=None`` each rank holds the mean over its ``B_r`` batches of the per-batch mean
-    and unbiased variance. One process over the union of the batches would hold
-    ``Σ_r B_r · stat_r / Σ_r B_r`` — the sums are all-reduced in float64, in one call.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    device = bns[0].running_mean.device  # type: ignore[union-attr]
-    parts = []
-    for m in bns:
-        nb = m.num_batches_tracked.to(device, torch.float64)  # type: ignore[union-attr]
-        parts.append(nb.reshape(1))
-        parts.append(m.running_mean.to(device, torch.float64) * nb)  # type: ignore[union-attr]
-        parts.append(m.running_var.to(device, torch.float64) * nb)  # type: ignore[union-attr]
-    flat = torch.cat(parts)
-    dist.all_reduce(flat)
-    offset = 0
-    with torch.no_grad():
-        for m in bns:
-            mean, var = m.running_mean, m.running_var
-            if mean is None or var is None:  # excluded by the caller (track_running_stats)
-                continue
-            k = mean.numel()
-            total = flat[offset]
-            denom = total if total > 0 else torch.ones_like(total)
-            mean.copy_(flat[offset + 1 : offset + 1 + k] / denom)
-            var.copy_(flat[offset + 1 + k : offset + 1 + 2 * k] / denom)
-            m.num_batches_tracked.copy_(total.round().to(torch.long))  # type: ignore[union-attr]
-            offset += 1 + 2 * k

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin.optim.averaging import ForwardFn, call_model, unwrap_model
+from flatmin.optim.averaging import unwrap_model
+from flatmin.optim.bn import ForwardFn, call_model
 from flatmin.optim.schedules import CyclicSWALR
 
 __all__ = ["FGE", "FGECyclicLR"]
