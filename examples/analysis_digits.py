@@ -23,6 +23,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -166,9 +167,11 @@ def main() -> None:
         )
         for other in ("swa", "sam")
     }
-    fig = plot_paths(
-        lines, dataset="train", metric="loss", logy=True, title="θ(α) = (1−α)θ_SGD + αθ'"
-    )
+    # Kaddour et al.'s view: train loss and test error along the same lines, side by side.
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    plot_paths(lines, dataset="train", metric="loss", logy=True, ax=ax_loss,
+               title="train loss along θ(α) = (1−α)θ_SGD + αθ'")  # fmt: skip
+    plot_paths(lines, dataset="test", metric="error", ax=ax_err, title="test error along θ(α)")
     fig.savefig(FIGURES / "analysis_interpolation.png", dpi=90)
     for name in ("swa", "sam"):
         asym = asymmetry(models[name], models["sgd"], LOSS, data, a=0.1, bn="recompute",

@@ -30,7 +30,8 @@ def _pyplot() -> Any:
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax  # type: ignore[return-value]
-    fig, new_ax = _pyplot().subplots(figsize=figsize)
+    # A figure of our own lays itself out when drawn; a caller's axes keep the caller's layout.
+    fig, new_ax = _pyplot().subplots(figsize=figsize, layout="tight")
     return fig, new_ax
 
 
@@ -72,7 +73,6 @@ def plot_path(
     ax.legend(lines, [str(ln.get_label()) for ln in lines], fontsize="small", loc="upper center")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     return fig
 
 
@@ -112,7 +112,6 @@ def plot_paths(
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     return fig
 
 
@@ -148,7 +147,6 @@ def plot_plane(
     ax.set_ylabel("direction 2")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     return fig
 
 
@@ -182,5 +180,4 @@ def plot_spectrum(
         ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     return fig
