@@ -45,6 +45,7 @@ from flatmin.optim.wasam import WASAM
 
 __all__ = [
     "METHODS",
+    "BuildContext",
     "Hyper",
     "Method",
     "get_method",
@@ -94,7 +95,30 @@ def start_epoch(start: float, epochs: int) -> int:
 
 
 Built = tuple[Optimizer, WeightAveraging | None]
-Builder = Callable[[nn.Module, type[Optimizer], Mapping[str, Any], Hyper, int, int], Built]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method's builder gets for one run.
+
+    Attributes:
+        model: the freshly initialised model.
+        base: the task's optimizer class (SGD or AdamW), SAM's base optimizer.
+        base_kwargs: its keyword arguments (lr, momentum, weight decay, ...).
+        hyper: the run's method hyper-parameters.
+        epochs: the epoch budget (SWA's start is a fraction of it).
+        seed: the run's seed (for methods that draw random numbers, e.g. ESAM).
+    """
+
+    model: nn.Module
+    base: type[Optimizer]
+    base_kwargs: Mapping[str, Any]
+    hyper: Hyper
+    epochs: int
+    seed: int
+
+
+Builder = Callable[[BuildContext], Built]
 
 
 def _required(value: float | None, name: str, method: str) -> float:
@@ -104,72 +128,44 @@ def _required(value: float | None, name: str, method: str) -> float:
     return value
 
 
-def _build_base(
-    model: nn.Module,
-    base: type[Optimizer],
-    kw: Mapping[str, Any],
-    hp: Hyper,
-    epochs: int,
-    seed: int,
-) -> Built:
-    return base(model.parameters(), **kw), None
+def _build_base(ctx: BuildContext) -> Built:
+    return ctx.base(ctx.model.parameters(), **ctx.base_kwargs), None
 
 
-def _build_swa(
-    model: nn.Module,
-    base: type[Optimizer],
-    kw: Mapping[str, Any],
-    hp: Hyper,
-    epochs: int,
-    seed: int,
-) -> Built:
-    opt = base(model.parameters(), **kw)
-    start = _required(hp.start, "start", "swa")
-    return opt, WeightAveraging(model, mode="swa", start=start_epoch(start, epochs))
+def _build_swa(ctx: BuildContext) -> Built:
+    opt = ctx.base(ctx.model.parameters(), **ctx.base_kwargs)
+    start = _required(ctx.hyper.start, "start", "swa")
+    return opt, WeightAveraging(ctx.model, mode="swa", start=start_epoch(start, ctx.epochs))
 
 
 def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
     """A builder of ``cls(params, base, rho=hyper.rho, **options, **base_kwargs)``."""
 
-    def build(
-        model: nn.Module,
-        base: type[Optimizer],
-        kw: Mapping[str, Any],
-        hp: Hyper,
-        epochs: int,
-        seed: int,
-    ) -> Built:
-        rho = _required(hp.rho, "rho", cls.__name__)
-        return cls(model.parameters(), base, rho=rho, **options, **kw), None
+    def build(ctx: BuildContext) -> Built:
+        rho = _required(ctx.hyper.rho, "rho", cls.__name__)
+        return cls(ctx.model.parameters(), ctx.base, rho=rho, **options, **ctx.base_kwargs), None
 
     return build
 
 
-def _build_esam(
-    model: nn.Module,
-    base: type[Optimizer],
-    kw: Mapping[str, Any],
-    hp: Hyper,
-    epochs: int,
-    seed: int,
-) -> Built:
-    rho = _required(hp.rho, "rho", "esam")
-    gen = torch.Generator().manual_seed(seed)  # the SWP draws follow the run seed
-    opt = ESAM(model.parameters(), base, rho=rho, beta=0.6, gamma=0.5, generator=gen, **kw)
+def _build_esam(ctx: BuildContext) -> Built:
+    rho = _required(ctx.hyper.rho, "rho", "esam")
+    gen = torch.Generator().manual_seed(ctx.seed)  # the SWP draws follow the run seed
+    opt = ESAM(
+        ctx.model.parameters(), ctx.base, rho=rho, beta=0.6, gamma=0.5, generator=gen,
+        **ctx.base_kwargs,
+    )  # fmt: skip
     return opt, None
 
 
-def _build_wasam(
-    model: nn.Module,
-    base: type[Optimizer],
-    kw: Mapping[str, Any],
-    hp: Hyper,
-    epochs: int,
-    seed: int,
-) -> Built:
-    rho, start = _required(hp.rho, "rho", "wasam"), _required(hp.start, "start", "wasam")
+def _build_wasam(ctx: BuildContext) -> Built:
+    rho = _required(ctx.hyper.rho, "rho", "wasam")
+    start = _required(ctx.hyper.start, "start", "wasam")
     # average_on_step=False: the runner counts epochs (one snapshot per epoch, as SWA does).
-    opt = WASAM(model, base, rho=rho, start=start_epoch(start, epochs), average_on_step=False, **kw)
+    opt = WASAM(
+        ctx.model, ctx.base, rho=rho, start=start_epoch(start, ctx.epochs),
+        average_on_step=False, **ctx.base_kwargs,
+    )  # fmt: skip
     return opt, opt.averaging
 
 
@@ -180,9 +176,8 @@ class Method:
     Attributes:
         name: registry name (``flatmin bench --methods NAME``).
         description: one line for the report.
-        build: ``build(model, base_class, base_kwargs, hyper, epochs, seed) -> (optimizer,
-            averager)``; the averager (or ``None``) is updated once per epoch by the training
-            loop.
+        build: ``build(BuildContext) -> (optimizer, averager)``; the averager (or ``None``) is
+            updated once per epoch by the training loop.
         per_sample: the optimizer's ``step`` takes per-sample losses ``loss_fn(index)`` instead
             of a closure (ESAM).
         grads_per_step: gradient evaluations per optimizer step (nominal cost: 2 for SAM).

@@ -4,7 +4,7 @@ The loop (nanoGPT style: no trainer class, no hidden state)::
 
     data   = task.load(budget, seed)                 # batches, loss, accuracy
     model  = data.make_model()                       # initialised from the seed
-    opt, avg = method.build(model, base, kw, hyper)  # SGD/AdamW, SAM, WASAM, (+ averager)
+    opt, avg = method.build(BuildContext(model, base, kw, hyper, ...))  # + averager or None
     sched  = recipe.make_scheduler(opt)              # the task's per-step LR schedule
     for epoch in 1..E:
         for batch: opt.step(closure); sched.step()   # SAM calls the closure twice
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flatmin.bench.methods import Hyper, get_method, start_epoch
+from flatmin.bench.methods import BuildContext, Hyper, get_method, start_epoch
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
@@ -236,7 +236,9 @@ def train(
     epochs = recipe.epochs
     model = data.make_model()
     opt, averager = method.build(
-        model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs, spec.seed
+        BuildContext(
+            model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs, spec.seed
+        )
     )
     # The task's schedule, per step, attached to the optimizer the method built (SAM shares its
     # param groups with the base optimizer, so the scheduler drives both).
