@@ -73,6 +73,17 @@ def test_fetch_from_local_then_cache_hit(tmp_path: Path, good_files) -> None:
     assert again.source == "cache"
 
 
+def test_fetch_from_upstream_url(tmp_path: Path, good_files) -> None:
+    """The URL source downloads, verifies and installs (file:// URLs: no network needed)."""
+    src, files = good_files
+    urls = {n: (src / n).as_uri() for n in files}
+    sources = (LocalDirectory("toy", str(tmp_path / "missing")), UpstreamURL(urls))
+    res = ensure_files("toy", files, sources, cache_dir=tmp_path / "c")
+    assert res.source.startswith("upstream URL")
+    assert (res.directory / "a.txt").read_bytes() == GOOD
+    assert (res.directory / "b.txt").read_bytes() == GOOD[::-1]
+
+
 def test_checksum_mismatch_gives_clear_error(tmp_path: Path, good_files) -> None:
     src, files = good_files
     (src / "a.txt").write_bytes(b"tampered")
