@@ -23,10 +23,10 @@ from flatmin.bench import (
     method_names,
     read_records,
     run_grid,
-    select_hyper,
     start_epoch,
     train,
 )
+from flatmin.bench.methods import START_GRID
 from flatmin.bench.store import append_record
 from flatmin.bench.train import per_sample_losses
 from test_bench_support import TASKS, ToyResolver, toy_dataset
@@ -76,27 +76,94 @@ def test_start_epoch_rejects(start, epochs):
 
 
 def test_unknown_method_lists_names():
-    with pytest.raises(ValueError, match="known: baseline, swa, sam"):
+    with pytest.raises(ValueError, match="known: baseline, swa, swa-lr, sam"):
         get_method("adam-sam")
 
 
-def test_swa_and_wasam_do_not_change_training():
-    """Averaging only watches: SWA's live weights equal the baseline's, WASAM's equal SAM's."""
+def test_averages_only_watch_the_trajectory():
+    """A run keeps 3 averages or 1 (a view): its live weights and curves are the same."""
     task, ds = TASKS["toy-a"], toy_dataset()
-    runs = {
-        m: train(RunSpec("toy-a", m, 3, epochs=3), task=task, dataset=ds)
-        for m in ("baseline", "swa", "sam", "wasam")
-    }
-    for plain, averaged in (("baseline", "swa"), ("sam", "wasam")):
-        a, b = runs[plain].model.state_dict(), runs[averaged].model.state_dict()
+    for traj, view in (("baseline", "swa"), ("sam", "wasam")):
+        shared = train(RunSpec("toy-a", traj, 3, epochs=4), task=task, dataset=ds)
+        alone = train(RunSpec("toy-a", view, 3, hyper=Hyper(start=0.5), epochs=4), task=task,
+                      dataset=ds)  # fmt: skip
+        assert set(shared.averagers) == set(START_GRID) and set(alone.averagers) == {0.5}
+        a, b = shared.model.state_dict(), alone.model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert runs[averaged].record["curves"]["lr"] == runs[plain].record["curves"]["lr"]
+        assert shared.record["curves"] == alone.record["curves"]
+        # The view reports the average; the trajectory its final weights and every average.
+        assert alone.record["final"]["test_acc"] == shared.record["averages"]["0.5"]["test_acc"]
+        assert alone.record["final"]["live_test_acc"] == shared.record["final"]["test_acc"]
     # The LR schedule is the task's (cosine to 0 at the last step), not replaced by averaging.
-    assert runs["swa"].record["curves"]["lr"][-1] == pytest.approx(0.0, abs=1e-12)
-    assert (
-        runs["sam"].record["curves"]["train_loss"]
-        != runs["baseline"].record["curves"]["train_loss"]
-    )
+    assert shared.record["curves"]["lr"][-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def _hand_loop(spec: RunSpec, start: float):
+    """SWA / WASAM written out with flatmin's public classes, one snapshot per epoch."""
+    from flatmin import WASAM, WeightAveraging
+
+    task = TASKS[spec.task]
+    data = task.load(spec.budget, seed=spec.seed, dataset=toy_dataset())
+    recipe = data.recipe
+    model = data.make_model()
+    first = start_epoch(start, recipe.epochs)
+    if spec.method == "sam":
+        opt = WASAM(model, recipe.optimizer_class, rho=spec.hyper.rho, start=first,
+                    average_on_step=False, **recipe.optimizer_kwargs())  # fmt: skip
+        avg = opt.averaging
+    else:
+        opt = recipe.optimizer_class(model.parameters(), **recipe.optimizer_kwargs())
+        avg = WeightAveraging(model, mode="swa", start=first)
+    sched = recipe.make_scheduler(opt, len(data.train))
+    for _ in range(recipe.epochs):
+        for x, y in data.train:
+
+            def closure(x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                loss = data.loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            if spec.method == "sam":
+                opt.step(closure, model=model)
+            else:
+                opt.step(closure)
+            sched.step()
+        avg.update()
+    avg.update_bn(data.train_eval)
+    return model, avg
+
+
+@pytest.mark.parametrize(("method", "rho"), [("baseline", None), ("sam", 0.1)])
+def test_shared_trajectory_averages_equal_separate_swa_and_wasam_bit_for_bit(method, rho):
+    spec = RunSpec("toy-a", method, 2, hyper=Hyper(rho=rho)).resolved()
+    shared = train(spec, task=TASKS["toy-a"], dataset=toy_dataset())
+    for start in START_GRID:
+        model, avg = _hand_loop(spec, start)
+        mine = shared.averagers[start]
+        assert mine.n_averaged == avg.n_averaged
+        a, b = mine.averaged_state_dict(), avg.averaged_state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    live = model.state_dict()
+    assert all(torch.equal(live[k], shared.model.state_dict()[k]) for k in live)
+
+
+def test_swa_lr_holds_its_learning_rate_from_the_start_epoch():
+    from dataclasses import replace
+
+    spec = RunSpec("toy-a", "swa-lr", 0, hyper=Hyper(start=0.5, swa_lr=0.2), epochs=6)
+    res = train(spec, task=TASKS["toy-a"], dataset=toy_dataset())
+    lr = res.record["curves"]["lr"]  # the LR for the step after each epoch's last one
+    recipe = replace(TASKS["toy-a"].recipe("quick"), epochs=6)
+    first = start_epoch(0.5, 6)  # 4: the constant LR covers epochs 4..6
+    spe = 96 // 16
+    for epoch in range(1, 7):
+        step = epoch * spe
+        factor = recipe.lr_factor(step, spe) if step < (first - 1) * spe else 0.2
+        assert lr[epoch - 1] == pytest.approx(recipe.lr * factor)
+    assert lr[-1] == pytest.approx(0.2 * recipe.lr) and lr[1] > lr[-1]
+    assert res.averager is res.averagers[0.5] and res.averager.n_averaged == 6 - first + 1
+    assert res.record["averaging_start_epoch"] == first
 
 
 def test_swa_average_is_mean_of_epoch_end_weights():
@@ -125,38 +192,121 @@ def test_swa_average_is_mean_of_epoch_end_weights():
     for name in snapshots[0]:
         expected = torch.stack([s[name].double() for s in snapshots[first - 1 :]]).mean(0)
         torch.testing.assert_close(avg[name].double(), expected, rtol=1e-6, atol=1e-7)
-    # Once the average exists, the reported test accuracy is the average's, not the live one's.
     assert res.record["averaging_start_epoch"] == first
 
 
 @pytest.mark.parametrize("method", method_names())
 def test_every_method_trains_and_records(method):
-    res = train(RunSpec("toy-a", method, 0, epochs=2), task=TASKS["toy-a"], dataset=toy_dataset())
+    spec = RunSpec("toy-a", method, 0, epochs=2)
+    res = train(spec, task=TASKS["toy-a"], dataset=toy_dataset())
     rec = res.record
     assert rec["status"] == "ok" and rec["epochs"] == 2
     assert rec["sizes"] == {"train": 96, "val": 48, "test": 60}
-    for key in ("test_acc", "test_loss", "train_acc", "train_loss", "val_acc"):
+    for key in ("test_acc", "test_loss", "train_acc", "train_loss", "val_acc", "live_test_acc"):
         assert 0.0 <= rec["final"][key] < 10.0
-    assert rec["best_val"]["epoch"] in (1, 2)
-    best = rec["best_val"]["epoch"] - 1
-    assert rec["best_val"]["test_acc"] == pytest.approx(rec["curves"]["test_acc"][best], rel=1e-6)
-    assert rec["curves"]["val_acc"][best] == max(rec["curves"]["val_acc"])
+    assert rec["final"]["train_acc_clean"] is None and rec["final"]["noise_memorised"] is None
+    assert len(rec["curves"]["val_acc"]) == 2  # eval runs validate every epoch
+    assert set(rec.get("averages", {})) == (
+        {"0.5", "0.75", "0.9"}
+        if get_method(method).is_trajectory and get_method(method).keeps_averages
+        else set()
+    )
     assert rec["versions"]["torch"] == torch.__version__
-    assert rec["hash"] == RunSpec("toy-a", method, 0, epochs=2).config_hash(TASKS["toy-a"])
+    assert rec["hash"] == spec.config_hash(TASKS["toy-a"])
+
+
+def test_tuning_runs_validate_only_at_the_end():
+    res = train(RunSpec("toy-a", "sam", 100, epochs=2, stage="tune"), task=TASKS["toy-a"],
+                dataset=toy_dataset())  # fmt: skip
+    assert res.record["curves"]["val_acc"] == [] and res.record["final"]["val_acc"] > 0
 
 
 def test_config_hash_distinguishes_what_matters():
     t = TASKS["toy-a"]
     h = RunSpec("toy-a", "sam", 0).config_hash(t)
     assert h == RunSpec("toy-a", "sam", 0, hyper=Hyper(rho=0.05)).config_hash(t)  # the default
+    assert h == RunSpec("toy-a", "sam", 0, hyper=Hyper(rho=0.05, alpha=0.3)).config_hash(t)
     others = {
         RunSpec("toy-a", "sam", 1).config_hash(t),
         RunSpec("toy-a", "sam", 0, hyper=Hyper(rho=0.1)).config_hash(t),
         RunSpec("toy-a", "sam", 0, epochs=3).config_hash(t),
         RunSpec("toy-a", "sam", 0, stage="tune").config_hash(t),
         RunSpec("toy-a", "asam", 0).config_hash(t),
+        RunSpec("toy-a", "wasam", 0).config_hash(t),
+        RunSpec("toy-a", "swa-lr", 0, hyper=Hyper(swa_lr=0.3)).config_hash(t),
+        RunSpec("toy-a", "swa-lr", 0, hyper=Hyper(start=0.5)).config_hash(t),
+        RunSpec("toy-a", "looksam", 0, hyper=Hyper(alpha=0.3)).config_hash(t),
     }
-    assert h not in others and len(others) == 5
+    assert h not in others and len(others) == 9
+
+
+# -- cross-validation and memorisation ---------------------------------------------------------
+
+
+def test_cross_validated_run_tests_every_sample_once():
+    from dataclasses import replace
+
+    from flatmin.tasks import cross_validation_split
+    from test_bench_support import toy_graph_dataset
+
+    ds = toy_graph_dataset()
+    pooled = [*ds.train.graphs, *ds.val.graphs, *ds.test.graphs]
+    seen: list[int] = []
+    for fold in range(4):
+        split = cross_validation_split(ds, 4, fold)
+        ids = {
+            name: [id(g) for g in getattr(split, name).graphs] for name in ("train", "val", "test")
+        }
+        assert not set(ids["train"]) & set(ids["val"]) and not set(ids["train"]) & set(ids["test"])
+        assert sorted(ids["val"]) == sorted(
+            id(g) for g in cross_validation_split(ds, 4, (fold + 1) % 4).test.graphs
+        )
+        assert len(ids["train"]) + len(ids["val"]) + len(ids["test"]) == len(pooled)
+        seen += ids["test"]
+    assert sorted(seen) == sorted(id(g) for g in pooled)  # every graph tested exactly once
+    task = replace(TASKS["toy-graph"], folds=4)
+    rec = train(RunSpec("toy-graph", "baseline", 0, epochs=1), task=task, dataset=ds).record
+    assert rec["status"] == "ok" and rec["folds"] == 4
+    assert rec["sizes"]["test"] == len(pooled) and rec["sizes"]["folds"] == 4
+    with pytest.raises(ValueError, match="Invalid fold"):
+        task.load("quick", dataset=ds, fold=4)
+    assert len(task.load("quick", dataset=ds).dataset.test) == len(
+        cross_validation_split(ds, 4, 0).test
+    )
+    with pytest.raises(ValueError, match="Invalid fold"):
+        TASKS["toy-graph"].load("quick", dataset=ds, fold=0)
+
+
+def test_memorisation_counts_against_a_lookup_model():
+    """train / true-label / memorised accuracies of a model whose predictions are fixed."""
+    from flatmin.bench.train import _final_counts
+    from flatmin.data import Dataset, TensorSplit
+    from flatmin.tasks import Recipe, Task
+
+    n = 40
+    y = torch.arange(n) % 4
+    split = TensorSplit(torch.arange(n, dtype=torch.float32).unsqueeze(1), y)
+    ds = Dataset("lookup", "vision", split, split, split, 4, ("a", "b", "c", "d"))
+    task = Task("lookup", "vision", "lookup", "table", lambda d: torch.nn.Identity(),
+                quick=Recipe("sgd", 0.1, 0.0, 8, 1), full=Recipe("sgd", 0.1, 0.0, 8, 1),
+                label_noise=0.5)  # fmt: skip
+    data = task.load("quick", dataset=ds)
+    noisy, clean = data.dataset.train.targets, data.dataset.train.clean_targets
+    flipped = torch.nonzero(noisy != clean).flatten()
+    assert flipped.numel() == 20
+    # Predict the noisy label on the first 5 flipped samples, the true label everywhere else.
+    pred = clean.clone()
+    pred[flipped[:5]] = noisy[flipped[:5]]
+
+    class Table(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(pred[x[:, 0].long()], 4).float()
+
+    counts = _final_counts(Table(), data)
+    assert counts["train"].acc == pytest.approx((20 + 5) / 40)  # noisy labels: clean half + 5
+    assert counts["train_clean"].acc == pytest.approx((40 - 5) / 40)
+    assert counts["noise_memorised"].acc == pytest.approx(5 / 20)
+    assert counts["noise_memorised"].n == 20
 
 
 # -- runner ---------------------------------------------------------------------------------------
@@ -181,15 +331,15 @@ def test_nonfinite_loss_fails_the_run_and_the_grid_goes_on(tmp_path):
 def test_rerun_skips_everything_and_survives_a_torn_line(tmp_path):
     cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa"), seeds=(0,))
     first = run_grid(cfg, resolver=ToyResolver())
-    assert (first.ran, first.skipped) == (2, 0)
+    assert (first.ran, first.skipped) == (1, 0)  # SWA is read from the baseline's run
     with open(tmp_path / "results.jsonl", "ab") as f:
         f.write(b'{"hash": "deadbeef", "task": "toy-a", "sta')  # a crash mid-write
-    assert len(read_records(tmp_path / "results.jsonl")) == 2
+    assert len(read_records(tmp_path / "results.jsonl")) == 1
     cfg2 = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam"), seeds=(0,))
     second = run_grid(cfg2, resolver=ToyResolver())
-    assert (second.ran, second.skipped) == (1, 2)
+    assert (second.ran, second.skipped) == (1, 1)
     recs = read_records(tmp_path / "results.jsonl")
-    assert sorted(r["method"] for r in recs) == ["baseline", "sam", "swa"]
+    assert sorted(r["method"] for r in recs) == ["baseline", "sam"]
 
 
 def test_error_runs_are_retried(tmp_path):
@@ -201,47 +351,52 @@ def test_error_runs_are_retried(tmp_path):
     assert [r["status"] for r in read_records(tmp_path / "results.jsonl")] == ["error", "ok"]
 
 
-def test_validation_grid_selection(tmp_path):
-    """select_hyper picks the best final validation accuracy; ties go to the default."""
-    cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam", "wasam"), tune=True)
-    t = TASKS["toy-a"]
-    records = {}
-    accs = {
-        ("sam", "rho"): {0.01: 0.5, 0.02: 0.7, 0.05: 0.6, 0.1: 0.7, 0.2: None},
-        ("swa", "start"): {0.5: 0.8, 0.75: 0.8},
-    }
-    for (owner, param), table in accs.items():
-        for value, acc in table.items():
-            spec = RunSpec("toy-a", owner, 100, hyper=Hyper(**{param: value}), stage="tune")
-            rec = (
-                {"status": "failed"} if acc is None else {"status": "ok", "final": {"val_acc": acc}}
-            )
-            records[spec.config_hash(t)] = rec
-    hypers, choices = select_hyper(cfg, records, ToyResolver())
-    # rho: 0.02 and 0.1 tie at 0.7, neither is the default 0.05 -> the smaller one.
-    assert hypers[("toy-a", "sam")] == Hyper(rho=0.02)
-    # start: a tie that includes the default 0.75 -> the default.
-    assert hypers[("toy-a", "swa")] == Hyper(start=0.75)
-    assert hypers[("toy-a", "wasam")] == Hyper(rho=0.02, start=0.75)
-    assert hypers[("toy-a", "baseline")] == Hyper()
-    sam_choice = next(c for c in choices if c.owner == "sam")
-    assert sam_choice.val_acc == (0.5, 0.7, 0.6, 0.7, None)
-
-
 def test_tuned_grid_runs_validation_grid_first(tmp_path):
-    cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "sam"), seeds=(0,), tune=True,
-               epochs=1)  # fmt: skip
+    cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam", "wasam"),
+               seeds=(0,), tune=True, tune_seeds=(100, 101), epochs=1)  # fmt: skip
     summary = run_grid(cfg, resolver=ToyResolver())
     recs = read_records(tmp_path / "results.jsonl")
     tune = [r for r in recs if r["stage"] == "tune"]
-    assert sorted(r["hyper"]["rho"] for r in tune) == [0.01, 0.02, 0.05, 0.1, 0.2]
-    assert all(r["seed"] == 100 for r in tune)
-    chosen = summary.tuning[0].chosen
-    best = max(r["final"]["val_acc"] for r in tune)
-    assert next(r for r in tune if r["hyper"]["rho"] == chosen)["final"]["val_acc"] == best
-    sam_eval = next(r for r in recs if r["stage"] == "eval" and r["method"] == "sam")
-    assert sam_eval["hyper"]["rho"] == chosen
-    assert "## Validation grid" in (tmp_path / "report.md").read_text()
+    assert {r["seed"] for r in tune} == {100, 101}
+    assert {r["method"] for r in tune} == {"baseline", "sam"}  # views train nothing
+    sam = next(c for c in summary.tuning if c.method == "sam")
+    rhos = sorted({r["hyper"]["rho"] for r in tune if r["method"] == "sam"})
+    assert rhos == sorted(p[0] for p in sam.points) and len(rhos) >= 6
+    best = max(s for s in sam.scores if s is not None)
+    assert sam.scores[[p[0] for p in sam.points].index(sam.chosen[0])] == best
+    evals = [r for r in recs if r["stage"] == "eval"]
+    assert {r["method"] for r in evals} == {"baseline", "sam"}
+    sam_rhos = {r["hyper"]["rho"] for r in evals if r["method"] == "sam"}
+    assert sam_rhos == {
+        summary.hypers[("toy-a", "sam")].rho,
+        summary.hypers[("toy-a", "wasam")].rho,
+    }
+    text = (tmp_path / "report.md").read_text()
+    assert "## Validation grids" in text and "## Chosen hyper-parameters" in text
+    # A rerun trains nothing and replays the same choices.
+    again = run_grid(cfg, resolver=ToyResolver())
+    assert again.ran == 0 and again.hypers == summary.hypers
+
+
+def test_fixed_hypers_ablation_and_variants(tmp_path):
+    cfg = _cfg(
+        tmp_path, tasks=("toy-a", "toy-b"), methods=("baseline", "swa", "sam", "wasam"),
+        seeds=(0, 1), hypers={"toy-a": {"sam": Hyper(rho=0.2), "wasam": Hyper(rho=0.2, start=0.9)}},
+        variants=("samk",), variant_tasks=("toy-a",), ablation_task="toy-a",
+        ablation_factors=(0.5, 2.0), epochs=2,
+    )  # fmt: skip
+    summary = run_grid(cfg, resolver=ToyResolver())
+    res = {(r["task"], r["method"], r["seed"]): r for r in summary.records}
+    assert len(res) == (5 + 4) * 2
+    assert res[("toy-a", "sam", 0)]["hyper"] == {"rho": 0.2}
+    assert res[("toy-b", "sam", 0)]["hyper"] == {"rho": 0.05}  # default elsewhere
+    assert res[("toy-a", "samk", 1)]["hyper"] == {"rho": 0.05}  # samk has no fixed rho
+    assert ("toy-b", "samk", 0) not in res
+    # 2 tasks x 2 seeds x (baseline, sam) + samk on toy-a x 2 seeds; ablation: 2 factors x 4.
+    assert summary.planned == 8 + 2 + 8
+    assert {(r["budget_factor"], r["epochs"]) for r in summary.ablation} == {(0.5, 1), (2.0, 4)}
+    text = (tmp_path / "report.md").read_text()
+    assert "## Budget ablation" in text and "## Cheap SAM variants" in text
 
 
 _SCRIPT = """
@@ -278,11 +433,11 @@ def test_resume_after_kill_gives_each_run_once_and_the_same_report(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     done = len(read_records(results))
-    assert k <= done < 12
+    assert k <= done < 8
     summary = run_grid(_cfg(out), resolver=ToyResolver())
-    assert summary.skipped == done and summary.ran == 12 - done
+    assert summary.skipped == done and summary.ran == 8 - done
     hashes = [r["hash"] for r in read_records(results)]
-    assert len(hashes) == len(set(hashes)) == 12
+    assert len(hashes) == len(set(hashes)) == 8
     assert _masked_report(out) == _masked_report(ref)
     assert _csv_without_time(out) == _csv_without_time(ref)
 
@@ -293,7 +448,7 @@ def test_parallel_jobs_match_sequential(tmp_path):
     run_grid(_cfg(tmp_path / "par", jobs=2), resolver=ToyResolver())
     assert _csv_without_time(tmp_path / "par") == _csv_without_time(tmp_path / "seq")
     lines = (tmp_path / "par" / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and all(json.loads(line)["status"] == "ok" for line in lines)
+    assert len(lines) == 8 and all(json.loads(line)["status"] == "ok" for line in lines)
 
 
 # -- ESAM's per-sample losses ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from flatmin.cli import main
         (["bench", "--suite", "huge"], "Unknown suite: 'huge' (known: quick, full)"),
         (["bench", "--tasks", "cifar10"], "Unknown task: 'cifar10' (known: digits"),
         (["bench", "--methods", "sam", "adamw"], "Unknown method: 'adamw' (known: baseline"),
-        (["bench", "--seeds", "0"], "Invalid grid"),
+        (["bench", "--seeds", "0"], "Invalid seeds"),
         (["bench", "--jobs", "0"], "Invalid jobs"),
         (["bench", "--epochs", "0"], "Invalid epochs"),
         (["train", "--task", "nope", "--method", "sam", "--out", "x"], "Unknown task: 'nope'"),
@@ -56,11 +56,12 @@ def test_bench_runs_then_resumes(tmp_path, capsys):
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 runs: 2 trained, 0 already done" in out and "| digits |" in out
+    # SWA is read from the baseline's run: one run per seed.
+    assert "1 runs: 1 trained, 0 already done" in out and "| digits |" in out
     assert (tmp_path / "report.md").exists() and (tmp_path / "results.csv").exists()
     assert main(argv) == 0
-    assert "2 runs: 0 trained, 2 already done" in capsys.readouterr().out
-    assert len(read_records(tmp_path / "results.jsonl")) == 2
+    assert "1 runs: 0 trained, 1 already done" in capsys.readouterr().out
+    assert len(read_records(tmp_path / "results.jsonl")) == 1
     assert main([*argv, "--report-only"]) == 0
 
 

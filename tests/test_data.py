@@ -327,7 +327,7 @@ def _class_counts(split) -> list[int]:
 
 # name: (sizes train/val/test, num_classes, per-sample input shape, test class counts)
 EXPECTED = {
-    "digits": ((1259, 179, 359), 10, (1, 8, 8), [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]),
+    "digits": ((934, 504, 359), 10, (1, 8, 8), [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]),
     "mnist-5k": ((3500, 500, 1000), 10, (1, 28, 28), [100] * 10),
     "fashion-mnist": ((55000, 5000, 10000), 10, (1, 28, 28), [1000] * 10),
     "rotten-tomatoes": ((8966, 1280, 2562), 2, (64,), [1081, 1481]),

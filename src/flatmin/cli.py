@@ -129,10 +129,15 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="override the suite's methods")
     p.add_argument("--seeds", type=int, metavar="N", help="evaluation seeds 0..N-1")
+    p.add_argument(
+        "--tune-seeds", type=int, metavar="N", help="tuning seeds 100..100+N-1 (suite: 2)"
+    )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/SUITE)")
     p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run")
-    p.add_argument("--tune", action=flag, default=None, help="choose rho/start on validation")
+    p.add_argument(
+        "--tune", action=flag, default=None, help="choose hyper-parameters on validation data"
+    )
     p.add_argument("--epochs", type=int, metavar="N", help="override every task's epoch budget")
     p.add_argument("--progress", action=flag, default=True, help="progress bars on stderr")
     p.add_argument(
@@ -152,6 +157,8 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     t.add_argument("--budget", default="quick", help="quick (default) or full")
     t.add_argument("--rho", type=float, help="SAM radius (default: the method's)")
     t.add_argument("--start", type=float, help="SWA start fraction (default: the method's)")
+    t.add_argument("--swa-lr", type=float, help="swa-lr: constant LR × peak LR from the start")
+    t.add_argument("--alpha", type=float, help="LookSAM's alpha (default: the method's)")
     t.add_argument("--epochs", type=int, metavar="N", help="override the epoch budget")
     t.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads")
     t.add_argument("--progress", action=flag, default=True, help="progress bar on stderr")
@@ -212,6 +219,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from flatmin import bench
 
+    tune_seeds = None if args.tune_seeds is None else tuple(range(100, 100 + args.tune_seeds))
     try:
         suite = bench.get_suite(args.suite)
         cfg = bench.BenchConfig.from_suite(
@@ -219,6 +227,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
+            tune_seeds=tune_seeds,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
             progress=args.progress, run=not args.report_only,
         )  # fmt: skip
@@ -240,8 +249,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if report.exists():
         text = report.read_text()
         start = text.find("## Test accuracy (final epoch)")
-        end = text.find("## Test accuracy (epoch of best")
-        print("\n" + text[start:end].strip())
+        end = text.find("\n## ", start + 1)
+        print("\n" + text[start : end if end > 0 else None].strip())
     errors = [r for r in summary.records + summary.tune_records if r.get("status") == "error"]
     ok = [r for r in summary.records if r.get("status") == "ok"]
     return 1 if errors or not ok else 0
@@ -260,7 +269,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         bench.get_method(args.method)
         spec = bench.RunSpec(
             args.task, args.method, args.seed, args.budget,
-            bench.Hyper(rho=args.rho, start=args.start), args.epochs,
+            bench.Hyper(rho=args.rho, start=args.start, swa_lr=args.swa_lr, alpha=args.alpha),
+            args.epochs,
         )  # fmt: skip
         spec.config(task)  # validates the budget and the epoch override
     except ValueError as exc:
@@ -275,7 +285,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.total = epochs
             bar.update(1)
-            bar.set_postfix_str(f"test {100 * metrics['test_acc']:.2f}%")
+            bar.set_postfix_str(f"val {100 * metrics['val_acc']:.2f}%")
 
     try:
         with _torch_threads(args.threads):
@@ -293,8 +303,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     final = rec["final"]
     print(
-        f"{args.task} {args.method} seed {args.seed}: test {100 * final['test_acc']:.2f}% "
-        f"(best-val epoch {rec['best_val']['epoch']}: {100 * rec['best_val']['test_acc']:.2f}%), "
+        f"{args.task} {args.method} seed {args.seed}: test {100 * final['test_acc']:.2f}%, "
         f"train {100 * final['train_acc']:.2f}%, {rec['wall_time']:.1f} s -> {out}/checkpoint.pt"
     )
     return 0

@@ -11,6 +11,7 @@ References:
 
 from flatmin.bench.methods import (
     METHODS,
+    Grid,
     Hyper,
     Method,
     get_method,
@@ -19,16 +20,14 @@ from flatmin.bench.methods import (
     start_epoch,
     unknown_method_message,
 )
+from flatmin.bench.plan import TuneChoice, TuningPlan, plan_eval, plan_tuning
 from flatmin.bench.report import summarize, write_report
 from flatmin.bench.runner import (
     BenchConfig,
     GridSummary,
     RegistryResolver,
-    TuneChoice,
-    plan_runs,
-    plan_tuning,
+    method_result,
     run_grid,
-    select_hyper,
 )
 from flatmin.bench.store import append_record, read_records
 from flatmin.bench.suites import SUITES, Suite, get_suite, suite_names, unknown_suite_message
@@ -38,6 +37,7 @@ __all__ = [
     "METHODS",
     "SUITES",
     "BenchConfig",
+    "Grid",
     "GridSummary",
     "Hyper",
     "Method",
@@ -47,17 +47,18 @@ __all__ = [
     "Suite",
     "TrainResult",
     "TuneChoice",
+    "TuningPlan",
     "append_record",
     "evaluate",
     "get_method",
     "get_suite",
     "method_names",
-    "plan_runs",
+    "method_result",
+    "plan_eval",
     "plan_tuning",
     "read_records",
     "register_method",
     "run_grid",
-    "select_hyper",
     "start_epoch",
     "suite_names",
     "summarize",

@@ -1,23 +1,29 @@
 """Benchmark methods as recipes: a registry of frozen :class:`Method` records.
 
-A method says how to build the optimizer (and, for the averaging methods, the averager) from the
-task's own base optimizer, learning rate and schedule. Every method trains for the task's epoch
-budget under the task's LR schedule; averaging never replaces that schedule (Kaddour et al. 2022,
-Sec. 4). A variant is another record (different builder or defaults), never an ``if`` on a name.
+A method is either a **trajectory** (an optimizer that trains: baseline, SAM, ASAM, the SAM
+variants, SWA with its own learning rate) or a **view** of another method's trajectory: SWA in the
+sense of Kaddour et al. (Alg. 1) is the average of the *baseline's* iterates under the task's own
+schedule, and WASAM (Alg. 2) the average of *SAM's* iterates, so neither trains anything of its
+own — a baseline or SAM run keeps one running average per start of :data:`START_GRID` and reports
+them all (``record["averages"]``). A variant is another record, never an ``if`` on a name.
 
-=========  ==========================================================  ====================
-name       optimizer                                                   tuned on validation
-=========  ==========================================================  ====================
-baseline   the task's optimizer (SGD with momentum or AdamW)           —
-swa        baseline + SWA of one snapshot per epoch from ``start``     ``start``
-sam        SAM around the task's optimizer (Foret et al. 2021)         ``rho``
-asam       adaptive SAM (Kwon et al. 2021)                             ``rho`` (own grid)
-wasam      SAM + the same per-epoch SWA (Kaddour et al. 2022)          rho (sam), start (swa)
-samk       SAM on every 2nd step, base steps in between                rho (sam)
-samk5      SAM on every 5th step, base steps in between                rho (sam)
-esam       ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                     rho (sam)
-looksam    LookSAM, k = 5, α = 0.7 (Liu et al. 2022)                   rho (sam)
-=========  ==========================================================  ====================
+==========  ====================================================  ==================================
+name        what                                                  chosen on validation
+==========  ====================================================  ==================================
+baseline    the task's optimizer (SGD with momentum or AdamW)     —
+swa         average of the baseline's iterates (Kaddour Alg. 1)   ``start``
+swa-lr      SWA with a constant LR from the start (Izmailov Alg.1) ``start``, ``swa_lr``
+sam         SAM around the task's optimizer (Foret et al. 2021)   ``rho``
+asam        adaptive SAM (Kwon et al. 2021)                       ``rho``
+wasam       average of SAM's iterates (Kaddour Alg. 2)            ``rho`` × ``start`` jointly
+samk        SAM on every 2nd step, base steps in between          (``rho`` from sam)
+samk5       SAM on every 5th step                                 (``rho`` from sam)
+looksam     LookSAM, k = 5 (Liu et al. 2022)                      ``alpha`` (``rho`` from sam)
+esam        ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                (``rho`` from sam)
+==========  ====================================================  ==================================
+
+Grids (:class:`Grid`) marked ``extend`` grow by one geometric step beyond an end whenever the
+chosen value sits on that end, at most :data:`MAX_EXTENSIONS` times (see :mod:`flatmin.bench.plan`).
 
 References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
@@ -30,22 +36,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from flatmin.optim.averaging import WeightAveraging
 from flatmin.optim.esam import ESAM
 from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.optim.sam import SAM
-from flatmin.optim.wasam import WASAM
 
 __all__ = [
+    "ASAM_RHO_GRID",
+    "MAX_EXTENSIONS",
     "METHODS",
+    "RHO_GRID",
+    "START_GRID",
     "BuildContext",
+    "Grid",
     "Hyper",
     "Method",
     "get_method",
@@ -55,9 +64,13 @@ __all__ = [
     "unknown_method_message",
 ]
 
-RHO_GRID = (0.01, 0.02, 0.05, 0.1, 0.2)
-ASAM_RHO_GRID = (0.1, 0.2, 0.5, 1.0, 2.0)
-START_GRID = (0.5, 0.75)
+RHO_GRID = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+ASAM_RHO_GRID = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+START_GRID = (0.5, 0.75, 0.9)
+SWA_LR_GRID = (0.1, 0.3)
+SWA_LR_START_GRID = (0.5, 0.75)
+ALPHA_GRID = (0.1, 0.3, 0.7)
+MAX_EXTENSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -66,16 +79,62 @@ class Hyper:
 
     Attributes:
         rho: SAM neighbourhood radius.
-        start: fraction of the epoch budget after which SWA starts averaging (one snapshot at the
-            end of each later epoch).
+        start: fraction of the epoch budget after which averaging starts (one snapshot at the end
+            of each later epoch; see :func:`start_epoch`).
+        swa_lr: ``swa-lr``: the constant learning rate from the start, as a multiple of the task's
+            peak learning rate.
+        alpha: LookSAM's gradient-mixing weight.
     """
 
     rho: float | None = None
     start: float | None = None
+    swa_lr: float | None = None
+    alpha: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         """The set hyper-parameters only."""
-        return {k: v for k, v in (("rho", self.rho), ("start", self.start)) if v is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+    def without(self, *names: str) -> Hyper:
+        """A copy with ``names`` unset."""
+        return replace(self, **{n: None for n in names})
+
+
+HYPER_NAMES = tuple(f.name for f in fields(Hyper))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The validation grid of one hyper-parameter.
+
+    Attributes:
+        values: increasing candidate values.
+        extend: when the chosen value is the first or last one, extend the grid by one step beyond
+            it (geometric: the ratio of the two values at that end), at most
+            :data:`MAX_EXTENSIONS` times per end.
+    """
+
+    values: tuple[float, ...]
+    extend: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.values or list(self.values) != sorted(set(self.values)):
+            raise ValueError(f"Invalid grid: {self.values} (expected increasing distinct values)")
+        if self.extend and (len(self.values) < 2 or self.values[0] <= 0):
+            raise ValueError(f"Invalid extendable grid: {self.values} (need >= 2 positive values)")
+
+    def step_beyond(self, values: tuple[float, ...], end: str) -> float:
+        """The value one geometric step beyond ``end`` (``"low"`` or ``"high"``) of ``values``."""
+        if end == "high":
+            return _round(values[-1] * values[-1] / values[-2])
+        return _round(values[0] * values[0] / values[1])
+
+
+def _round(x: float) -> float:
+    # Grid values end up in config hashes and file names: keep them short and exact.
+    return float(f"{x:.6g}")
 
 
 def start_epoch(start: float, epochs: int) -> int:
@@ -94,9 +153,6 @@ def start_epoch(start: float, epochs: int) -> int:
     return min(epochs, math.floor(start * epochs) + 1)
 
 
-Built = tuple[Optimizer, WeightAveraging | None]
-
-
 @dataclass(frozen=True)
 class BuildContext:
     """What a method's builder gets for one run.
@@ -106,7 +162,7 @@ class BuildContext:
         base: the task's optimizer class (SGD or AdamW), SAM's base optimizer.
         base_kwargs: its keyword arguments (lr, momentum, weight decay, ...).
         hyper: the run's method hyper-parameters.
-        epochs: the epoch budget (SWA's start is a fraction of it).
+        epochs: the epoch budget.
         seed: the run's seed (for methods that draw random numbers, e.g. ESAM).
     """
 
@@ -118,7 +174,7 @@ class BuildContext:
     seed: int
 
 
-Builder = Callable[[BuildContext], Built]
+Builder = Callable[[BuildContext], Optimizer]
 
 
 def _required(value: float | None, name: str, method: str) -> float:
@@ -128,91 +184,108 @@ def _required(value: float | None, name: str, method: str) -> float:
     return value
 
 
-def _build_base(ctx: BuildContext) -> Built:
-    return ctx.base(ctx.model.parameters(), **ctx.base_kwargs), None
-
-
-def _build_swa(ctx: BuildContext) -> Built:
-    opt = ctx.base(ctx.model.parameters(), **ctx.base_kwargs)
-    start = _required(ctx.hyper.start, "start", "swa")
-    return opt, WeightAveraging(ctx.model, mode="swa", start=start_epoch(start, ctx.epochs))
+def _build_base(ctx: BuildContext) -> Optimizer:
+    return ctx.base(ctx.model.parameters(), **ctx.base_kwargs)
 
 
 def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
     """A builder of ``cls(params, base, rho=hyper.rho, **options, **base_kwargs)``."""
 
-    def build(ctx: BuildContext) -> Built:
+    def build(ctx: BuildContext) -> Optimizer:
         rho = _required(ctx.hyper.rho, "rho", cls.__name__)
-        return cls(ctx.model.parameters(), ctx.base, rho=rho, **options, **ctx.base_kwargs), None
+        return cls(ctx.model.parameters(), ctx.base, rho=rho, **options, **ctx.base_kwargs)
 
     return build
 
 
-def _build_esam(ctx: BuildContext) -> Built:
+def _build_looksam(ctx: BuildContext) -> Optimizer:
+    rho = _required(ctx.hyper.rho, "rho", "looksam")
+    alpha = _required(ctx.hyper.alpha, "alpha", "looksam")
+    return LookSAM(ctx.model.parameters(), ctx.base, rho=rho, k=5, alpha=alpha, **ctx.base_kwargs)
+
+
+def _build_esam(ctx: BuildContext) -> Optimizer:
     rho = _required(ctx.hyper.rho, "rho", "esam")
     gen = torch.Generator().manual_seed(ctx.seed)  # the SWP draws follow the run seed
-    opt = ESAM(
+    return ESAM(
         ctx.model.parameters(), ctx.base, rho=rho, beta=0.6, gamma=0.5, generator=gen,
         **ctx.base_kwargs,
     )  # fmt: skip
-    return opt, None
-
-
-def _build_wasam(ctx: BuildContext) -> Built:
-    rho = _required(ctx.hyper.rho, "rho", "wasam")
-    start = _required(ctx.hyper.start, "start", "wasam")
-    # average_on_step=False: the runner counts epochs (one snapshot per epoch, as SWA does).
-    opt = WASAM(
-        ctx.model, ctx.base, rho=rho, start=start_epoch(start, ctx.epochs),
-        average_on_step=False, **ctx.base_kwargs,
-    )  # fmt: skip
-    return opt, opt.averaging
 
 
 @dataclass(frozen=True)
 class Method:
-    """A benchmark method: how to build its optimizer and averager, and what to tune.
+    """A benchmark method: how to build its optimizer, what it reports and what it tunes.
 
     Attributes:
         name: registry name (``flatmin bench --methods NAME``).
         description: one line for the report.
-        build: ``build(BuildContext) -> (optimizer, averager)``; the averager (or ``None``) is
-            updated once per epoch by the training loop.
-        per_sample: the optimizer's ``step`` takes per-sample losses ``loss_fn(index)`` instead
-            of a closure (ESAM).
+        build: ``build(BuildContext) -> optimizer`` (``None`` for a view of another trajectory).
+        trajectory: the method whose training run this one reads (itself for a trajectory).
+        averaged: the reported weights are the SWA average from ``start`` (else the final
+            weights).
+        keeps_averages: a run of this trajectory keeps one average per start of
+            :data:`START_GRID` (for its averaged views, e.g. baseline → swa, sam → wasam).
+        constant_lr_from_start: from the start epoch on the learning rate is the constant
+            ``swa_lr`` × the task's peak learning rate (Izmailov et al. Alg. 1).
+        per_sample: the step takes per-sample losses (ESAM's data selection).
         grads_per_step: gradient evaluations per optimizer step (nominal cost: 2 for SAM).
-        defaults: default hyper-parameters (``rho``, ``start``).
-        grids: validation grid of each hyper-parameter this method tunes itself.
-        tuned_by: for each hyper-parameter, the method whose validation grid selects it (e.g.
-            WASAM takes ``rho`` from SAM's grid and ``start`` from SWA's).
+        defaults: default hyper-parameters (used when nothing is tuned).
+        grids: the validation grids this method chooses from (``start`` for an averaged view
+            costs no run: the trajectory keeps every start).
+        tuned_by: hyper-parameters taken from another method's choice (``{"rho": "sam"}``).
         references: arXiv ids.
     """
 
     name: str
     description: str
-    build: Builder
+    build: Builder | None
+    trajectory: str = ""
+    averaged: bool = False
+    keeps_averages: bool = False
+    constant_lr_from_start: bool = False
     per_sample: bool = False
     grads_per_step: float = 1.0
     defaults: Hyper = field(default_factory=Hyper)
-    grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    grids: Mapping[str, Grid] = field(default_factory=dict)
     tuned_by: Mapping[str, str] = field(default_factory=dict)
     references: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.trajectory:
+            object.__setattr__(self, "trajectory", self.name)
+        if (self.build is None) == self.is_trajectory:
+            raise ValueError(
+                f"Invalid method {self.name!r}: a trajectory has a builder, a view has none"
+            )
+        for param in (*self.grids, *self.tuned_by):
+            if param not in HYPER_NAMES:
+                raise ValueError(f"Invalid hyper-parameter {param!r} of method {self.name!r}")
+
+    @property
+    def is_trajectory(self) -> bool:
+        """Whether this method trains (its own run) rather than reads another's."""
+        return self.trajectory == self.name
 
     @property
     def averages(self) -> bool:
         """Whether the method reports an average of its iterates (SWA-style)."""
-        return self.defaults.start is not None
+        return self.averaged
 
-    def resolve(self, rho: float | None = None, start: float | None = None) -> Hyper:
+    def resolve(self, hyper: Hyper | None = None, **values: float | None) -> Hyper:
         """Hyper-parameters of a run: the given values, else this method's defaults.
 
         Values for hyper-parameters the method does not have are ignored.
         """
-        d = self.defaults
-        return Hyper(
-            rho=None if d.rho is None else float(d.rho if rho is None else rho),
-            start=None if d.start is None else float(d.start if start is None else start),
-        )
+        given = {**(hyper.as_dict() if hyper is not None else {}), **values}
+        out = {}
+        for name in HYPER_NAMES:
+            default = getattr(self.defaults, name)
+            if default is None:
+                continue
+            value = given.get(name)
+            out[name] = float(default if value is None else value)
+        return Hyper(**out)
 
 
 METHODS: dict[str, Method] = {}
@@ -222,6 +295,10 @@ def register_method(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` (``ValueError`` on a duplicate name); returns it."""
     if method.name in METHODS:
         raise ValueError(f"Invalid method name: {method.name!r} (already registered)")
+    if not method.is_trajectory and method.trajectory not in METHODS:
+        raise ValueError(
+            f"Invalid trajectory {method.trajectory!r} of method {method.name!r} (not registered)"
+        )
     METHODS[method.name] = method
     return method
 
@@ -248,29 +325,41 @@ def get_method(name: str) -> Method:
         raise ValueError(unknown_method_message(name)) from None
 
 
+_RHO = Grid(RHO_GRID, extend=True)
+_START = Grid(START_GRID)
+
 for _m in (
     Method(
-        "baseline", "the task's optimizer and LR schedule (non-flat baseline)", _build_base
+        "baseline", "the task's optimizer and LR schedule (non-flat baseline)", _build_base,
+        keeps_averages=True,
     ),
     Method(
-        "swa", "baseline + SWA: one snapshot per epoch from `start`, BN recomputed", _build_swa,
-        defaults=Hyper(start=0.75), grids={"start": START_GRID}, tuned_by={"start": "swa"},
+        "swa", "average of the baseline's iterates under the task's schedule (Kaddour Alg. 1)",
+        None, trajectory="baseline", averaged=True, defaults=Hyper(start=0.75),
+        grids={"start": _START}, references=("2202.00661", "1803.05407"),
+    ),
+    Method(
+        "swa-lr", "SWA with a constant SWA learning rate from the start (Izmailov Alg. 1)",
+        _build_base, averaged=True, constant_lr_from_start=True,
+        defaults=Hyper(start=0.75, swa_lr=0.1),
+        grids={"start": Grid(SWA_LR_START_GRID), "swa_lr": Grid(SWA_LR_GRID)},
         references=("1803.05407",),
     ),
     Method(
-        "sam", "SAM around the task's optimizer", _sam_builder(),
-        grads_per_step=2.0, defaults=Hyper(rho=0.05), grids={"rho": RHO_GRID},
-        tuned_by={"rho": "sam"}, references=("2010.01412",),
+        "sam", "SAM around the task's optimizer", _sam_builder(), keeps_averages=True,
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), grids={"rho": _RHO},
+        references=("2010.01412",),
     ),
     Method(
         "asam", "adaptive SAM (ASAM, T = |w| + 0.01)", _sam_builder(adaptive=True),
-        grads_per_step=2.0, defaults=Hyper(rho=0.5), grids={"rho": ASAM_RHO_GRID},
-        tuned_by={"rho": "asam"}, references=("2102.11600",),
+        grads_per_step=2.0, defaults=Hyper(rho=0.5),
+        grids={"rho": Grid(ASAM_RHO_GRID, extend=True)}, references=("2102.11600",),
     ),
     Method(
-        "wasam", "SAM + SWA of its unperturbed iterates (rho from sam, start from swa)",
-        _build_wasam, grads_per_step=2.0, defaults=Hyper(rho=0.05, start=0.75),
-        tuned_by={"rho": "sam", "start": "swa"}, references=("2202.00661",),
+        "wasam", "average of SAM's iterates (Kaddour Alg. 2); rho and start chosen jointly",
+        None, trajectory="sam", averaged=True, grads_per_step=2.0,
+        defaults=Hyper(rho=0.05, start=0.75), grids={"rho": _RHO, "start": _START},
+        references=("2202.00661",),
     ),
     Method(
         "samk", "SAM every 2nd step, base steps in between (rho from sam)",
@@ -288,9 +377,10 @@ for _m in (
         tuned_by={"rho": "sam"}, references=("2110.03141",),
     ),
     Method(
-        "looksam", "LookSAM, k = 5, alpha = 0.7 (rho from sam)",
-        _sam_builder(LookSAM, k=5, alpha=0.7), grads_per_step=1.2, defaults=Hyper(rho=0.05),
-        tuned_by={"rho": "sam"}, references=("2203.02714",),
+        "looksam", "LookSAM, k = 5 (rho from sam, alpha tuned)", _build_looksam,
+        grads_per_step=1.2, defaults=Hyper(rho=0.05, alpha=0.7),
+        grids={"alpha": Grid(ALPHA_GRID)}, tuned_by={"rho": "sam"},
+        references=("2203.02714",),
     ),
 ):  # fmt: skip
     register_method(_m)

@@ -1,11 +1,11 @@
 """The benchmark report: ``report.md``, ``results.csv`` and PNG figures.
 
 Layout of the accuracy tables (Kaddour et al. 2022, Table 2): one table per domain; per task its
-model, the baseline's test accuracy ``mean ± std`` over seeds, then for every other method the
-difference to the baseline ``mean ± std`` of the per-seed differences (paired by seed). Standard
-deviations are sample standard deviations (``ddof=1``). A difference is marked ``*`` when a
-two-sided paired t-test over the seeds (``scipy.stats.ttest_rel``) gives ``p < 0.05``; with 2-3
-seeds this test has little power, and a mark is weak evidence.
+model, the test-set resolution (points of accuracy per test sample), the baseline's test accuracy
+(mean ± 95 % CI over seeds), then for every other method the difference to the baseline (mean ±
+95 % CI of the per-seed differences, paired by seed). ``*`` marks a Holm-corrected paired t-test
+p < 0.05 across the whole headline table; ``=`` a difference that is identical on every seed
+(see :mod:`flatmin.bench.stats`).
 
 References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
@@ -14,60 +14,27 @@ References:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "Cell",
-    "TaskRow",
-    "paired_difference",
-    "summarize",
-    "write_csv",
-    "write_report",
-]
+from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
+
+__all__ = ["TaskRow", "summarize", "write_csv", "write_report"]
 
 DOMAINS = ("vision", "text", "graph")
-ALPHA = 0.05
 CSV_FIELDS = (
-    "task", "domain", "model", "method", "seed", "status", "reason", "rho", "start",
-    "test_acc", "test_loss", "best_val_epoch", "best_val_test_acc", "val_acc", "train_acc",
-    "train_loss", "train_acc_clean", "live_test_acc", "epochs", "wall_time", "hash",
+    "task", "domain", "model", "method", "trajectory", "seed", "status", "reason", "rho",
+    "start", "swa_lr", "alpha", "test_acc", "test_loss", "val_acc", "train_acc", "train_loss",
+    "train_acc_clean", "noise_memorised", "live_test_acc", "epochs", "budget_factor",
+    "wall_time", "hash",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One table cell: mean ± std over seeds (of accuracies, or of paired differences).
-
-    Attributes:
-        mean, std: in percent (``std`` is ``nan`` with one seed).
-        n: number of seeds (paired seeds for a difference).
-        p: paired t-test p-value (differences with ``n >= 2`` and non-constant differences only).
-    """
-
-    mean: float
-    std: float
-    n: int
-    p: float | None = None
-
-    @property
-    def significant(self) -> bool:
-        """``p < 0.05``."""
-        return self.p is not None and self.p < ALPHA
-
-    def format(self, *, signed: bool = False) -> str:
-        """``97.12 ± 0.30`` or ``+0.25 ± 0.05*``; ``–`` when empty."""
-        if self.n == 0 or math.isnan(self.mean):
-            return "–"
-        mean = f"{self.mean:+.2f}" if signed else f"{self.mean:.2f}"
-        std = "n/a" if math.isnan(self.std) else f"{self.std:.2f}"
-        return f"{mean} ± {std}" + ("*" if signed and self.significant else "")
 
 
 @dataclass(frozen=True)
@@ -76,82 +43,64 @@ class TaskRow:
 
     Attributes:
         task, domain, model: identification.
+        test_size: test samples (pooled over folds for cross-validated tasks).
         baseline: baseline test accuracy.
         diffs: per method, the paired difference to the baseline (``None``: no paired seeds).
         absolute: per method (baseline included), the test accuracy itself.
-        train_acc: per method, the final train accuracy (on the labels trained on).
-        cost: per method, mean wall time relative to the baseline's.
+        fit: per method, mean train accuracy on the labels trained on, on the true labels, and
+            the share of flipped labels reproduced (``None`` when not measured).
+        cost: per method, mean wall time of its run relative to the baseline's run.
     """
 
     task: str
     domain: str
     model: str
+    test_size: int | None
     baseline: Cell
     diffs: dict[str, Cell | None]
     absolute: dict[str, Cell]
-    train_acc: dict[str, Cell]
+    fit: dict[str, tuple[float | None, float | None, float | None]]
     cost: dict[str, float]
 
-
-def _mean_std(values: Sequence[float]) -> Cell:
-    if not values:
-        return Cell(math.nan, math.nan, 0)
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else math.nan
-    return Cell(float(arr.mean()), std, int(arr.size))
+    @property
+    def resolution(self) -> float | None:
+        """Points of accuracy per test sample."""
+        return None if not self.test_size else 100.0 / self.test_size
 
 
-def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> Cell | None:
-    """Mean ± std of ``method[s] − baseline[s]`` over the common seeds, with a paired t-test.
-
-    Args:
-        method: the method's values by seed (percent).
-        baseline: the baseline's values by seed (percent).
-
-    Returns:
-        The difference cell (``p`` from ``scipy.stats.ttest_rel``; ``None`` when ``n < 2`` or
-        every difference is equal), or ``None`` without common seeds.
-    """
-    seeds = sorted(set(method) & set(baseline))
-    if not seeds:
-        return None
-    diffs = [method[s] - baseline[s] for s in seeds]
-    cell = _mean_std(diffs)
-    p = None
-    if len(seeds) >= 2 and np.ptp(np.asarray(diffs)) > 0:
-        from scipy.stats import ttest_rel
-
-        p = float(ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
-    return Cell(cell.mean, cell.std, cell.n, p)
+def _pct(rec: Mapping[str, Any], key: str) -> float | None:
+    value = (rec.get("final") or {}).get(key)
+    return None if value is None else 100.0 * float(value)
 
 
-def _metric(rec: dict[str, Any], selection: str) -> float:
-    if selection == "best_val":
-        return 100.0 * float(rec["best_val"]["test_acc"])
-    return 100.0 * float(rec["final"]["test_acc"])
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
-def summarize(
-    records: Sequence[dict[str, Any]], methods: Sequence[str], *, selection: str = "final"
-) -> list[TaskRow]:
-    """Per-task rows of the report from evaluation records (``status == "ok"`` only).
+def summarize(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[TaskRow]:
+    """Per-task rows from method results (``status == "ok"`` only), Holm over all cells.
 
     Args:
-        records: evaluation records (one per task × method × seed).
+        records: one result per task × method × seed (:func:`flatmin.bench.runner.method_result`).
         methods: method order; ``"baseline"`` is the reference.
-        selection: ``"final"`` (last epoch) or ``"best_val"`` (epoch of best validation accuracy).
     """
-    ok = [r for r in records if r.get("status") == "ok" and r.get("stage", "eval") == "eval"]
+    ok = [r for r in records if r.get("status") == "ok"]
     tasks: dict[str, dict[str, Any]] = {}
     for r in records:
-        tasks.setdefault(r["task"], {"domain": r.get("domain", "?"), "model": r.get("model", "?")})
+        info = tasks.setdefault(
+            r["task"], {"domain": r.get("domain", "?"), "model": r.get("model", "?"), "n": None}
+        )
+        info["n"] = info["n"] or (r.get("sizes") or {}).get("test")
     rows = []
     for task, info in tasks.items():
-        by: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+        by: dict[str, dict[int, Mapping[str, Any]]] = {m: {} for m in methods}
         for r in ok:
             if r["task"] == task and r["method"] in by:
                 by[r["method"]][int(r["seed"])] = r
-        acc = {m: {s: _metric(r, selection) for s, r in by[m].items()} for m in methods}
+        acc = {
+            m: {s: 100.0 * float(r["final"]["test_acc"]) for s, r in by[m].items()} for m in methods
+        }
         base = acc.get("baseline", {})
         base_time = [r["wall_time"] for r in by.get("baseline", {}).values()]
         cost = {}
@@ -159,22 +108,28 @@ def summarize(
             times = [r["wall_time"] for r in by[m].values()]
             if times and base_time:
                 cost[m] = float(np.mean(times) / np.mean(base_time))
+        fit = {
+            m: (
+                _mean([_pct(r, "train_acc") for r in by[m].values()]),
+                _mean([_pct(r, "train_acc_clean") for r in by[m].values()]),
+                _mean([_pct(r, "noise_memorised") for r in by[m].values()]),
+            )
+            for m in methods
+        }
         rows.append(
             TaskRow(
-                task=task,
-                domain=info["domain"],
-                model=info["model"],
-                baseline=_mean_std(list(base.values())),
+                task=task, domain=info["domain"], model=info["model"], test_size=info["n"],
+                baseline=mean_ci(list(base.values())),
                 diffs={m: paired_difference(acc[m], base) for m in methods if m != "baseline"},
-                absolute={m: _mean_std(list(acc[m].values())) for m in methods},
-                train_acc={
-                    m: _mean_std([100.0 * r["final"]["train_acc"] for r in by[m].values()])
-                    for m in methods
-                },
-                cost=cost,
+                absolute={m: mean_ci(list(acc[m].values())) for m in methods}, fit=fit, cost=cost,
             )
-        )
-    return rows
+        )  # fmt: skip
+    # One Holm family: every tested cell of the table.
+    family = with_holm({(i, m): c for i, r in enumerate(rows) for m, c in r.diffs.items()})
+    return [
+        TaskRow(**{**r.__dict__, "diffs": {m: family[(i, m)] for m in r.diffs}})
+        for i, r in enumerate(rows)
+    ]
 
 
 def _domain_order(rows: Sequence[TaskRow]) -> list[str]:
@@ -188,6 +143,15 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _label(method: str) -> str:
+    return method.upper()
+
+
+def _resolution(r: TaskRow) -> str:
+    res = r.resolution
+    return "–" if res is None else f"{r.test_size} ({res:.2g})"
+
+
 def accuracy_tables(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     """Markdown: one Kaddour-style table per domain."""
     others = [m for m in methods if m != "baseline"]
@@ -198,55 +162,67 @@ def accuracy_tables(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str
         for r in rows:
             if r.domain != domain:
                 continue
-            cells = [r.task, r.model, r.baseline.format()]
+            cells = [r.task, r.model, _resolution(r), r.baseline.format()]
             for m in others:
                 d = r.diffs.get(m)
                 cells.append("–" if d is None else d.format(signed=True))
             body.append(cells)
-        out += [*_table(["Task", "Model", "Baseline", *(m.upper() for m in others)], body), ""]
+        header = ["Task", "Model", "Test n (pts/sample)", "Baseline", *map(_label, others)]
+        out += [*_table(header, body), ""]
     return out
 
 
 def summary_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
-    """Markdown: per method, on how many tasks it beats / trails the baseline (final epoch)."""
+    """Markdown: per method, on how many tasks it beats / trails the baseline."""
     body = []
     for m in methods:
         if m == "baseline":
             continue
-        cells = [r.diffs[m] for r in rows if r.diffs.get(m) is not None]
-        diffs = [c for c in cells if c is not None]
+        diffs = [c for c in (r.diffs.get(m) for r in rows) if c is not None]
         if not diffs:
             continue
         better = sum(c.mean > 0 for c in diffs)
         worse = sum(c.mean < 0 for c in diffs)
         sig_b = sum(c.mean > 0 and c.significant for c in diffs)
         sig_w = sum(c.mean < 0 and c.significant for c in diffs)
-        mean = float(np.mean([c.mean for c in diffs]))
+        means = [c.mean for c in diffs]
         body.append(
             [
-                m.upper(),
-                f"{better} ({sig_b})",
-                f"{worse} ({sig_w})",
-                str(len(diffs)),
-                f"{mean:+.2f}",
+                _label(m), f"{better} ({sig_b})", f"{worse} ({sig_w})", str(len(diffs)),
+                f"{float(np.mean(means)):+.2f}", f"{float(np.median(means)):+.2f}",
             ]
-        )
-    header = ["Method", "Tasks better (*)", "Tasks worse (*)", "Tasks", "Mean difference"]
+        )  # fmt: skip
+    header = [
+        "Method",
+        "Tasks better (*)",
+        "Tasks worse (*)",
+        "Tasks",
+        "Mean diff.",
+        "Median diff.",
+    ]
     return _table(header, body)
 
 
 def _fit_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     body = []
     for r in rows:
-        cells = [r.task]
+        if all(r.fit[m][1] is None for m in methods if m in r.fit):
+            continue  # no label noise: nothing to separate
         for m in methods:
-            tr, te = r.train_acc.get(m), r.absolute.get(m)
-            if tr is None or te is None or tr.n == 0:
-                cells.append("–")
-            else:
-                cells.append(f"{tr.mean:.1f} / {te.mean:.1f}")
-        body.append(cells)
-    return _table(["Task", *(m.upper() for m in methods)], body)
+            te = r.absolute.get(m)
+            tr, clean, memo = r.fit.get(m, (None, None, None))
+            if te is None or te.n == 0:
+                continue
+            body.append([r.task, _label(m), f"{te.mean:.2f}", _fmt(tr), _fmt(clean), _fmt(memo)])
+    header = [
+        "Task", "Method", "Test acc.", "Train acc. (noisy labels)", "Train acc. (true labels)",
+        "Noise memorised",
+    ]  # fmt: skip
+    return _table(header, body)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _cost_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
@@ -258,34 +234,100 @@ def _cost_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
         vals = [r.cost[m] for r in rows if m in r.cost]
         geo.append(f"{math.exp(float(np.mean(np.log(vals)))):.2f}×" if vals else "–")
     body.append(["**geometric mean**", *geo])
-    return _table(["Task", *(m.upper() for m in methods)], body)
+    return _table(["Task", *map(_label, methods)], body)
 
 
-def _hyper_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
-    used: dict[str, dict[str, str]] = {}
-    for r in records:
-        hp = r.get("hyper") or {}
-        text = ", ".join(f"{k}={v:g}" for k, v in sorted(hp.items())) or "–"
-        first, last = r.get("averaging_start_epoch"), r.get("epochs_planned")
-        if first is not None and last is not None:
-            text += f" [{first}–{last}]"
-        used.setdefault(r["task"], {})[r["method"]] = text
-    body = [[t, *(hp.get(m, "–") for m in methods)] for t, hp in used.items()]
-    return _table(["Task", *(m.upper() for m in methods)], body)
+def _variant_table(rows: Sequence[TaskRow], variants: Sequence[str]) -> list[str]:
+    """Cost and the share of SAM's gain each cheap variant keeps, per task and pooled."""
+    body = []
+    pooled: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    for r in rows:
+        sam = r.diffs.get("sam")
+        for v in variants:
+            d = r.diffs.get(v)
+            if d is None or sam is None or v not in r.cost:
+                continue
+            share = 100.0 * d.mean / sam.mean if sam.mean > 0 else math.nan
+            pooled[v].append((d.mean, sam.mean, r.cost[v]))
+            body.append(
+                [
+                    r.task, _label(v), f"{r.cost[v]:.2f}×", d.format(signed=True),
+                    sam.format(signed=True), "–" if math.isnan(share) else f"{share:.0f} %",
+                ]
+            )  # fmt: skip
+    for v, items in pooled.items():
+        if not items:
+            continue
+        gain = sum(d for d, _, _ in items)
+        sam_gain = sum(s for _, s, _ in items)
+        cost = math.exp(float(np.mean(np.log([c for _, _, c in items]))))
+        kept = f"{100.0 * gain / sam_gain:.0f} %" if sam_gain > 0 else "–"
+        body.append(
+            [f"**all ({len(items)} tasks)**", _label(v), f"{cost:.2f}×",
+             f"{gain / len(items):+.2f}", f"{sam_gain / len(items):+.2f}", kept]
+        )  # fmt: skip
+    header = ["Task", "Variant", "Cost vs baseline", "Variant − baseline", "SAM − baseline",
+              "SAM's gain kept"]  # fmt: skip
+    return _table(header, body)
 
 
-def _task_table(records: Sequence[dict[str, Any]]) -> list[str]:
+def _hyper_table(
+    hypers: Mapping[tuple[str, str], Any], tasks: Sequence[str], methods: Sequence[str]
+) -> list[str]:
+    body = []
+    for t in tasks:
+        cells = [t]
+        for m in methods:
+            hp = hypers.get((t, m))
+            d = hp.as_dict() if hp is not None else {}
+            cells.append(", ".join(f"{k}={v:g}" for k, v in sorted(d.items())) or "–")
+        body.append(cells)
+    return _table(["Task", *map(_label, methods)], body)
+
+
+def _tuning_table(tuning: Sequence[Any]) -> list[str]:
+    body = []
+    for c in tuning:
+        if not c.params:
+            continue
+        parts = []
+        for point, score, seeds in zip(c.points, c.scores, c.per_seed, strict=True):
+            label = ", ".join(f"{p}={v:g}" for p, v in zip(c.params, point, strict=True))
+            if score is None:
+                text = "failed"
+            else:
+                vals = [100 * s for s in seeds if s is not None]
+                text = f"{100 * score:.2f}" + (
+                    f" (±{(max(vals) - min(vals)) / 2:.2f})" if len(vals) > 1 else ""
+                )
+            parts.append(f"{label}: {text}" + (" ←" if tuple(point) == tuple(c.chosen) else ""))
+        notes = []
+        if c.extended:
+            notes.append("extended " + "; ".join(c.extended))
+        if c.at_edge:
+            notes.append("still at the edge: " + ", ".join(c.at_edge))
+        chosen = ", ".join(f"{p}={v:g}" for p, v in zip(c.params, c.chosen, strict=True))
+        body.append([c.task, _label(c.method), "<br>".join(parts), chosen, "; ".join(notes) or "–"])
+    return _table(
+        ["Task", "Method", "Mean validation accuracy (%) (± half-range over tuning seeds)",
+         "Chosen", "Grid notes"], body,
+    )  # fmt: skip
+
+
+def _task_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
     seen: dict[str, list[str]] = {}
     for r in records:
         rec = r.get("recipe")
         if r["task"] in seen or not rec:
             continue
+        sizes = r.get("sizes") or {}
+        split = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
+        if sizes.get("folds"):
+            split = f"{sizes['folds']}-fold CV, pooled {split}"
         seen[r["task"]] = [
             r["task"], r.get("domain", "?"), r.get("model", "?"), str(r.get("budget", "?")),
             f"{rec['optimizer']} lr {rec['lr']:g}, wd {rec['weight_decay']:g}",
-            str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"],
-            # By name: results.jsonl stores keys sorted, so the dict's order is not the split's.
-            "/".join(str((r.get("sizes") or {}).get(k, "?")) for k in ("train", "val", "test")),
+            str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"], split,
         ]  # fmt: skip
     header = [
         "Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule",
@@ -294,69 +336,83 @@ def _task_table(records: Sequence[dict[str, Any]]) -> list[str]:
     return _table(header, list(seen.values()))
 
 
-def _tuning_table(tuning: Sequence[Any]) -> list[str]:
+def _pvalue_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     body = []
-    for c in tuning:
-        accs = [
-            ("–" if a is None else f"{100 * a:.2f}") + (" ←" if v == c.chosen else "")
-            for v, a in zip(c.values, c.val_acc, strict=True)
-        ]
-        grid = ", ".join(f"{c.param}={v:g}: {a}" for v, a in zip(c.values, accs, strict=True))
-        body.append([c.task, c.owner, grid, f"{c.chosen:g}"])
-    return _table(["Task", "Method", "Validation accuracy (%) per value", "Chosen"], body)
+    for r in rows:
+        for m in methods:
+            c = r.diffs.get(m)
+            if c is None or m == "baseline":
+                continue
+            if c.p is None:
+                body.append([r.task, _label(m), f"{c.mean:+.2f}", "= (not tested)", "–"])
+            else:
+                body.append([r.task, _label(m), f"{c.mean:+.2f}", f"{c.p:.2g}", f"{c.p_holm:.2g}"])
+    return _table(["Task", "Method", "Difference", "p (paired t)", "p (Holm)"], body)
 
 
-def write_csv(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> None:
-    """One row per run (see :data:`CSV_FIELDS`), sorted by task, method, seed."""
-    rows = sorted(records, key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("seed", 0)))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            final, best, hp = r.get("final") or {}, r.get("best_val") or {}, r.get("hyper") or {}
-            writer.writerow(
-                {
-                    "task": r.get("task"), "domain": r.get("domain"), "model": r.get("model"),
-                    "method": r.get("method"), "seed": r.get("seed"), "status": r.get("status"),
-                    "reason": r.get("reason") or "", "rho": hp.get("rho", ""),
-                    "start": hp.get("start", ""), "test_acc": final.get("test_acc", ""),
-                    "test_loss": final.get("test_loss", ""),
-                    "best_val_epoch": best.get("epoch", ""),
-                    "best_val_test_acc": best.get("test_acc", ""),
-                    "val_acc": final.get("val_acc", ""), "train_acc": final.get("train_acc", ""),
-                    "train_loss": final.get("train_loss", ""),
-                    "train_acc_clean": _blank(final.get("train_acc_clean")),
-                    "live_test_acc": final.get("live_test_acc", ""),
-                    "epochs": r.get("epochs", ""), "wall_time": _fmt_time(r.get("wall_time")),
-                    "hash": r.get("hash"),
-                }
-            )  # fmt: skip
+def _ablation_table(
+    ablation: Sequence[Mapping[str, Any]], main: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    task = ablation[0]["task"]
+    rows: dict[tuple[str, float], list[float]] = {}
+    for r in [*ablation, *({**x, "budget_factor": 1.0} for x in main if x["task"] == task)]:
+        if r.get("status") != "ok" or r["method"] not in ("baseline", "swa", "sam", "wasam"):
+            continue
+        rows.setdefault((r["method"], float(r["budget_factor"])), []).append(
+            100.0 * float(r["final"]["test_acc"])
+        )
+    factors = sorted({f for _, f in rows})
+    methods = [
+        m for m in ("baseline", "swa", "sam", "wasam") if any((m, f) in rows for f in factors)
+    ]
+    body = [
+        [_label(m), *(mean_ci(rows.get((m, f), [])).format() for f in factors)] for m in methods
+    ]
+    epochs = {float(r["budget_factor"]): r.get("epochs_planned") for r in ablation}
+    head = [f"{f:g}× ({epochs.get(f, '1×')} ep)" if f != 1.0 else "1× (main grid)" for f in factors]
+    return [f"Task `{task}`, test accuracy (%), mean ± 95 % CI over seeds.", "",
+            *_table(["Method", *head], body)]  # fmt: skip
+
+
+def write_csv(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> None:
+    """One row per result (see :data:`CSV_FIELDS`), sorted by task, method, seed."""
+    rows = sorted(
+        records,
+        key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("budget_factor") or 1.0,
+                       r.get("seed", 0)),
+    )  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        final, hp = r.get("final") or {}, r.get("hyper") or {}
+        row = {k: r.get(k, "") for k in CSV_FIELDS}
+        row.update({k: hp.get(k, "") for k in ("rho", "start", "swa_lr", "alpha")})
+        row.update({k: _blank(final.get(k)) for k in CSV_FIELDS if k in final})
+        row["reason"] = r.get("reason") or ""
+        row["wall_time"] = "" if r.get("wall_time") is None else f"{float(r['wall_time']):.2f}"
+        row["budget_factor"] = r.get("budget_factor") or ""
+        writer.writerow(row)
+    Path(path).write_text(buf.getvalue())
 
 
 def _blank(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _fmt_time(value: Any) -> str:
-    return "" if value is None else f"{float(value):.2f}"
-
-
 def write_report(
     out: str | os.PathLike[str],
-    records: Sequence[dict[str, Any]],
+    summary: Any,
     *,
-    tuning: Sequence[Any] = (),
-    tune_records: Sequence[dict[str, Any]] = (),
-    meta: dict[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
     figures: bool = True,
 ) -> Path:
     """Write ``report.md``, ``results.csv`` and the figures into ``out``.
 
     Args:
         out: output directory.
-        records: evaluation records of the grid.
-        tuning: the validation-grid choices (:class:`~flatmin.bench.runner.TuneChoice`).
-        tune_records: the validation-grid records (their failures are listed).
+        summary: a :class:`~flatmin.bench.runner.GridSummary` (records, tuning, hypers, ablation,
+            flatness).
         meta: the grid's options (suite, budget, seeds, ...), shown at the top.
         figures: draw the PNG figures (needs matplotlib).
 
@@ -365,106 +421,136 @@ def write_report(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = meta or {}
+    meta = dict(meta or {})
+    records = list(summary.records)
     methods = list(meta.get("methods") or dict.fromkeys(r["method"] for r in records))
     if "baseline" in methods:
         methods.remove("baseline")
         methods.insert(0, "baseline")
-    rows = summarize(records, methods)
-    best_rows = summarize(records, methods, selection="best_val")
+    variants = [v for v in meta.get("variants") or () if v not in methods]
+    headline = [r for r in records if r["method"] in methods]
+    rows = summarize(headline, methods)
+    variant_rows = summarize(records, [*methods, *variants]) if variants else []
     ok = [r for r in records if r.get("status") == "ok"]
     seeds = sorted({int(r["seed"]) for r in ok})
-    write_csv(out / "results.csv", records)
+    write_csv(out / "results.csv", [*records, *summary.ablation])
 
     lines = ["# flatmin benchmark report", ""]
+    budgets = ", ".join(f"{t} (`{b}`)" for t, b in (meta.get("task_budgets") or {}).items())
     lines += [
         f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
-        + (
-            " except " + ", ".join(f"{t} (`{b}`)" for t, b in meta["task_budgets"].items())
-            if meta.get("task_budgets")
-            else ""
-        )
-        + "; "
-        f"{len(rows)} tasks × {len(methods)} methods × {len(seeds)} seeds "
-        f"({', '.join(map(str, seeds))}); {len(ok)} of {len(records)} runs finished.",
+        + (f" except {budgets}" if budgets else "")
+        + f"; {len(rows)} tasks × {len(methods)} methods"
+        + (f" (+ {len(variants)} cheap variants on the label-noise tasks)" if variants else "")
+        + f" × {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); "
+        f"{len(ok)} of {len(records)} results finished.",
         "",
-        "Test accuracy (%) in the layout of Kaddour et al. (2022), Table 2: the baseline's mean ± "
-        "std over seeds, then each method's difference to the baseline, mean ± std of the "
-        "per-seed differences (paired by seed; sample std, ddof = 1). `*`: two-sided paired "
-        "t-test over seeds (`scipy.stats.ttest_rel`) with p < 0.05 — with so few seeds the test "
-        "has little power and a mark is weak evidence; an unmarked difference is not evidence "
-        "of no effect.",
+        "**How to read the tables.** Test accuracy (%) in the layout of Kaddour et al. (2022), "
+        "Table 2: the baseline's mean ± the half-width of its 95 % confidence interval over "
+        "seeds, then each method's difference to the baseline: mean ± 95 % CI of the per-seed "
+        "differences (paired by seed: same initialisation and batch order; Student's t). `*`: "
+        "paired t-test p < 0.05 after Holm's correction over every cell of the headline table; "
+        "`=`: the difference is identical on every seed (no variance, not tested). `Test n` is "
+        "the number of test samples and, in brackets, how many points of accuracy one sample "
+        "is: a difference below that is noise.",
         "",
-        "Model selection: the **final epoch** (for SWA/WASAM the averaged weights, BatchNorm "
-        "statistics recomputed on the training set). The epoch with the best validation "
-        "accuracy is reported separately below. All methods train for the same number of "
-        "epochs under the task's LR schedule; averaging never replaces it.",
+        "Model selection: the **final epoch** (for SWA, SWA-LR and WASAM the averaged weights, "
+        "BatchNorm statistics recomputed on the training set). Every method trains for the same "
+        "number of epochs. SWA and WASAM follow Kaddour et al. (Alg. 1-2): the average of the "
+        "baseline's and SAM's own iterates under the task's schedule, read from the same runs; "
+        "SWA-LR follows Izmailov et al. (Alg. 1): a constant SWA learning rate from the start. "
+        "(Best-validation-epoch tables are not reported: the averages exist only from their "
+        "start, so such a table would compare averaged with non-averaged weights.)",
         "",
     ]
     if meta.get("tune"):
         lines += [
-            f"Hyper-parameters: rho and the SWA start chosen per task on the validation split "
-            f"(grid runs with seed {meta.get('tune_seed')}, not an evaluation seed; see "
-            "'Validation grid').",
+            "Hyper-parameters: every tuned hyper-parameter is chosen per task on the validation "
+            f"split (clean labels) by the **mean over tuning seeds {meta.get('tune_seeds')}** "
+            "(never evaluation seeds); grids at an edge are extended (see 'Validation grids').",
             "",
         ]
+    elif meta.get("hyper_source"):
+        lines += [f"Hyper-parameters: fixed per task — {meta['hyper_source']}.", ""]
     else:
-        lines += [
-            "Hyper-parameters: fixed defaults (no validation grid in this suite): SAM/WASAM "
-            "rho = 0.05, ASAM rho = 0.5, SWA/WASAM averaging from 75 % of the epoch budget "
-            "(one snapshot per epoch).",
-            "",
-        ]
+        lines += ["Hyper-parameters: the methods' defaults (no validation grid).", ""]
     lines += ["## Test accuracy (final epoch)", "", *accuracy_tables(rows, methods)]
     lines += [
-        "### summary",
+        "### Summary",
         "",
         "Tasks on which each method's mean difference to the baseline is positive / negative "
-        "(in brackets: with p < 0.05), and the unweighted mean difference over tasks (points).",
+        "(in brackets: significant after Holm), and the unweighted mean and median difference "
+        "over tasks (points).",
         "",
         *summary_table(rows, methods),
         "",
     ]
-    lines += ["## Test accuracy (epoch of best validation accuracy)", ""]
-    lines += accuracy_tables(best_rows, methods)
-    lines += [
-        "## Fit: train accuracy / test accuracy (%)",
-        "",
-        "Final model, mean over seeds; train accuracy is measured on the labels trained on "
-        "(noisy labels for the label-noise tasks: 100 % means the noise was memorised).",
-        "",
-    ]
-    lines += [*_fit_table(rows, methods), ""]
+    if any(r.fit.get("baseline", (None, None))[1] is not None for r in rows):
+        lines += [
+            "## Memorisation (label-noise tasks)",
+            "",
+            "Final reported weights, mean over seeds (%). Train accuracy on the noisy labels "
+            "the model was trained on, on the true labels of the same images, and the share of "
+            "flipped labels the model reproduces (100 % = the noise is memorised). A model that "
+            "ignores the noise has a low share and a high accuracy on the true labels.",
+            "",
+            *_fit_table(rows, methods),
+            "",
+        ]
+    if variant_rows and variants:
+        lines += [
+            "## Cheap SAM variants (label-noise tasks)",
+            "",
+            "Wall time of a run relative to the baseline's, its difference to the baseline, "
+            "SAM's, and the share of SAM's gain it keeps ((variant − baseline) / (SAM − "
+            "baseline); pooled: the sum of the mean differences over tasks). Variants use SAM's "
+            "rho; LookSAM's alpha is tuned.",
+            "",
+            *_variant_table(variant_rows, variants),
+            "",
+        ]
+    if summary.ablation:
+        lines += ["## Budget ablation", "", *_ablation_table(summary.ablation, records), ""]
+    if summary.flatness:
+        from flatmin.bench.flatness import flatness_lines
+
+        lines += ["## Flatness of the solutions", "", *flatness_lines(summary.flatness), ""]
+    all_methods = [*methods, *variants]
+    cost_rows = variant_rows or rows
     lines += [
         "## Relative wall-clock cost",
         "",
         "Mean wall time of a run relative to the baseline's on the same task (training, "
-        "per-epoch evaluation and BN recomputation included).",
+        "evaluation and BN recomputation included). SWA and WASAM are read from the baseline's "
+        "and SAM's runs, which also keep their averages, so they show those runs' cost.",
+        "",
+        *_cost_table(cost_rows, all_methods),
         "",
     ]
-    lines += [*_cost_table(rows, methods), ""]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    lines += [
+        "## Chosen hyper-parameters",
+        "",
+        *_hyper_table(summary.hypers, tasks, all_methods),
+        "",
+    ]
+    if summary.tuning:
+        lines += ["## Validation grids", "", *_tuning_table(summary.tuning), ""]
     lines += [
         "## Tasks and budgets",
         "",
-        "Split sizes are samples (labelled nodes for node classification): one test sample is "
-        "100/n points of accuracy.",
+        "Split sizes are samples (labelled nodes for node classification).",
         "",
         *_task_table(records),
         "",
-    ]
-    lines += [
-        "## Hyper-parameters used",
+        "## p-values",
         "",
-        "`start` is the fraction of the epoch budget after which SWA averages one snapshot per "
-        "epoch; the averaged epochs are shown in brackets (a single epoch means the average is "
-        "the final weights, so SWA equals the baseline there).",
-        "",
-        *_hyper_table(records, methods),
+        *_pvalue_table(variant_rows or rows, all_methods),
         "",
     ]
-    if tuning:
-        lines += ["## Validation grid", "", *_tuning_table(tuning), ""]
-    bad = [r for r in list(records) + list(tune_records) if r.get("status") != "ok"]
+    bad = [
+        r for r in [*records, *summary.tune_records, *summary.ablation] if r.get("status") != "ok"
+    ]
     if bad:
         lines += ["## Failed runs", ""]
         lines += [
@@ -474,77 +560,11 @@ def write_report(
             for r in bad
         ] + [""]
     if figures and ok:
-        names = _figures(out, rows, records, methods)
+        from flatmin.bench.figures import report_figures
+
+        names = report_figures(out, rows, records, methods, summary.ablation)
         if names:
             lines += ["## Figures", ""] + [f"![{n}]({n})" for n in names] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def _figures(
-    out: Path, rows: Sequence[TaskRow], records: Sequence[dict[str, Any]], methods: Sequence[str]
-) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the plot extra is optional
-        return []
-    names = []
-    others = [m for m in methods if m != "baseline"]
-    if others and rows:
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
-        width = 0.8 / len(others)
-        x = np.arange(len(rows))
-        for i, m in enumerate(others):
-            cells = [r.diffs.get(m) for r in rows]
-            means = [np.nan if c is None else c.mean for c in cells]
-            stds = [0.0 if c is None or math.isnan(c.std) else c.std for c in cells]
-            ax.bar(x + (i - (len(others) - 1) / 2) * width, means, width, yerr=stds, label=m,
-                   capsize=2)  # fmt: skip
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xticks(x, [r.task for r in rows], rotation=30, ha="right")
-        ax.set_ylabel("test accuracy − baseline (points)")
-        ax.set_title("Difference to the baseline (mean ± std over seeds)")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / "differences.png", dpi=120)
-        plt.close(fig)
-        names.append("differences.png")
-    for key, ylabel, name in (
-        ("test_acc", "test accuracy (%)", "curves_test.png"),
-        ("train_loss", "train loss", "curves_train_loss.png"),
-    ):
-        cols = min(4, len(rows))
-        nrows = math.ceil(len(rows) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-        for ax, r in zip(axes.flat, rows, strict=False):
-            for m in methods:
-                curves = [
-                    rec["curves"][key]
-                    for rec in records
-                    if rec["task"] == r.task and rec["method"] == m and rec.get("status") == "ok"
-                ]
-                if not curves:
-                    continue
-                n = min(len(c) for c in curves)
-                mean = np.mean([c[:n] for c in curves], axis=0)
-                scale = 100.0 if key.endswith("acc") else 1.0
-                ax.plot(np.arange(1, n + 1), scale * mean, label=m)
-            ax.set_title(r.task, fontsize="medium")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(ylabel)
-            if key == "train_loss":
-                ax.set_yscale("log")
-        for ax in list(axes.flat)[len(rows) :]:
-            ax.axis("off")
-        labelled = [ax for ax in axes.flat if ax.get_lines()]
-        if labelled:
-            labelled[0].legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
-    return names

@@ -1,13 +1,17 @@
 """The benchmark runner: a resumable grid of tasks × methods × seeds.
 
-Protocol (Kaddour et al. 2022, Sec. 4):
+Stages (the protocol is :mod:`flatmin.bench.plan`):
 
-1. **Validation grid** (``tune=True``): for every task, each tuned hyper-parameter is chosen on
-   the validation split from its owner's grid (SAM's ``rho``, ASAM's ``rho``, SWA's ``start``),
-   one run per grid value at ``tune_seed`` (not an evaluation seed), the others at their defaults.
-   The value with the best final validation accuracy wins (ties: the default, then the smaller).
-   WASAM takes SAM's ``rho`` and SWA's ``start``. Without ``tune``, the defaults are used.
-2. **Evaluation grid**: every (task, method, seed) with the selected hyper-parameters.
+1. **Tuning** (``tune=True``): the validation grids at the tuning seeds, in rounds, until every
+   method's choice is final (grids at an edge are extended); without ``tune`` the suite's fixed
+   hyper-parameters (``hypers``) or the methods' defaults are used.
+2. **Evaluation**: every (task, method, seed) at the chosen hyper-parameters; views of one
+   trajectory share its run (baseline/swa, sam/wasam).
+3. **Budget ablation** (``ablation_task``): baseline, SWA, SAM and WASAM of one task at other
+   multiples of its epoch budget.
+4. **Flatness** (``analysis_task``): the first evaluation seed's baseline and SAM runs are
+   trained again (deterministically: the test accuracy must match the recorded one) with
+   checkpoints, and their flatness is measured (:mod:`flatmin.bench.flatness`).
 
 Every finished run is appended to ``<out>/results.jsonl`` (:mod:`flatmin.bench.store`) under
 its configuration hash. Rerunning the same grid skips the hashes already recorded (status ``ok``
@@ -33,9 +37,17 @@ from typing import Any, Protocol
 import torch
 
 from flatmin.bench.methods import Hyper, get_method
+from flatmin.bench.plan import (
+    GridState,
+    TuneChoice,
+    eval_trajectory,
+    free_params,
+    plan_eval,
+    plan_tuning,
+)
 from flatmin.bench.store import append_record, latest_by_hash, read_records
 from flatmin.bench.suites import Suite
-from flatmin.bench.train import RunSpec, train
+from flatmin.bench.train import RunSpec, average_key, train
 from flatmin.data import Dataset, load_dataset
 from flatmin.tasks import BUDGETS, Task, get_task
 
@@ -44,14 +56,12 @@ __all__ = [
     "GridSummary",
     "RegistryResolver",
     "Resolver",
-    "TuneChoice",
-    "plan_runs",
-    "plan_tuning",
+    "method_result",
     "run_grid",
-    "select_hyper",
 ]
 
 RESULTS = "results.jsonl"
+ABLATION_METHODS = ("baseline", "swa", "sam", "wasam")
 
 
 class Resolver(Protocol):
@@ -96,8 +106,17 @@ class BenchConfig:
         seeds: evaluation seeds.
         budget: the tasks' ``"quick"`` or ``"full"`` recipes.
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
-        tune: choose rho / start on the validation split (see the module docstring).
-        tune_seed: seed of the validation-grid runs.
+        tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
+        tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
+        hypers: fixed hyper-parameters by task and method (used without ``tune``; missing ones
+            are the methods' defaults).
+        hyper_source: where ``hypers`` come from (shown in the report).
+        variants: extra methods run only on ``variant_tasks`` (the cheap SAM variants).
+        variant_tasks: the tasks of ``variants``.
+        ablation_task: train baseline/SWA/SAM/WASAM of this task also at ``ablation_factors`` ×
+            its epoch budget.
+        ablation_factors: multiples of the epoch budget for the ablation (besides 1).
+        analysis_task: measure the flatness of this task's first-seed models.
         jobs: parallel worker processes.
         threads: torch threads per run.
         epochs: override every task's epoch budget (tests, smoke runs).
@@ -114,7 +133,14 @@ class BenchConfig:
     budget: str = "quick"
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
-    tune_seed: int = 100
+    tune_seeds: tuple[int, ...] = (100, 101)
+    hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
+    hyper_source: str | None = None
+    variants: tuple[str, ...] = ()
+    variant_tasks: tuple[str, ...] = ()
+    ablation_task: str | None = None
+    ablation_factors: tuple[float, ...] = (0.5, 2.0)
+    analysis_task: str | None = None
     jobs: int = 1
     threads: int = 1
     epochs: int | None = None
@@ -130,7 +156,10 @@ class BenchConfig:
             out=Path(out), tasks=suite.tasks, methods=suite.methods,
             seeds=tuple(range(suite.seeds)), budget=suite.budget,
             task_budgets=dict(suite.task_budgets), tune=suite.tune,
-            tune_seed=suite.tune_seed, jobs=suite.jobs, suite=suite.name,
+            tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
+            variants=suite.variants, variant_tasks=suite.variant_tasks,
+            ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
+            jobs=suite.jobs, suite=suite.name,
         )  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -138,51 +167,54 @@ class BenchConfig:
         """The budget of ``task``'s runs."""
         return self.task_budgets.get(task, self.budget)
 
-    def validate(self, resolver: Resolver | None = None) -> None:
-        """Check names and ranges.
+    def methods_of(self, task: str) -> tuple[str, ...]:
+        """The methods run on ``task`` (the variants only on ``variant_tasks``)."""
+        extra = self.variants if task in self.variant_tasks else ()
+        return self.methods + tuple(m for m in extra if m not in self.methods)
 
-        Raises:
-            ValueError: an unknown task/method/budget (the message lists the valid names) or an
-                out-of-range option.
-        """
-        look = resolver or RegistryResolver()
+    def validate(self, resolver: Resolver | None = None) -> None:
+        """Raise ``ValueError`` for an unknown name or a bad option, before anything runs."""
+        resolver = resolver or RegistryResolver()
         for name in self.tasks:
-            look.task(name)
-        for name in self.methods:
+            resolver.task(name)  # raises with the list of known tasks
+        for name in (*self.methods, *self.variants):
             get_method(name)
-        for budget in (self.budget, *self.task_budgets.values()):
-            if budget not in BUDGETS:
-                raise ValueError(f"Invalid budget: {budget!r} (expected one of {BUDGETS})")
-        if not self.tasks or not self.methods or not self.seeds:
-            raise ValueError(
-                f"Invalid grid: {len(self.tasks)} tasks × {len(self.methods)} methods × "
-                f"{len(self.seeds)} seeds (expected at least one of each)"
-            )
+        if "baseline" not in self.methods:
+            raise ValueError(f"Invalid methods: {list(self.methods)} (the report needs 'baseline')")
+        for name in (*self.task_budgets.values(), self.budget):
+            if name not in BUDGETS:
+                raise ValueError(f"Invalid budget: {name!r} (expected one of {BUDGETS})")
+        for name in self.task_budgets:
+            if name not in self.tasks:
+                raise ValueError(f"Invalid task budget: {name!r} is not one of the tasks")
+        for name in self.variant_tasks:
+            if name not in self.tasks:
+                raise ValueError(f"Invalid variant task: {name!r} is not one of the tasks")
+        for special in (self.ablation_task, self.analysis_task):
+            if special is not None and special not in self.tasks:
+                raise ValueError(
+                    f"Invalid ablation/analysis task: {special!r} is not one of the tasks"
+                )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Invalid seeds: {self.seeds} (expected distinct seeds)")
         if self.jobs < 1 or self.threads < 1:
             raise ValueError(f"Invalid jobs/threads: {self.jobs}/{self.threads} (expected >= 1)")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"Invalid epochs: {self.epochs} (expected >= 1)")
-        if self.tune_seed in self.seeds:
-            raise ValueError(f"Invalid tune_seed: {self.tune_seed} (it is also an evaluation seed)")
-
-
-@dataclass(frozen=True)
-class TuneChoice:
-    """The validation grid of one hyper-parameter of one task.
-
-    Attributes:
-        task, owner, param: e.g. ``("digits", "sam", "rho")``.
-        values: the grid.
-        val_acc: final validation accuracy per value (``None``: the run failed or is missing).
-        chosen: the selected value.
-    """
-
-    task: str
-    owner: str
-    param: str
-    values: tuple[float, ...]
-    val_acc: tuple[float | None, ...]
-    chosen: float
+        if self.tune and not self.tune_seeds:
+            raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
+        if set(self.tune_seeds) & set(self.seeds):
+            raise ValueError(
+                f"Invalid tune_seeds: {self.tune_seeds} (they overlap the evaluation seeds "
+                f"{self.seeds})"
+            )
+        if any(f <= 0 or f == 1 for f in self.ablation_factors):
+            raise ValueError(
+                f"Invalid ablation_factors: {self.ablation_factors} (expected > 0 and != 1)"
+            )
+        for table in self.hypers.values():
+            for name, hyper in table.items():
+                eval_trajectory(get_method(name), get_method(name).resolve(hyper))
 
 
 @dataclass
@@ -190,13 +222,18 @@ class GridSummary:
     """What :func:`run_grid` did.
 
     Attributes:
-        planned: runs in the grid (tuning included).
+        planned: runs in the grid (tuning and ablation included).
         skipped: runs already in ``results.jsonl``.
         ran: runs trained now.
         failed: runs that ended ``failed`` or ``error`` (of all in the grid).
         wall_time: seconds.
-        records: the grid's evaluation records (for the report).
+        records: one result per (task, method, seed) of the evaluation grid
+            (:func:`method_result`).
+        tune_records: the validation-grid trajectory records.
+        ablation: results of the budget ablation (``record["budget_factor"]`` set).
         tuning: the validation-grid choices.
+        hypers: the hyper-parameters used, by (task, method).
+        flatness: the flatness study (``None`` without ``analysis_task``).
         out: output directory.
     """
 
@@ -207,94 +244,36 @@ class GridSummary:
     wall_time: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
     tune_records: list[dict[str, Any]] = field(default_factory=list)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
     tuning: list[TuneChoice] = field(default_factory=list)
+    hypers: dict[tuple[str, str], Hyper] = field(default_factory=dict)
+    flatness: dict[str, Any] | None = None
     out: Path = Path()
 
 
-def _tuned_params(cfg: BenchConfig) -> list[tuple[str, str]]:
-    """``(owner method, param)`` pairs that the grid's methods need tuned."""
-    pairs: list[tuple[str, str]] = []
-    for name in cfg.methods:
-        for param, owner in get_method(name).tuned_by.items():
-            if (owner, param) not in pairs:
-                pairs.append((owner, param))
-    return pairs
+def method_result(record: Mapping[str, Any], method: str, hyper: Hyper) -> dict[str, Any]:
+    """A method's result read from its trajectory's record.
 
-
-def plan_tuning(cfg: BenchConfig) -> list[RunSpec]:
-    """The validation-grid runs (empty without ``cfg.tune``)."""
-    if not cfg.tune:
-        return []
-    specs = []
-    for task in cfg.tasks:
-        for owner, param in _tuned_params(cfg):
-            for value in get_method(owner).grids[param]:
-                specs.append(
-                    RunSpec(
-                        task, owner, cfg.tune_seed, cfg.budget_of(task), Hyper(**{param: value}),
-                        cfg.epochs, stage="tune",
-                    )
-                )  # fmt: skip
-    return specs
-
-
-def select_hyper(
-    cfg: BenchConfig, records: dict[str, dict[str, Any]], resolver: Resolver | None = None
-) -> tuple[dict[tuple[str, str], Hyper], list[TuneChoice]]:
-    """Pick each task's hyper-parameters from the validation-grid records.
-
-    Args:
-        cfg: the grid.
-        records: records by configuration hash.
-        resolver: task lookup (for the hashes).
-
-    Returns:
-        ``{(task, method): Hyper}`` for every method of the grid, and the grid tables.
+    For a trajectory the record itself (with ``method`` and ``hyper`` of the method); for a view
+    (swa, wasam) the average from its ``start``: ``final`` becomes that average's metrics (with
+    ``live_test_acc`` the trajectory's final test accuracy) and ``trajectory`` names the run.
     """
-    look = resolver or RegistryResolver()
-    chosen: dict[tuple[str, str, str], float] = {}
-    choices = []
-    if cfg.tune:
-        for task in cfg.tasks:
-            t = look.task(task)
-            for owner, param in _tuned_params(cfg):
-                m = get_method(owner)
-                values = m.grids[param]
-                default = getattr(m.defaults, param)
-                accs: list[float | None] = []
-                for value in values:
-                    spec = RunSpec(
-                        task, owner, cfg.tune_seed, cfg.budget_of(task), Hyper(**{param: value}),
-                        cfg.epochs, stage="tune",
-                    )  # fmt: skip
-                    rec = records.get(spec.config_hash(t))
-                    ok = rec is not None and rec.get("status") == "ok"
-                    accs.append(rec["final"]["val_acc"] if ok and rec else None)
-                scored = [(a, v) for a, v in zip(accs, values, strict=True) if a is not None]
-                best = default
-                if scored:
-                    top = max(a for a, _ in scored)
-                    winners = [v for a, v in scored if a == top]
-                    best = default if default in winners else min(winners)
-                chosen[(task, owner, param)] = best
-                choices.append(TuneChoice(task, owner, param, values, tuple(accs), best))
-    hypers = {}
-    for task in cfg.tasks:
-        for name in cfg.methods:
-            m = get_method(name)
-            kw = {p: chosen.get((task, owner, p)) for p, owner in m.tuned_by.items()}
-            hypers[(task, name)] = m.resolve(kw.get("rho"), kw.get("start"))
-    return hypers, choices
-
-
-def plan_runs(cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]) -> list[RunSpec]:
-    """The evaluation runs, ordered task → seed → method (paired runs finish close together)."""
-    return [
-        RunSpec(task, method, seed, cfg.budget_of(task), hypers[(task, method)], cfg.epochs)
-        for task in cfg.tasks
-        for seed in cfg.seeds
-        for method in cfg.methods
-    ]
+    m = get_method(method)
+    out = dict(record)
+    out["method"] = method
+    out["trajectory"] = record.get("method")
+    out["hyper"] = hyper.as_dict()
+    if free_params(m) and record.get("status") == "ok":
+        avg = (record.get("averages") or {}).get(average_key(hyper.start))  # type: ignore[arg-type]
+        if avg is None:
+            out["status"] = "error"
+            out["reason"] = f"no average from start {hyper.start} in run {record.get('hash')}"
+        else:
+            live = record.get("final", {}).get("test_acc")
+            out["final"] = {**avg, "live_test_acc": live}
+            out["averaging_start_epoch"] = None
+    out.pop("averages", None)
+    return out
 
 
 # -- execution ------------------------------------------------------------------------------------
@@ -316,7 +295,7 @@ def _execute(
 
         def on_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
             if notify is not None:
-                notify(epoch, epochs, metrics["test_acc"])
+                notify(epoch, epochs, metrics["train_acc"])
 
         return train(spec, task=task, dataset=dataset, on_epoch=on_epoch).record
     except Exception as exc:  # the grid goes on; the run is retried on the next invocation
@@ -382,7 +361,7 @@ class _Bars:
             return
         bar.total = epochs
         bar.n = epoch
-        bar.set_postfix_str(f"test {100 * acc:.2f}%", refresh=True)
+        bar.set_postfix_str(f"train {100 * acc:.1f}%", refresh=True)
 
     def finish(self, run_id: int, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -496,54 +475,130 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     if cfg.run:
         # Fetch and load every dataset once in this process before any worker starts: a missing
         # source fails here with one clear error, and workers never download concurrently.
-        for task in task_of.values():
-            look.dataset(task)
+        for task_obj in task_of.values():
+            look.dataset(task_obj)
+    counted: set[str] = set()
 
-    def todo(specs: list[RunSpec]) -> list[RunSpec]:
-        done = latest_by_hash(read_records(results))
-        left = []
+    def records() -> dict[str, dict[str, Any]]:
+        return latest_by_hash(read_records(results))
+
+    def run(specs: Sequence[RunSpec], desc: str) -> dict[str, dict[str, Any]]:
+        """Train the specs not recorded yet (once each); return the records by hash."""
+        done = records()
+        left, hashes = [], set()
         for spec in specs:
-            rec = done.get(spec.config_hash(task_of[spec.task]))
-            if rec is not None and rec.get("status") != "error":
-                summary.skipped += 1
-            elif cfg.run:
+            h = spec.config_hash(task_of[spec.task])
+            if h in hashes:
+                continue
+            hashes.add(h)
+            rec = done.get(h)
+            finished = rec is not None and rec.get("status") != "error"
+            if h not in counted:
+                counted.add(h)
+                summary.planned += 1
+                summary.skipped += finished
+            if not finished and cfg.run:
                 left.append(spec)
-        summary.planned += len(specs)
         summary.ran += len(left)
-        return left
+        if left:
+            _run_specs(left, cfg, look, results, desc)
+            done = records()
+        return done
 
-    tune_specs = plan_tuning(cfg)
-    left = todo(tune_specs)
-    if left:
-        _run_specs(left, cfg, look, results, "validation grid")
-    records = latest_by_hash(read_records(results))
-    hypers, summary.tuning = select_hyper(cfg, records, look)
-    specs = plan_runs(cfg, hypers)
-    left = todo(specs)
-    if left:
-        _run_specs(left, cfg, look, results, "benchmark")
+    def hash_of(spec: RunSpec) -> str:
+        return spec.config_hash(task_of[spec.task])
 
-    records = latest_by_hash(read_records(results))
-    summary.records = [
-        records[s.config_hash(task_of[s.task])] for s in specs if _has(records, s, task_of)
-    ]
-    summary.tune_records = [
-        records[s.config_hash(task_of[s.task])] for s in tune_specs if _has(records, s, task_of)
-    ]
-    summary.failed = sum(r.get("status") != "ok" for r in summary.records + summary.tune_records)
+    # -- 1. tuning ----------------------------------------------------------------------------
+    hypers: dict[tuple[str, str], Hyper] = {}
+    tune_hashes: list[str] = []
+    if cfg.tune:
+        state: GridState = {}
+        while True:
+            found = records()
+            plan = plan_tuning(cfg, state, found, task_of)
+            missing = [s for s in plan.specs if hash_of(s) not in found]
+            if missing and cfg.run:
+                run(plan.specs, "validation grid")  # then plan again with the same grids
+                continue
+            run(plan.specs, "validation grid")  # counts what was found
+            if plan.state == state or missing:
+                break
+            state = plan.state
+        tune_hashes = [hash_of(s) for s in plan.specs]
+        summary.tuning = list(plan.choices.values())
+        for (task, name), choice in plan.choices.items():
+            hypers[(task, name)] = choice.hyper
+    for task in cfg.tasks:
+        for name in cfg.methods_of(task):
+            if (task, name) not in hypers:
+                fixed = cfg.hypers.get(task, {}).get(name)
+                hypers[(task, name)] = get_method(name).resolve(fixed)
+    summary.hypers = hypers
+
+    # -- 2. evaluation ------------------------------------------------------------------------
+    eval_specs: dict[tuple[str, str, int], RunSpec] = {}
+    for task in cfg.tasks:
+        eval_specs.update(
+            plan_eval([task], cfg.methods_of(task), cfg.seeds, hypers, cfg.budget_of, cfg.epochs)
+        )
+    found = run(list(eval_specs.values()), "benchmark")
+
+    # -- 3. budget ablation -------------------------------------------------------------------
+    ablation: dict[tuple[str, str, int, float], RunSpec] = {}
+    if cfg.ablation_task is not None:
+        at = cfg.ablation_task
+        base_epochs = cfg.epochs or task_of[at].recipe(cfg.budget_of(at)).epochs
+        methods = [m for m in ABLATION_METHODS if m in cfg.methods_of(at)]
+        for factor in cfg.ablation_factors:
+            epochs = max(1, round(factor * base_epochs))
+            for (t, name, seed), spec in plan_eval(
+                [at], methods, cfg.seeds, hypers, cfg.budget_of, epochs
+            ).items():
+                ablation[(t, name, seed, factor)] = spec
+        found = run(list(ablation.values()), "budget ablation")
+
+    # -- results --------------------------------------------------------------------------------
+    found = records()
+    for (t, name, _), spec in eval_specs.items():
+        rec = found.get(hash_of(spec))
+        if rec is not None:
+            summary.records.append(method_result(rec, name, hypers[(t, name)]))
+    for (t, name, _, factor), spec in ablation.items():
+        rec = found.get(hash_of(spec))
+        if rec is not None:
+            summary.ablation.append(
+                {**method_result(rec, name, hypers[(t, name)]), "budget_factor": factor}
+            )
+    summary.tune_records = [found[h] for h in dict.fromkeys(tune_hashes) if h in found]
+    all_runs = {hash_of(s) for s in (*eval_specs.values(), *ablation.values())}
+    all_runs |= set(tune_hashes)
+    summary.failed = sum(found[h].get("status") != "ok" for h in all_runs if h in found)
+
+    # -- 4. flatness ----------------------------------------------------------------------------
+    if cfg.analysis_task is not None and cfg.run:
+        from flatmin.bench.flatness import flatness_study
+
+        an = cfg.analysis_task
+        seed = cfg.seeds[0]
+        specs = {
+            name: eval_specs[(an, name, seed)]
+            for name in ABLATION_METHODS
+            if (an, name, seed) in eval_specs
+        }
+        summary.flatness = flatness_study(
+            cfg.out, task_of[an], specs, {n: hypers[(an, n)] for n in specs}, found,
+            resolver=look, threads=cfg.threads,
+        )  # fmt: skip
+    elif cfg.analysis_task is not None:
+        from flatmin.bench.flatness import load_flatness
+
+        summary.flatness = load_flatness(cfg.out)
     summary.wall_time = time.perf_counter() - t0
     if cfg.report:
         from flatmin.bench.report import write_report
 
-        write_report(
-            cfg.out, summary.records, tuning=summary.tuning, tune_records=summary.tune_records,
-            meta=_meta(cfg),
-        )  # fmt: skip
+        write_report(cfg.out, summary, meta=_meta(cfg))
     return summary
-
-
-def _has(records: dict[str, dict[str, Any]], spec: RunSpec, task_of: dict[str, Task]) -> bool:
-    return spec.config_hash(task_of[spec.task]) in records
 
 
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
@@ -553,9 +608,15 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "task_budgets": dict(cfg.task_budgets),
         "tasks": list(cfg.tasks),
         "methods": list(cfg.methods),
+        "variants": list(cfg.variants),
+        "variant_tasks": list(cfg.variant_tasks),
         "seeds": list(cfg.seeds),
         "tune": cfg.tune,
-        "tune_seed": cfg.tune_seed,
+        "tune_seeds": list(cfg.tune_seeds),
+        "hyper_source": cfg.hyper_source,
+        "ablation_task": cfg.ablation_task,
+        "ablation_factors": list(cfg.ablation_factors),
+        "analysis_task": cfg.analysis_task,
         "epochs": cfg.epochs,
         "jobs": cfg.jobs,
         "threads": cfg.threads,

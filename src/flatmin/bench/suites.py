@@ -1,19 +1,22 @@
 """Named benchmark suites: which tasks, methods, seeds and budget ``flatmin bench`` runs.
 
-* ``quick`` — the README's first command: one task per domain (the vision one with 40 % label
-  noise, trained to memorise it), the four methods of Kaddour et al. (baseline, SWA, SAM,
-  WASAM), 3 seeds and the methods' default hyper-parameters (rho = 0.05, SWA from 75 % of the
-  budget; no validation grid), so that it takes a few minutes on 2 CPU cores.
-* ``full`` — the committed run in ``docs/results/``: two or three tasks per domain, among them a
-  label-noise task trained long enough for SGD to memorise the noise, ASAM and the cheap SAM
-  variants as well, 3 seeds, the ``full`` budgets, and rho / start chosen per task on the
-  validation split from the methods' grids.
+* ``full`` — the committed run in ``docs/results/``: three domains, label noise on three vision
+  datasets and one text dataset beside clean tasks, the methods of Kaddour et al. (baseline,
+  SWA, SAM, WASAM) with both definitions of SWA and ASAM, the cheap SAM variants on the
+  label-noise tasks, 5 evaluation seeds, every hyper-parameter chosen on validation data with 2
+  tuning seeds (:mod:`flatmin.bench.plan`), a budget ablation and a flatness study.
+* ``quick`` — the README's main command: one task per domain, baseline / SWA / SAM / WASAM,
+  3 seeds, **no tuning**: each task's hyper-parameters are the full run's validation choices,
+  written below with where they came from, so that its table shows what the full run shows in a
+  few minutes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from flatmin.bench.methods import Hyper
 
 __all__ = ["SUITES", "Suite", "get_suite", "suite_names", "unknown_suite_message"]
 
@@ -29,9 +32,15 @@ class Suite:
         methods: method names (``baseline`` first: the others are reported against it).
         seeds: number of evaluation seeds (``0 .. seeds - 1``).
         budget: ``"quick"`` or ``"full"`` recipes of the tasks.
+        tune: choose the hyper-parameters on validation data.
         task_budgets: per-task exceptions to ``budget``.
-        tune: choose rho / start per task on the validation split (the methods' grids).
-        tune_seed: the seed of the validation-grid runs (not one of the evaluation seeds).
+        tune_seeds: seeds of the validation-grid runs (never evaluation seeds).
+        hypers: fixed hyper-parameters by task and method (without ``tune``).
+        hyper_source: where ``hypers`` come from.
+        variants: methods run only on ``variant_tasks``.
+        variant_tasks: the label-noise tasks of the variants.
+        ablation_task: the task of the budget ablation (``None``: none).
+        analysis_task: the task of the flatness study (``None``: none).
         jobs: default number of parallel worker processes.
     """
 
@@ -43,42 +52,73 @@ class Suite:
     budget: str
     tune: bool
     task_budgets: Mapping[str, str] = field(default_factory=dict)
-    tune_seed: int = 100
+    tune_seeds: tuple[int, ...] = (100, 101)
+    hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
+    hyper_source: str | None = None
+    variants: tuple[str, ...] = ()
+    variant_tasks: tuple[str, ...] = ()
+    ablation_task: str | None = None
+    analysis_task: str | None = None
     jobs: int = 2
 
+
+# The quick suite's hyper-parameters: the validation choices of the committed full run
+# (docs/results/report.md, "Chosen hyper-parameters"), copied here by hand.
+QUICK_SOURCE = "validation choices of the committed full run (docs/results/report.md)"
+QUICK_HYPERS: Mapping[str, Mapping[str, Hyper]] = {
+    "digits-noisy40": {
+        "swa": Hyper(start=0.75),
+        "sam": Hyper(rho=0.5),
+        "wasam": Hyper(rho=0.5, start=0.75),
+    },
+    "rotten-tomatoes": {
+        "swa": Hyper(start=0.75),
+        "sam": Hyper(rho=0.05),
+        "wasam": Hyper(rho=0.05, start=0.75),
+    },
+    "mutag": {
+        "swa": Hyper(start=0.75),
+        "sam": Hyper(rho=0.05),
+        "wasam": Hyper(rho=0.05, start=0.75),
+    },
+}
 
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
         Suite(
             "quick",
-            "3 domains (one with 40 % label noise), 4 methods, 3 seeds, default rho/start",
+            "3 domains (vision with 40 % label noise), baseline/SWA/SAM/WASAM, 3 seeds, "
+            "hyper-parameters from the full run",
             tasks=("digits-noisy40", "rotten-tomatoes", "mutag"),
             methods=("baseline", "swa", "sam", "wasam"),
             seeds=3,
-            budget="quick",
-            # The cheap tasks at their full budgets: SGD memorises the noisy labels, GIN fits
-            # MUTAG, and the text task trains 12 epochs, so that SWA from 75 % averages 3 of them.
-            task_budgets={"digits-noisy40": "full", "rotten-tomatoes": "full", "mutag": "full"},
+            budget="full",
             tune=False,
+            hypers=QUICK_HYPERS,
+            hyper_source=QUICK_SOURCE,
         ),
         Suite(
             "full",
-            "3 domains + label noise, 9 methods, 3 seeds, full budgets, rho/start tuned on val",
+            "3 domains, label noise, 6 methods + 4 cheap variants, 5 seeds, everything tuned",
             tasks=(
-                "digits",
                 "digits-noisy40",
-                "mnist-5k",
+                "mnist-5k-noisy40",
+                "fashion-mnist-noisy40",
+                "fashion-mnist",
                 "rotten-tomatoes",
-                "reuters-r8",
+                "rotten-tomatoes-noisy20",
+                "20newsgroups",
                 "mutag",
-                "mutag-gcn",
-                "drosophila",
             ),
-            methods=("baseline", "swa", "sam", "asam", "wasam", "samk", "samk5", "looksam", "esam"),
-            seeds=3,
+            methods=("baseline", "swa", "swa-lr", "sam", "asam", "wasam"),
+            seeds=5,
             budget="full",
             tune=True,
+            variants=("samk", "samk5", "looksam", "esam"),
+            variant_tasks=("digits-noisy40", "mnist-5k-noisy40"),
+            ablation_task="digits-noisy40",
+            analysis_task="digits-noisy40",
         ),
     )
 }

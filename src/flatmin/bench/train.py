@@ -2,19 +2,30 @@
 
 The loop (nanoGPT style: no trainer class, no hidden state)::
 
-    data   = task.load(budget, seed)                 # batches, loss, accuracy
-    model  = data.make_model()                       # initialised from the seed
-    opt, avg = method.build(BuildContext(model, base, kw, hyper, ...))  # + averager or None
-    sched  = recipe.make_scheduler(opt)              # the task's per-step LR schedule
+    data   = task.load(budget, seed[, fold])             # batches, loss, accuracy
+    model  = data.make_model()                           # initialised from the seed
+    opt    = method.build(BuildContext(model, ...))      # SGD/AdamW, SAM, ASAM, LookSAM, ...
+    sched  = the task's per-step LR schedule (swa-lr: constant swa_lr from the start epoch)
+    averages = {start: WeightAveraging(model, start=start_epoch(start, E))}  # SWA, WASAM views
     for epoch in 1..E:
-        for batch: opt.step(closure); sched.step()   # SAM calls the closure twice
-        avg.update()                                 # one SWA snapshot per epoch (from start)
-        avg.update_bn(train)                         # BN statistics of the new average
-        evaluate the reported weights (the average once it exists, else the live weights)
+        for batch: opt.step(closure); sched.step()       # SAM calls the closure twice
+        for avg in averages: avg.update()                # one snapshot per epoch from its start
+        (eval runs) validation accuracy of the live weights, for the curves
+    for avg in averages: avg.update_bn(train); evaluate the average
+    evaluate the final weights: test, validation, train on the labels trained on and on the true
+    labels, and how many flipped labels the model reproduces (memorisation)
 
-Model selection: the reported result is the final epoch's; the epoch with the best validation
-accuracy is recorded separately (``best_val``), as is the live (non-averaged) final model of the
-averaging methods. A non-finite training loss ends the run with ``status="failed"``.
+Shared trajectories: SWA under the task's schedule is the average of the baseline's iterates and
+WASAM the average of SAM's, so a baseline or SAM run keeps one average per start of the SWA start
+grid (:data:`~flatmin.bench.methods.START_GRID`) and reports each in ``record["averages"]`` — the
+views ``swa`` and ``wasam`` read them instead of training again. Averaging never changes training:
+the live weights of a run are those of the same run without averages.
+
+Cross-validated tasks (``task.folds = k``): one run trains ``k`` models, one per fold, and pools the
+counts (correct, samples, summed loss) over the folds, so the reported accuracy is over every
+sample of the dataset, each tested exactly once.
+
+A non-finite training loss ends the run with ``status="failed"`` and the reason.
 """
 
 from __future__ import annotations
@@ -24,38 +35,44 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flatmin.bench.methods import BuildContext, Hyper, get_method, start_epoch
+from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_method, start_epoch
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
-from flatmin.optim.sam import SAM
 from flatmin.tasks import Recipe, Task, TaskData, get_task
 
 __all__ = [
+    "Counts",
     "EpochCallback",
     "NonFiniteLossError",
     "RunSpec",
     "TrainResult",
+    "average_key",
     "evaluate",
+    "evaluate_counts",
     "per_sample_losses",
     "train",
 ]
 
-SCHEMA = 1
+SCHEMA = 2
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+def average_key(start: float) -> str:
+    """The key of the average from ``start`` in ``record["averages"]`` (``"0.75"``)."""
+    return f"{float(start):g}"
 
 
 @dataclass(frozen=True)
@@ -64,12 +81,13 @@ class RunSpec:
 
     Attributes:
         task: task registry name.
-        method: method registry name.
+        method: method registry name (a view such as ``swa`` trains its trajectory and reports
+            the average from ``hyper.start``; the benchmark grid only plans trajectories).
         seed: model initialisation and batch order.
         budget: ``"quick"`` or ``"full"`` (the task's recipe).
-        hyper: ``rho`` / ``start`` (``None`` fields: the method's defaults).
+        hyper: the method's hyper-parameters (``None`` fields: the method's defaults).
         epochs: override the recipe's epoch budget (``None``: the recipe's).
-        stage: ``"eval"`` (a result) or ``"tune"`` (a validation-grid run).
+        stage: ``"eval"`` (a result), ``"tune"`` (a validation-grid run) or ``"ablation"``.
     """
 
     task: str
@@ -82,17 +100,27 @@ class RunSpec:
 
     def resolved(self) -> RunSpec:
         """The spec with the method's defaults filled in (what the hash is computed over)."""
-        hp = get_method(self.method).resolve(self.hyper.rho, self.hyper.start)
-        return replace(self, hyper=hp)
+        return replace(self, hyper=get_method(self.method).resolve(self.hyper))
 
     def recipe(self, task: Task | None = None) -> Recipe:
         """The task's recipe for this budget, with the epoch override applied."""
         recipe = (task or get_task(self.task)).recipe(self.budget)
         return recipe if self.epochs is None else replace(recipe, epochs=self.epochs)
 
+    def starts(self) -> tuple[float, ...]:
+        """The averaging starts this run keeps (see the module docstring)."""
+        method = get_method(self.method)
+        if method.is_trajectory and method.keeps_averages:
+            return START_GRID
+        if method.averaged:
+            start = self.resolved().hyper.start
+            return () if start is None else (start,)
+        return ()
+
     def config(self, task: Task | None = None) -> dict[str, Any]:
         """Everything that determines the run's result, as plain JSON values."""
         spec = self.resolved()
+        task = task or get_task(self.task)
         return {
             "task": spec.task,
             "method": spec.method,
@@ -101,6 +129,8 @@ class RunSpec:
             "stage": spec.stage,
             "hyper": spec.hyper.as_dict(),
             "recipe": asdict(spec.recipe(task)),
+            "folds": task.folds,
+            "average_starts": [average_key(s) for s in spec.starts()],
         }
 
     def config_hash(self, task: Task | None = None) -> str:
@@ -110,20 +140,82 @@ class RunSpec:
 
 
 @dataclass
+class Counts:
+    """Summed loss, correct predictions and labelled samples of one evaluation (poolable)."""
+
+    loss: float = 0.0
+    correct: int = 0
+    n: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.loss + other.loss, self.correct + other.correct, self.n + other.n)
+
+    @property
+    def acc(self) -> float:
+        """Accuracy (NaN without samples)."""
+        return self.correct / self.n if self.n else math.nan
+
+    @property
+    def mean_loss(self) -> float:
+        """Loss per labelled sample (NaN without samples)."""
+        return self.loss / self.n if self.n else math.nan
+
+
+@torch.no_grad()
+def evaluate_counts(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
+) -> Counts:
+    """Summed loss and correct predictions over labelled targets, in eval mode (restored)."""
+    was_training = model.training
+    model.eval()
+    total = Counts()
+    try:
+        for inputs, targets in batches:
+            out = model(inputs)
+            c, n = correct_fn(out, targets)
+            if n:
+                total = total + Counts(float(loss_fn(out, targets)) * n, c, n)
+    finally:
+        model.train(was_training)
+    return total
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
+) -> tuple[float, float]:
+    """Mean loss and accuracy over labelled targets, in eval mode (the mode is restored).
+
+    Returns:
+        ``(loss, accuracy)`` with the loss averaged per labelled sample (NaN without samples).
+    """
+    counts = evaluate_counts(model, batches, loss_fn, correct_fn)
+    return counts.mean_loss, counts.acc
+
+
+@dataclass
 class TrainResult:
     """A finished (or failed) run: its record and, for checkpoints, the trained objects.
 
     Attributes:
         record: the JSON record appended to ``results.jsonl``.
-        model: the model with its final live (non-averaged) weights.
-        averager: the SWA averager (BN statistics recomputed) or ``None``.
-        data: the task data the run used.
+        model: the model with its final live (non-averaged) weights (the last fold's for a
+            cross-validated task).
+        averager: the average the method reports (BN statistics recomputed) or ``None``.
+        averagers: every average the run kept, by start.
+        data: the task data the run used (the last fold's).
     """
 
     record: dict[str, Any]
     model: nn.Module
     averager: WeightAveraging | None
     data: TaskData
+    averagers: dict[float, WeightAveraging] = field(default_factory=dict)
 
 
 def _graph_subset(g: GraphBatch, index: torch.Tensor) -> GraphBatch:
@@ -167,35 +259,6 @@ def per_sample_losses(
     return loss_fn
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Any, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
-) -> tuple[float, float]:
-    """Mean loss and accuracy over labelled targets, in eval mode (the mode is restored).
-
-    Returns:
-        ``(loss, accuracy)`` with the loss averaged per labelled sample.
-    """
-    was_training = model.training
-    model.eval()
-    total_loss, correct, counted = 0.0, 0, 0
-    try:
-        for inputs, targets in batches:
-            out = model(inputs)
-            c, n = correct_fn(out, targets)
-            if n:
-                total_loss += float(loss_fn(out, targets)) * n
-            correct, counted = correct + c, counted + n
-    finally:
-        model.train(was_training)
-    if counted == 0:
-        return math.nan, math.nan
-    return total_loss / counted, correct / counted
-
-
 def _versions() -> dict[str, str]:
     from flatmin import __version__
 
@@ -206,80 +269,134 @@ def _versions() -> dict[str, str]:
     }
 
 
-def train(
+def _scheduler(
+    opt: torch.optim.Optimizer, recipe: Recipe, method: Method, hyper: Hyper, spe: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The task's per-step schedule; ``swa-lr`` holds ``swa_lr`` × peak LR from its start epoch."""
+    if not method.constant_lr_from_start:
+        return recipe.make_scheduler(opt, spe)
+    if hyper.start is None or hyper.swa_lr is None:
+        raise ValueError(
+            f"Invalid hyper-parameters for {method.name!r}: {hyper} (need start, swa_lr)"
+        )
+    switch = (start_epoch(hyper.start, recipe.epochs) - 1) * spe
+    swa_lr = hyper.swa_lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: recipe.lr_factor(s, spe) if s < switch else swa_lr
+    )
+
+
+@dataclass
+class _Fit:
+    """One model trained on one split (one fold of a cross-validated task)."""
+
+    status: str
+    reason: str | None
+    steps: int
+    curves: dict[str, list[float]]
+    final: dict[str, Counts]
+    averages: dict[float, dict[str, Counts]]
+    model: nn.Module
+    averagers: dict[float, WeightAveraging]
+    data: TaskData
+
+
+_SPLITS = ("test", "val", "train", "train_clean", "noise_memorised")
+_ACC_KEY = {
+    "test": "test_acc",
+    "val": "val_acc",
+    "train": "train_acc",
+    "train_clean": "train_acc_clean",
+    "noise_memorised": "noise_memorised",
+}
+
+
+def _eval_splits(data: TaskData) -> Iterator[tuple[str, Batches]]:
+    """The evaluation streams of the final weights (see :func:`_final_counts`)."""
+    yield "test", data.test
+    yield "val", data.val
+    yield "train", data.train_eval
+    train = data.dataset.train
+    clean = train.clean_targets
+    if clean is None:
+        return
+    bs = data.train_eval.batch_size
+    yield "train_clean", Batches(replace(train, targets=clean), bs)
+    # Accuracy w.r.t. the *noisy* label on the flipped samples only (the others are ignored):
+    # the fraction of the label noise that the model reproduces, i.e. has memorised.
+    flipped = torch.where(train.targets != clean, train.targets, IGNORE_INDEX)
+    yield "noise_memorised", Batches(replace(train, targets=flipped), bs)
+
+
+def _final_counts(model: nn.Module, data: TaskData) -> dict[str, Counts]:
+    return {
+        name: evaluate_counts(model, batches, data.loss_fn, data.correct_fn)
+        for name, batches in _eval_splits(data)
+    }
+
+
+def _fit(
     spec: RunSpec,
-    *,
-    task: Task | None = None,
-    dataset: Dataset | None = None,
-    on_epoch: EpochCallback | None = None,
-) -> TrainResult:
-    """Train one run of the benchmark and return its record.
-
-    Args:
-        spec: the run.
-        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
-        dataset: an already loaded dataset of the task (reused across runs of one process).
-        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars).
-
-    Returns:
-        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
-        loss, with ``record["reason"]``).
-    """
-    spec = spec.resolved()
-    task = task or get_task(spec.task)
-    method = get_method(spec.method)
-    t0 = time.perf_counter()
-
-    # -- data, model, optimizer, schedule --------------------------------------------------------
-    data = task.load(spec.budget, seed=spec.seed, dataset=dataset)
-    recipe = spec.recipe(task)
+    method: Method,
+    data: TaskData,
+    starts: tuple[float, ...],
+    eval_val: bool,
+    on_epoch: EpochCallback | None,
+) -> _Fit:
+    """Train one model on ``data`` and evaluate its final weights and averages."""
+    recipe = data.recipe
     epochs = recipe.epochs
+    trajectory = get_method(method.trajectory)
     model = data.make_model()
-    opt, averager = method.build(
+    assert trajectory.build is not None  # a trajectory always has a builder
+    opt = trajectory.build(
         BuildContext(
             model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs, spec.seed
         )
     )
-    # The task's schedule, per step, attached to the optimizer the method built (SAM shares its
-    # param groups with the base optimizer, so the scheduler drives both).
-    sched = recipe.make_scheduler(opt, len(data.train))
+    # The schedule is attached to the optimizer the method built (SAM shares its param groups with
+    # the base optimizer, so the scheduler drives both).
+    sched = _scheduler(opt, recipe, method, spec.hyper, len(data.train))
+    averagers = {
+        s: WeightAveraging(model, mode="swa", start=start_epoch(s, epochs)) for s in starts
+    }
     loss_fn, correct_fn = data.loss_fn, data.correct_fn
-
     curves: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
-            "test_acc", "live_test_acc",
-        )
-    }  # fmt: skip
+        k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+    }
     status, reason, step = "ok", None, 0
+    # SAM's step takes model=; mypy knows only torch.optim.Optimizer.step.
+    step_fn: Callable[..., Any] = opt.step
 
-    # -- training ---------------------------------------------------------------------------------
     for epoch in range(1, epochs + 1):
         model.train()
-        run_loss, run_correct, run_count = 0.0, 0, 0
+        # Accumulated on the device and read once per epoch: no host sync per step.
+        run_loss = torch.zeros((), dtype=torch.float64)
+        run_correct, run_count = 0, 0
         for inputs, targets in data.train:
             outputs: list[torch.Tensor] = []
-
-            def closure(
-                inputs: Any = inputs, targets: torch.Tensor = targets, outputs: list = outputs
-            ) -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                out = model(inputs)
-                loss = loss_fn(out, targets)
-                loss.backward()
-                outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                return loss
-
-            # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
-            # pass (model=model); plain optimizers run it once; ESAM takes per-sample losses.
             if method.per_sample:
+                # ESAM: per-sample losses, so that it can pick the sharpest samples.
                 per_sample = per_sample_losses(model, inputs, targets, outputs)
-                loss = cast(torch.Tensor, opt.step(per_sample, model=model))  # type: ignore[call-overload]
-            elif isinstance(opt, SAM):
-                loss = opt.step(closure, model=model)
+                loss = step_fn(per_sample, model=model)
             else:
-                loss = cast(torch.Tensor, opt.step(cast(Callable[[], float], closure)))
+
+                def closure(
+                    inputs: Any = inputs, targets: torch.Tensor = targets, outputs: list = outputs
+                ) -> torch.Tensor:
+                    opt.zero_grad(set_to_none=True)
+                    out = model(inputs)
+                    loss = loss_fn(out, targets)
+                    loss.backward()
+                    outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
+                    return loss
+
+                # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
+                # pass (model=model); plain optimizers run it once.
+                if hasattr(opt, "first_step"):
+                    loss = step_fn(closure, model=model)
+                else:
+                    loss = step_fn(closure)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 status = "failed"
@@ -288,45 +405,116 @@ def train(
             sched.step()
             step += 1
             c, n = correct_fn(outputs[0], targets)
-            run_loss, run_correct, run_count = (
-                run_loss + loss_value * n,
-                run_correct + c,
-                run_count + n,
-            )
+            run_loss += loss_value * n
+            run_correct, run_count = run_correct + c, run_count + n
         if status != "ok":
             break
 
-        # One SWA snapshot per epoch (from the start epoch on); the LR schedule is untouched.
-        if averager is not None and averager.update():
-            # BN statistics of the new average, before any evaluation of it.
-            averager.update_bn(data.train_eval)
-
-        # Evaluate the reported weights: the average once it exists, else the live weights.
-        live_test = evaluate(model, data.test, loss_fn, correct_fn)
-        if averager is not None and averager.n_averaged > 0:
-            with averager.swap():
-                val = evaluate(model, data.val, loss_fn, correct_fn)
-                test = evaluate(model, data.test, loss_fn, correct_fn)
-        else:
-            val = evaluate(model, data.val, loss_fn, correct_fn)
-            test = live_test
+        # One snapshot per epoch from each average's start; the schedule is untouched.
+        for avg in averagers.values():
+            avg.update()
         metrics = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": run_loss / max(1, run_count),
+            "train_loss": float(run_loss) / max(1, run_count),
             "train_acc": run_correct / max(1, run_count),
-            "val_loss": val[0],
-            "val_acc": val[1],
-            "test_loss": test[0],
-            "test_acc": test[1],
-            "live_test_acc": live_test[1],
         }
+        if eval_val:
+            val = evaluate_counts(model, data.val, loss_fn, correct_fn)
+            metrics.update(val_loss=val.mean_loss, val_acc=val.acc)
         for k, v in metrics.items():
             curves[k].append(float(v))
         if on_epoch is not None:
             on_epoch(epoch, epochs, metrics)
 
-    # -- final metrics of the reported weights -----------------------------------------------------
+    final: dict[str, Counts] = {}
+    averages: dict[float, dict[str, Counts]] = {}
+    if status == "ok":
+        final = _final_counts(model, data)
+        for s, avg in averagers.items():
+            # BN statistics of the average, recomputed on the training set before evaluating it.
+            avg.update_bn(data.train_eval)
+            with avg.swap():
+                averages[s] = _final_counts(model, data)
+    return _Fit(status, reason, step, curves, final, averages, model, averagers, data)
+
+
+def _metrics(counts: dict[str, Counts]) -> dict[str, float | None]:
+    """Accuracies and losses of pooled counts (``None`` for a split that does not exist)."""
+    out: dict[str, float | None] = {}
+    for name in _SPLITS:
+        c = counts.get(name)
+        out[_ACC_KEY[name]] = None if c is None else c.acc
+        if name in ("test", "val", "train") and c is not None:
+            out[f"{name}_loss"] = c.mean_loss
+    return out
+
+
+def _pool(parts: Iterable[dict[str, Counts]]) -> dict[str, Counts]:
+    total: dict[str, Counts] = {}
+    for part in parts:
+        for k, c in part.items():
+            total[k] = total.get(k, Counts()) + c
+    return total
+
+
+def _mean_curves(fits: list[_Fit]) -> dict[str, list[float]]:
+    """Per-epoch curves averaged over folds (the fold's own curves for one split)."""
+    keys = fits[0].curves
+    out: dict[str, list[float]] = {}
+    for k in keys:
+        columns = list(zip(*(f.curves[k] for f in fits)))
+        out[k] = [float(f"{sum(col) / len(col):.7g}") for col in columns]
+    return out
+
+
+def train(
+    spec: RunSpec,
+    *,
+    task: Task | None = None,
+    dataset: Dataset | None = None,
+    on_epoch: EpochCallback | None = None,
+    eval_val: bool | None = None,
+) -> TrainResult:
+    """Train one run of the benchmark and return its record.
+
+    Args:
+        spec: the run.
+        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
+        dataset: an already loaded dataset of the task (reused across runs of one process).
+        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
+            an exception raised there ends the run and propagates). ``metrics`` holds ``lr``,
+            ``train_loss``, ``train_acc`` and, when validating every epoch, ``val_loss`` and
+            ``val_acc``.
+        eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
+            tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
+
+    Returns:
+        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
+        loss, with ``record["reason"]``).
+    """
+    spec = spec.resolved()
+    task = task or get_task(spec.task)
+    method = get_method(spec.method)
+    if eval_val is None:
+        eval_val = spec.stage == "eval"
+    t0 = time.perf_counter()
+    starts = spec.starts()
+
+    folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
+    fits: list[_Fit] = []
+    for fold in folds:
+        data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
+        if spec.epochs is not None:
+            data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
+        fit = _fit(spec, method, data, starts, eval_val, on_epoch)
+        fits.append(fit)
+        if fit.status != "ok":
+            break
+    last = fits[-1]
+    status = "ok" if all(f.status == "ok" for f in fits) else "failed"
+    epochs = last.data.recipe.epochs
+
     record: dict[str, Any] = {
         "schema": SCHEMA,
         **spec.config(task),
@@ -334,47 +522,40 @@ def train(
         "domain": task.domain,
         "model": task.model,
         "status": status,
-        "reason": reason,
+        "reason": next((f.reason for f in fits if f.reason), None),
         "sizes": {
-            "train": len(data.dataset.train),
-            "val": len(data.dataset.val),
-            "test": len(data.dataset.test),
+            split: sum(len(getattr(f.data.dataset, split)) for f in fits)
+            for split in ("train", "val", "test")
         },
-        "epochs": len(curves["epoch"]),
+        "epochs": len(last.curves["epoch"]),
         "epochs_planned": epochs,
-        "steps": step,
+        "steps": sum(f.steps for f in fits),
         "averaging_start_epoch": (
-            start_epoch(spec.hyper.start, epochs) if spec.hyper.start is not None else None
+            start_epoch(spec.hyper.start, epochs)
+            if method.averaged and spec.hyper.start is not None
+            else None
         ),
     }
+    if folds != [None]:
+        record["sizes"]["folds"] = len(folds)
+    reported: WeightAveraging | None = None
     if status == "ok":
-        clean = data.dataset.train.clean_targets
-        with averager.swap() if averager is not None else nullcontext():
-            train_loss, train_acc = evaluate(model, data.train_eval, loss_fn, correct_fn)
-            train_acc_clean = None
-            if clean is not None:
-                clean_split = replace(data.dataset.train, targets=clean)
-                clean_batches = Batches(clean_split, data.train_eval.batch_size)
-                train_acc_clean = evaluate(model, clean_batches, loss_fn, correct_fn)[1]
-        best = max(range(len(curves["val_acc"])), key=lambda i: (curves["val_acc"][i], -i))
-        record["final"] = {
-            "test_acc": curves["test_acc"][-1],
-            "test_loss": curves["test_loss"][-1],
-            "val_acc": curves["val_acc"][-1],
-            "val_loss": curves["val_loss"][-1],
-            "train_acc": train_acc,
-            "train_loss": train_loss,
-            "train_acc_clean": train_acc_clean,
-            "live_test_acc": curves["live_test_acc"][-1],
-        }
-        record["best_val"] = {
-            "epoch": int(curves["epoch"][best]),
-            "val_acc": curves["val_acc"][best],
-            "test_acc": curves["test_acc"][best],
-            "test_loss": curves["test_loss"][best],
-        }
+        live = _metrics(_pool(f.final for f in fits))
+        averages = {average_key(s): _metrics(_pool(f.averages[s] for f in fits)) for s in starts}
+        if method.averaged:
+            key = average_key(spec.hyper.start)  # type: ignore[arg-type]
+            final = {**averages[key], "live_test_acc": live["test_acc"]}
+            reported = last.averagers[spec.hyper.start]  # type: ignore[index]
+        else:
+            final = {**live, "live_test_acc": live["test_acc"]}
+        record["final"] = final
+        if method.keeps_averages and method.is_trajectory:
+            record["averages"] = averages
     record["wall_time"] = time.perf_counter() - t0
     record["versions"] = _versions()
     # Curves feed the figures only: 7 significant digits keep results.jsonl small.
-    record["curves"] = {k: [float(f"{v:.7g}") for v in vals] for k, vals in curves.items()}
-    return TrainResult(record=record, model=model, averager=averager, data=data)
+    record["curves"] = _mean_curves(fits) if status == "ok" else last.curves
+    return TrainResult(
+        record=record, model=last.model, averager=reported, data=last.data,
+        averagers=last.averagers,
+    )  # fmt: skip

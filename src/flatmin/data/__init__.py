@@ -32,6 +32,7 @@ from flatmin.data.splits import (
     NodeSplit,
     Split,
     TensorSplit,
+    stratified_folds,
     stratified_indices,
     with_label_noise,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "get_dataset_info",
     "list_datasets",
     "load_dataset",
+    "stratified_folds",
     "stratified_indices",
     "unknown_dataset_message",
     "verify",

@@ -21,6 +21,7 @@ __all__ = [
     "NodeSplit",
     "Split",
     "TensorSplit",
+    "stratified_folds",
     "stratified_indices",
     "with_label_noise",
 ]
@@ -154,6 +155,37 @@ def stratified_indices(
             start += k
         parts[0].append(idx[start:])
     return tuple(torch.sort(torch.cat(p)).values for p in parts)
+
+
+def stratified_folds(labels: torch.Tensor, k: int, *, seed: int) -> tuple[torch.Tensor, ...]:
+    """Split ``range(len(labels))`` into ``k`` disjoint folds stratified by label.
+
+    Within each class the indices are permuted with a ``torch.Generator`` seeded by ``seed`` and
+    dealt round-robin to the folds, continuing where the previous class stopped, so every index is
+    in exactly one fold, each fold holds every class in proportion, and fold sizes differ by at
+    most one.
+
+    Args:
+        labels: 1-D integer tensor.
+        k: number of folds (``2 <= k <= len(labels)``).
+        seed: seed of the permutation.
+
+    Returns:
+        ``k`` sorted ``long`` index tensors.
+    """
+    if labels.ndim != 1:
+        raise ValueError(f"Invalid labels shape: {tuple(labels.shape)} (expected 1-D)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= labels.numel():
+        raise ValueError(f"Invalid number of folds: {k!r} (expected 2 <= k <= {labels.numel()})")
+    gen = torch.Generator().manual_seed(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    position = 0
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        for i in idx[torch.randperm(idx.numel(), generator=gen)].tolist():
+            folds[position % k].append(i)
+            position += 1
+    return tuple(torch.sort(torch.tensor(f, dtype=torch.long)).values for f in folds)
 
 
 def _flip(targets: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:

@@ -41,9 +41,15 @@ def _from_arrays(
 
 
 def load_digits(paths: dict[str, Path]) -> Dataset:
-    """scikit-learn digits: 1797 images 8×8 (values 0..16); stratified 70/10/20 split, seed 0."""
+    """scikit-learn digits: 1797 images 8×8 (values 0..16); stratified 52/28/20 split, seed 0.
+
+    The validation split holds 28 % (503 images) so that hyper-parameters are ranked on at least
+    500 samples; the test split is 20 % (359 images, 0.28 points each).
+    """
     raw = np.loadtxt(paths["digits.csv.gz"], delimiter=",", dtype=np.float32)
-    return _from_arrays("digits", raw[:, :-1], raw[:, -1], 8, 16.0, (0.7, 0.1, 0.2), DIGIT_CLASSES)
+    return _from_arrays(
+        "digits", raw[:, :-1], raw[:, -1], 8, 16.0, (0.52, 0.28, 0.2), DIGIT_CLASSES
+    )
 
 
 def load_mnist5k(paths: dict[str, Path]) -> Dataset:

@@ -75,10 +75,12 @@ for _task in (
     Task(
         "fashion-mnist", "vision", "fashion-mnist", "ResNetCNN-28x28", _cnn28,
         quick=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=2,
-                     train_subset=3000, eval_subset=2000),
-        full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=5,
-                    train_subset=10000, eval_subset=5000),
-        description="Fashion-MNIST (fixed stratified train subsets), BN ResNet",
+                     train_subset=3000, val_subset=2000, test_subset=2000),
+        full=Recipe("sgd", lr=0.05, weight_decay=5e-4, batch_size=128, epochs=10,
+                    train_subset=10000, val_subset=2000),
+        noisy_full=Recipe("sgd", lr=0.05, weight_decay=0.0, batch_size=128, epochs=20,
+                          train_subset=10000, val_subset=2000),
+        description="Fashion-MNIST: 10k stratified train subset, 2k validation, full 10k test",
     ),
     # --- text ------------------------------------------------------------------------------------
     Task(
@@ -105,14 +107,14 @@ for _task in (
     Task(
         "reuters-r8-transformer", "text", "reuters-r8", "Transformer-2x64", _transformer,
         quick=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=1,
-                     train_subset=1500, eval_subset=1000),
+                     train_subset=1500, val_subset=1000, test_subset=1000),
         full=Recipe("adamw", lr=1e-3, weight_decay=1e-2, batch_size=64, epochs=3),
         description="Reuters R8 topics, small transformer encoder",
     ),
     Task(
         "20newsgroups", "text", "20newsgroups", "BagOfEmbeddings", _bag,
         quick=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=3,
-                     train_subset=4000, eval_subset=2000),
+                     train_subset=4000, val_subset=2000, test_subset=2000),
         full=Recipe("adamw", lr=3e-3, weight_decay=1e-2, batch_size=64, epochs=6),
         description="20 Newsgroups, bag of embeddings",
     ),
@@ -120,8 +122,9 @@ for _task in (
     Task(
         "mutag", "graph", "mutag", "GIN-3x32", _gin,
         quick=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=40),
-        full=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=150),
-        description="MUTAG graph classification, GIN",
+        full=Recipe("adamw", lr=1e-2, weight_decay=1e-4, batch_size=32, epochs=100),
+        folds=10,
+        description="MUTAG graph classification, GIN, stratified 10-fold cross-validation",
     ),
     Task(
         "mutag-gcn", "graph", "mutag", "GCN-3x32", _gcn,

@@ -37,7 +37,9 @@ from flatmin.data import (
     GraphSplit,
     NodeSplit,
     Split,
+    TensorSplit,
     load_dataset,
+    stratified_folds,
     stratified_indices,
     with_label_noise,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "Task",
     "TaskData",
     "correct_fn",
+    "cross_validation_split",
     "get_task",
     "list_tasks",
     "loss_fn",
@@ -82,7 +85,8 @@ class Recipe:
         schedule: ``"cosine"`` or ``"constant"``.
         warmup_epochs: linear warmup length.
         train_subset: train on a fixed stratified subset of this many samples (``None``: all).
-        eval_subset: evaluate val/test on fixed stratified subsets of this size (``None``: all).
+        val_subset: validate on a fixed stratified subset of this size (``None``: all).
+        test_subset: test on a fixed stratified subset of this size (``None``: all).
     """
 
     optimizer: str
@@ -94,7 +98,8 @@ class Recipe:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     train_subset: int | None = None
-    eval_subset: int | None = None
+    val_subset: int | None = None
+    test_subset: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS:
@@ -209,6 +214,47 @@ def _subset_split(split: Split, n: int | None) -> Split:
     return replace(split, inputs=split.inputs[keep], targets=split.targets[keep])
 
 
+def _concat(splits: tuple[Split, ...]) -> Split:
+    first = splits[0]
+    targets = torch.cat([s.targets for s in splits])
+    if isinstance(first, GraphSplit):
+        graphs = tuple(g for s in splits for g in s.graphs)  # type: ignore[union-attr]
+        return GraphSplit(graphs, targets)
+    if isinstance(first, TensorSplit):
+        inputs = torch.cat([s.inputs for s in splits])  # type: ignore[union-attr]
+        return TensorSplit(inputs, targets)
+    raise TypeError(f"Invalid split for cross-validation: {type(first).__name__}")
+
+
+def _take(split: Split, index: torch.Tensor) -> Split:
+    if isinstance(split, GraphSplit):
+        return GraphSplit(tuple(split.graphs[i] for i in index.tolist()), split.targets[index])
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.inputs[index], split.targets[index])
+    raise TypeError(f"Invalid split for cross-validation: {type(split).__name__}")
+
+
+def cross_validation_split(dataset: Dataset, folds: int, fold: int) -> Dataset:
+    """Fold ``fold`` of a stratified ``folds``-fold cross-validation of all of ``dataset``.
+
+    The train, validation and test splits are pooled (in that order) and dealt to ``folds``
+    stratified folds (:func:`~flatmin.data.stratified_folds`, seed :data:`SUBSET_SEED`): fold
+    ``fold`` is the test split, fold ``fold + 1 (mod folds)`` the validation split, the others
+    the training split.
+    """
+    pooled = _concat((dataset.train, dataset.val, dataset.test))
+    parts = stratified_folds(pooled.targets, folds, seed=SUBSET_SEED)
+    val_fold = (fold + 1) % folds
+    train_idx = torch.cat([p for i, p in enumerate(parts) if i not in (fold, val_fold)])
+    train_idx = torch.sort(train_idx).values
+    return replace(
+        dataset,
+        train=_take(pooled, train_idx),
+        val=_take(pooled, parts[val_fold]),
+        test=_take(pooled, parts[fold]),
+    )
+
+
 @dataclass(frozen=True)
 class Task:
     """A benchmark task: dataset + model + default recipes.
@@ -221,6 +267,10 @@ class Task:
         build_model: ``build_model(dataset) -> nn.Module`` (shapes taken from the dataset).
         quick, full: recipes of the two budgets.
         noisy_full: full-budget recipe of the label-noise variants (default: ``full``).
+        folds: ``k`` for stratified k-fold cross-validation (``None``: the dataset's fixed
+            splits). Every sample of the dataset is pooled and dealt to ``k`` folds; run ``f``
+            tests on fold ``f``, validates on fold ``f + 1 (mod k)`` and trains on the rest, so a
+            run over all folds tests every sample exactly once (:meth:`load` with ``fold=``).
         label_noise: fraction of training labels flipped (``0`` for clean tasks).
         noise_seed: seed of the label flips (fixed: the same noisy labels for every run).
         description: one line.
@@ -234,6 +284,7 @@ class Task:
     quick: Recipe
     full: Recipe
     noisy_full: Recipe | None = None
+    folds: int | None = None
     label_noise: float = 0.0
     noise_seed: int = 0
     description: str = ""
@@ -255,12 +306,13 @@ class Task:
 
     def load(
         self, budget: str = "quick", *, seed: int = 0, dataset: Dataset | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None, fold: int | None = None,
     ) -> TaskData:  # fmt: skip
         """Load the data (fetching it if needed) and build the batch streams for one run.
 
-        The training split is first reduced to the recipe's fixed ``train_subset`` (stratified,
-        seed 0), then label noise (if any) flips exactly ``round(label_noise · n)`` of its labels;
+        For a cross-validated task (:attr:`folds`) the splits are those of fold ``fold``. The
+        training split is then reduced to the recipe's fixed ``train_subset`` (stratified, seed
+        0), and label noise (if any) flips exactly ``round(label_noise · n)`` of its labels;
         validation and test are never noised.
 
         Args:
@@ -268,6 +320,8 @@ class Task:
             seed: run seed (model init and batch order).
             dataset: an already loaded :class:`~flatmin.data.Dataset` of :attr:`dataset` to reuse.
             cache_dir: data cache directory.
+            fold: the fold of a cross-validated task (``None``: fold 0; refused for a task with
+                fixed splits).
         """
         recipe = self.recipe(budget)
         ds = load_dataset(self.dataset, cache_dir=cache_dir) if dataset is None else dataset
@@ -275,11 +329,21 @@ class Task:
             raise ValueError(
                 f"Invalid dataset: {ds.name!r} (task {self.name} uses {self.dataset!r})"
             )
+        if self.folds is None:
+            if fold is not None:
+                raise ValueError(f"Invalid fold: {fold} (task {self.name} has fixed splits)")
+        else:
+            fold = 0 if fold is None else fold
+            if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < self.folds:
+                raise ValueError(
+                    f"Invalid fold: {fold!r} (task {self.name} has folds 0..{self.folds - 1})"
+                )
+            ds = cross_validation_split(ds, self.folds, fold)
         ds = replace(
             ds,
             train=_subset_split(ds.train, recipe.train_subset),
-            val=_subset_split(ds.val, recipe.eval_subset),
-            test=_subset_split(ds.test, recipe.eval_subset),
+            val=_subset_split(ds.val, recipe.val_subset),
+            test=_subset_split(ds.test, recipe.test_subset),
         )
         if self.label_noise > 0:
             ds = with_label_noise(ds, self.label_noise, seed=self.noise_seed)

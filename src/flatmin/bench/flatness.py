@@ -1,0 +1,340 @@
+"""The benchmark's flatness study: why the methods differ, measured on their own solutions.
+
+For the analysis task (a label-noise task) and the first evaluation seed, the baseline's and SAM's
+evaluation runs are trained again — runs are deterministic, so the final test accuracy must equal
+the recorded one (checked, and reported if not) — their final and averaged weights saved as
+checkpoints, and four solutions compared: the baseline (SGD/AdamW), SWA (its average), SAM and
+WASAM (SAM's average). For each:
+
+* **curvature**: the top Hessian eigenvalue (Lanczos) and the Hessian trace (Hutchinson, with its
+  standard error) of the training loss — on the **noisy labels the model was trained on** (the
+  objective it minimised) and on the **clean test set**;
+* **worst-case sharpness**: ``max_{‖ε‖≤ρ} L(w + ε) − L(w)`` (one SAM ascent step, per batch);
+* **paths**: loss and error along a filter-normalised random ray ``w + t·d`` (Li et al. 2018) and
+  along the straight lines baseline → SWA / SAM / WASAM (``θ(α) = (1 − α)θ + αθ'``, BatchNorm
+  statistics recomputed at every point), on the noisy training set and the clean test set.
+
+All measures use BatchNorm in eval mode and the first ``max_batches`` batches of each set.
+Reading them needs care on a memorised noisy training set: a model that fits the noisy labels to
+zero loss sits where the loss has almost no curvature — so a small λ_max *on the noisy training
+loss* can mean memorisation, not a wide basin. The test-set numbers and the paths say which.
+
+References:
+    Kaddour et al., arXiv:2202.00661 (Sec. 3). Izmailov et al., arXiv:1803.05407 (Fig. 4-5).
+    Li et al., arXiv:1712.09913. Foret et al., arXiv:2010.01412. Ghorbani et al.,
+    arXiv:1901.10159 (Hessian spectra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flatmin.analysis import (
+    PathResult,
+    evaluate_ray,
+    hessian_eigenvalues,
+    hessian_trace,
+    interpolate,
+    random_direction,
+    sharpness,
+)
+from flatmin.bench.methods import Hyper
+from flatmin.bench.train import RunSpec, TrainResult, train
+from flatmin.tasks import Task
+
+__all__ = ["FLATNESS", "flatness_lines", "flatness_study", "load_flatness"]
+
+FLATNESS = "flatness.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the study measures with (stored with the results)."""
+
+    max_batches: int = 4
+    hessian_iters: int = 20
+    trace_samples: int = 30
+    sharpness_rho: float = 0.05
+    points: int = 25
+    ray_distance: float = 1.0
+    alpha_min: float = -0.5
+    alpha_max: float = 1.5
+    seed: int = 0
+
+
+SETTINGS = Settings()
+ORDER = ("baseline", "swa", "sam", "wasam")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf → ``None`` (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def load_flatness(out: str | Path) -> dict[str, Any] | None:
+    """The stored study of ``out`` (``None`` if there is none)."""
+    path = Path(out) / FLATNESS
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else None
+
+
+def _solutions(
+    results: Mapping[str, TrainResult], hypers: Mapping[str, Hyper], methods: Sequence[str]
+) -> dict[str, nn.Module]:
+    """The four models: final weights of the trajectories, averages for the views."""
+    models: dict[str, nn.Module] = {}
+    for name in methods:
+        res = results[name]
+        start = hypers[name].start
+        if name in ("baseline", "sam") or start is None:
+            models[name] = res.model
+            continue
+        model = res.data.make_model()
+        model.load_state_dict(res.averagers[start].averaged_state_dict())
+        models[name] = model
+    return models
+
+
+def _curvature(model: nn.Module, data: Any, batches: Any, gen: torch.Generator) -> dict[str, Any]:
+    mb = SETTINGS.max_batches
+    eig = hessian_eigenvalues(
+        model, data.loss_fn, batches, k=1, max_iter=SETTINGS.hessian_iters, generator=gen,
+        max_batches=mb,
+    )  # fmt: skip
+    trace = hessian_trace(
+        model, data.loss_fn, batches, n_samples=SETTINGS.trace_samples, generator=gen,
+        max_batches=mb,
+    )  # fmt: skip
+    sharp = sharpness(model, data.loss_fn, batches, rho=SETTINGS.sharpness_rho, max_batches=mb)
+    return {
+        "lambda_max": float(eig.eigenvalues[0]),
+        "lambda_max_residual": float(eig.residuals[0]),
+        "trace": float(trace.trace),
+        "trace_stderr": float(trace.stderr),
+        "worst_case_sharpness": float(sharp.mean),
+        "loss": float(np.mean(sharp.base_loss)),
+    }
+
+
+def _path_dict(result: PathResult) -> dict[str, Any]:
+    return {
+        "coords": [float(c) for c in result.coords],
+        "loss": {k: [float(v) for v in vals] for k, vals in result.loss.items()},
+        "error": {k: [float(v) for v in vals] for k, vals in (result.error or {}).items()},
+    }
+
+
+def flatness_study(
+    out: str | Path,
+    task: Task,
+    specs: Mapping[str, RunSpec],
+    hypers: Mapping[str, Hyper],
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    resolver: Any = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Run (or load) the study for ``specs`` (method → its trajectory's evaluation spec).
+
+    Writes ``flatness.json``, the figures ``flatness_rays.png`` and
+    ``flatness_interpolation.png``, and the checkpoints ``checkpoints/<method>.pt`` into ``out``.
+    """
+    out = Path(out)
+    methods = [m for m in ORDER if m in specs]
+    key = {
+        "task": task.name,
+        "runs": {m: specs[m].config_hash(task) for m in methods},
+        "hypers": {m: hypers[m].as_dict() for m in methods},
+        "settings": asdict(SETTINGS),
+    }
+    stored = load_flatness(out)
+    if stored is not None and stored.get("key") == _json_safe(key):
+        return stored
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        study = _study(out, task, specs, hypers, records, methods, resolver)
+    finally:
+        torch.set_num_threads(previous)
+    study["key"] = key
+    study = _json_safe(study)
+    tmp = out / (FLATNESS + ".tmp")
+    tmp.write_text(json.dumps(study, indent=1, sort_keys=True))
+    tmp.replace(out / FLATNESS)
+    return study
+
+
+def _study(
+    out: Path,
+    task: Task,
+    specs: Mapping[str, RunSpec],
+    hypers: Mapping[str, Hyper],
+    records: Mapping[str, Mapping[str, Any]],
+    methods: Sequence[str],
+    resolver: Any,
+) -> dict[str, Any]:
+    dataset = resolver.dataset(task) if resolver is not None else None
+    by_hash: dict[str, TrainResult] = {}
+    results: dict[str, TrainResult] = {}
+    reproduced: dict[str, Any] = {}
+    for m in methods:
+        h = specs[m].config_hash(task)
+        if h not in by_hash:
+            by_hash[h] = train(specs[m], task=task, dataset=dataset)
+        res = by_hash[h]
+        results[m] = res
+        recorded = (records.get(h) or {}).get("final", {}).get("test_acc")
+        reproduced[m] = {
+            "run": h,
+            "recorded_final_test_acc": recorded,
+            "retrained_final_test_acc": res.record.get("final", {}).get("test_acc"),
+        }
+    models = _solutions(results, hypers, methods)
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for m, model in models.items():
+        torch.save(
+            {"task": task.name, "method": m, "hyper": hypers[m].as_dict(),
+             "state_dict": model.state_dict()},
+            ckpt / f"{m}.pt",
+        )  # fmt: skip
+    data = results[methods[0]].data
+    sets = {"train": data.train_eval, "test": data.test}
+    gen = torch.Generator()
+    measures: dict[str, dict[str, Any]] = {}
+    for m, model in models.items():
+        measures[m] = {}
+        for name, batches in sets.items():
+            gen.manual_seed(SETTINGS.seed)
+            measures[m][name] = _curvature(model, data, batches, gen)
+    mb = SETTINGS.max_batches
+    ts = np.linspace(-SETTINGS.ray_distance, SETTINGS.ray_distance, SETTINGS.points)
+    alphas = np.linspace(SETTINGS.alpha_min, SETTINGS.alpha_max, SETTINGS.points)
+    rays, lines = {}, {}
+    for m, model in models.items():
+        gen.manual_seed(SETTINGS.seed)
+        d = random_direction(model, norm="filter", generator=gen)
+        rays[m] = _path_dict(evaluate_ray(model, data.loss_fn, sets, d, ts, max_batches=mb))
+    if "baseline" in models:
+        for m in methods:
+            if m == "baseline":
+                continue
+            lines[f"baseline→{m}"] = _path_dict(
+                interpolate(
+                    models["baseline"], models[m], data.loss_fn, sets, alphas, bn="recompute",
+                    bn_batches=data.train_eval, max_batches=mb,
+                )
+            )  # fmt: skip
+    study = {
+        "task": task.name,
+        "seed": specs[methods[0]].seed,
+        "methods": list(methods),
+        "hypers": {m: hypers[m].as_dict() for m in methods},
+        "reproduced": reproduced,
+        "measures": measures,
+        "rays": rays,
+        "interpolations": lines,
+        "settings": asdict(SETTINGS),
+        "checkpoints": {m: f"checkpoints/{m}.pt" for m in models},
+    }
+    _figures(out, study)
+    return study
+
+
+def _figures(out: Path, study: Mapping[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for kind, name, xlabel in (
+        ("rays", "flatness_rays.png", "t (filter-normalised direction)"),
+        ("interpolations", "flatness_interpolation.png", "α  (θ(α) = (1 − α)θ_baseline + αθ)"),
+    ):
+        paths = study[kind]
+        if not paths:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for label, p in paths.items():
+            axes[0].plot(p["coords"], p["loss"]["train"], label=label)
+            axes[1].plot(p["coords"], [100 * e for e in p["error"]["test"]], label=label)
+        axes[0].set_ylabel("train loss (noisy labels)")
+        axes[1].set_ylabel("test error (%)")
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+        losses = [v for p in paths.values() for v in p["loss"]["train"] if v and v > 0]
+        if losses and max(losses) / min(losses) > 100:  # spans decades: log scale
+            axes[0].set_yscale("log")
+        axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.suptitle(f"{study['task']}, seed {study['seed']}", fontsize="medium")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def flatness_lines(study: Mapping[str, Any]) -> list[str]:
+    """Markdown of the study for the report."""
+    methods = study["methods"]
+    lines = [
+        f"Task `{study['task']}`, evaluation seed {study['seed']}: the final weights of the "
+        "baseline and SAM and their averages (SWA, WASAM) from the grid's own runs, trained "
+        "again with checkpoints (`checkpoints/`). Curvature on the first "
+        f"{study['settings']['max_batches']} batches of each set, BatchNorm in eval mode; "
+        f"λ_max by Lanczos ({study['settings']['hessian_iters']} products), trace by Hutchinson "
+        f"({study['settings']['trace_samples']} Rademacher vectors, ± standard error), "
+        f"worst-case sharpness at ρ = {study['settings']['sharpness_rho']} (one SAM step).",
+        "",
+        "| Method | Set | Loss | λ_max | Trace | Worst-case sharpness |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        for name, label in (("train", "train (noisy labels)"), ("test", "test (true labels)")):
+            v = study["measures"][m][name]
+            lines.append(
+                f"| {m.upper()} | {label} | {_num(v['loss'])} | {_num(v['lambda_max'])} | "
+                f"{_num(v['trace'])} ± {_num(v['trace_stderr'])} | "
+                f"{_num(v['worst_case_sharpness'])} |"
+            )
+    bad = [
+        m for m, r in study["reproduced"].items()
+        if r["recorded_final_test_acc"] != r["retrained_final_test_acc"]
+    ]  # fmt: skip
+    lines += [
+        "",
+        "Retraining reproduced the recorded runs exactly."
+        if not bad
+        else f"**Not reproduced exactly:** {', '.join(bad)} (see flatness.json).",
+        "",
+        "![rays](flatness_rays.png)",
+        "",
+        "![interpolation](flatness_interpolation.png)",
+    ]
+    return lines
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    v = float(value)
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.3g}"
+    return f"{v:.2e}"

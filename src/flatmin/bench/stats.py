@@ -1,0 +1,124 @@
+"""Statistics of the benchmark report: paired differences, confidence intervals, Holm's method.
+
+* A method is compared with the baseline **paired by seed** (same initialisation, same batch
+  order): ``d_s = acc_method(s) − acc_baseline(s)``.
+* Its cell is the mean of ``d`` ± the half-width of its 95 % confidence interval,
+  ``t_{0.975, n−1} · sd(d) / √n`` (Student's t, sample sd with ddof = 1).
+* The p-value is the two-sided paired t-test (``scipy.stats.ttest_rel``), and the p-values of all
+  cells of a table are corrected together with Holm's step-down method (family-wise error rate
+  ≤ 5 %): sorted ascending, ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j))``.
+* **Zero variance.** When every seed gives the same difference (up to float rounding, 1e-9
+  relative; e.g. identical predictions),
+  the t statistic is undefined: such a cell has no p-value, is excluded from the Holm family, is
+  never marked, and shows ``=`` instead of an interval. This is the one rule for all of them.
+
+References:
+    Holm, "A simple sequentially rejective multiple test procedure", Scand. J. Statist. 1979.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+__all__ = ["ALPHA", "Cell", "holm", "mean_ci", "paired_difference", "with_holm"]
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean and 95 % confidence interval over seeds (of accuracies, or of paired differences).
+
+    Attributes:
+        mean, std: in percent (``std`` is ``nan`` with one seed).
+        n: number of seeds (paired seeds for a difference).
+        ci: half-width of the 95 % confidence interval of the mean (``nan`` with one seed).
+        p: paired t-test p-value (``None``: not tested — one seed, or zero variance).
+        p_holm: Holm-corrected p-value within its table (``None``: not tested).
+        constant: every seed gave the same value.
+    """
+
+    mean: float
+    std: float
+    n: int
+    ci: float = math.nan
+    p: float | None = None
+    p_holm: float | None = None
+    constant: bool = False
+
+    @property
+    def significant(self) -> bool:
+        """Holm-corrected ``p < 0.05``."""
+        return self.p_holm is not None and self.p_holm < ALPHA
+
+    def format(self, *, signed: bool = False, digits: int = 2) -> str:
+        """``97.12 ± 0.30`` (± the CI half-width), ``+0.25 ± 0.05*``, ``+0.28 =``; ``–`` empty."""
+        if self.n == 0 or math.isnan(self.mean):
+            return "–"
+        mean = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
+        if self.constant and self.n > 1:
+            return f"{mean} ="
+        ci = "n/a" if math.isnan(self.ci) else f"{self.ci:.{digits}f}"
+        return f"{mean} ± {ci}" + ("*" if signed and self.significant else "")
+
+
+def mean_ci(values: Sequence[float]) -> Cell:
+    """Mean, sample std (ddof = 1) and 95 % t-interval half-width of ``values``."""
+    if not values:
+        return Cell(math.nan, math.nan, 0)
+    arr = np.asarray(values, dtype=np.float64)
+    n = int(arr.size)
+    if n == 1:
+        return Cell(float(arr[0]), math.nan, 1)
+    from scipy.stats import t
+
+    std = float(arr.std(ddof=1))
+    ci = float(t.ppf(1 - ALPHA / 2, n - 1)) * std / math.sqrt(n)
+    # Equal up to rounding: differences of accuracies k/n carry float noise of ~1e-14.
+    constant = bool(np.ptp(arr) <= 1e-9 * max(1.0, float(np.abs(arr).max())))
+    return Cell(float(arr.mean()), std, n, ci, constant=constant)
+
+
+def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]) -> Cell | None:
+    """Mean ± 95 % CI of ``method[s] − baseline[s]`` over the common seeds, with a paired t-test.
+
+    Returns:
+        The difference cell (``p`` from ``scipy.stats.ttest_rel``; ``None`` with one seed or zero
+        variance), or ``None`` without common seeds.
+    """
+    seeds = sorted(set(method) & set(baseline))
+    if not seeds:
+        return None
+    cell = mean_ci([method[s] - baseline[s] for s in seeds])
+    if cell.n < 2 or cell.constant:
+        return cell
+    from scipy.stats import ttest_rel
+
+    p = float(ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
+    return replace(cell, p=p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def with_holm(cells: Mapping[Hashable, Cell | None]) -> dict[Hashable, Cell | None]:
+    """``cells`` with ``p_holm`` set, correcting every tested cell together (one family)."""
+    keys = [k for k, c in cells.items() if c is not None and c.p is not None]
+    adjusted = holm([cells[k].p for k in keys])  # type: ignore[union-attr, misc]
+    out = dict(cells)
+    for k, p in zip(keys, adjusted, strict=True):
+        out[k] = replace(cells[k], p_holm=p)  # type: ignore[type-var]
+    return out
