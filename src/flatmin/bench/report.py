@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from flatmin._io import atomic_open, atomic_write_text, save_figure
+
 __all__ = [
     "Cell",
     "TaskRow",
@@ -309,7 +311,7 @@ def _tuning_table(tuning: Sequence[Any]) -> list[str]:
 def write_csv(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> None:
     """One row per run (see :data:`CSV_FIELDS`), sorted by task, method, seed."""
     rows = sorted(records, key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("seed", 0)))
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
         for r in rows:
@@ -478,7 +480,7 @@ def write_report(
         if names:
             lines += ["## Figures", ""] + [f"![{n}]({n})" for n in names] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -510,7 +512,7 @@ def _figures(
         ax.set_title("Difference to the baseline (mean ± std over seeds)")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(out / "differences.png", dpi=120)
+        save_figure(fig, out / "differences.png", dpi=120)
         plt.close(fig)
         names.append("differences.png")
     for key, ylabel, name in (
@@ -544,7 +546,7 @@ def _figures(
         if labelled:
             labelled[0].legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name, dpi=110)
         plt.close(fig)
         names.append(name)
     return names
