@@ -9,7 +9,7 @@ signal, an exception in the caller) leaves the old file untouched and removes th
 The temporary file is created with mode ``0o666`` filtered by the process umask, like
 :func:`open` (``tempfile.mkstemp`` would give ``0o600`` and make shared caches unreadable).
 
-Lock (:func:`lock_file`): an advisory ``fcntl.flock`` on a file holding the holder's pid. The
+Lock (:class:`FileLock`): an advisory ``fcntl.flock`` on a file holding the holder's pid. The
 kernel drops the lock when the holder dies, however it dies, so a stale lock file left by a dead
 process is simply taken over.
 
@@ -27,14 +27,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
+    "FileLock",
     "LockedError",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
     "finite_json",
     "fsync_directory",
-    "lock_file",
     "save_figure",
 ]
 
@@ -166,40 +171,74 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-@contextlib.contextmanager
-def lock_file(path: str | os.PathLike[str], *, blocking: bool = False) -> Iterator[Path]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block.
+class FileLock:
+    """An exclusive advisory lock on ``path`` (created if missing), usable as a context manager.
 
-    The holder's pid is written into the file; it is emptied on release (the file stays: removing
-    it would let a waiting process and a new one lock two different files).
+    The holder's pid is written into the file and emptied on release (the file stays: removing
+    it would let a waiting process and a new one lock two different files). Without ``fcntl``
+    (Windows) the lock is a no-op.
 
     Args:
         path: the lock file.
-        blocking: wait for the holder (``False``: raise :class:`LockedError` at once).
+        blocking: wait for the holder (``False``: :meth:`acquire` raises :class:`LockedError`).
 
-    Raises:
-        LockedError: ``blocking=False`` and a live process holds the lock.
-        OSError: the file cannot be created (e.g. a read-only directory).
+    Example:
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "lock")
+        >>> with FileLock(path):
+        ...     FileLock(path).acquire()
+        Traceback (most recent call last):
+        ...
+        flatmin._io.LockedError: ... is locked by process ...
     """
-    lock = Path(path)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks, run unguarded
-        yield lock
-        return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+
+    def __init__(self, path: str | os.PathLike[str], *, blocking: bool = False) -> None:
+        self.path = Path(path)
+        self.blocking = blocking
+        self._fd: int | None = None
+        self._writable = False
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            LockedError: ``blocking=False`` and a live process holds the lock.
+            OSError: the file cannot be created or opened (e.g. a read-only directory).
+        """
+        if fcntl is None:  # pragma: no cover - Windows: no advisory locks, run unguarded
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fd, writable = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's lock file: flock needs only read access
+            fd, writable = os.open(self.path, os.O_RDONLY), False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise LockedError(lock, _read_pid(lock)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield lock
-        finally:
+            os.close(fd)
+            raise LockedError(self.path, _read_pid(self.path)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd, self._writable = fd, writable
+
+    def release(self) -> None:
+        """Empty the file and drop the lock (a no-op if not held)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self._writable:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+        if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
         os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
