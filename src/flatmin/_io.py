@@ -111,7 +111,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -
     fsync_directory(dest.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Replace ``path`` atomically with ``data``."""
     with atomic_open(path, "wb") as f:
         f.write(data)

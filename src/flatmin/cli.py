@@ -419,6 +419,10 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from flatmin.analysis import plot_path, plot_paths
     from flatmin.bench.analyze import LandscapeConfig, landscape
 
+    out = Path(args.out)
+    problem = _out_dir_problem("--out", out)
+    if problem:
+        return _error(args, problem)
     try:
         cfg = LandscapeConfig(
             points=args.points, distance=args.distance, max_batches=args.max_batches,
@@ -427,10 +431,6 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         ckpts = _load_checkpoints(args, args.checkpoints)
     except (ValueError, FileNotFoundError) as exc:
         return _error(args, exc)
-    out = Path(args.out)
-    problem = _out_dir_problem("--out", out)
-    if problem:
-        return _error(args, problem)
     with _torch_threads(args.threads):
         result = landscape(ckpts, cfg)
     import matplotlib
@@ -503,6 +503,13 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     from flatmin._io import atomic_write_text
     from flatmin.bench.analyze import SharpnessConfig, sharpness_summary
 
+    if args.out:
+        target = Path(args.out)
+        if target.is_dir():
+            return _error(args, f"Invalid --out: {args.out!r} is a directory (expected a file)")
+        problem = _out_dir_problem("--out", target.parent)
+        if problem:
+            return _error(args, problem)
     try:
         cfg = SharpnessConfig(
             rho=args.rho, adaptive_rho=args.adaptive_rho, max_batches=args.max_batches,
@@ -511,13 +518,6 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         (ckpt,) = _load_checkpoints(args, [args.checkpoint])
     except (ValueError, FileNotFoundError) as exc:
         return _error(args, exc)
-    if args.out:
-        target = Path(args.out)
-        if target.is_dir():
-            return _error(args, f"Invalid --out: {args.out!r} is a directory (expected a file)")
-        problem = _out_dir_problem("--out", target.parent)
-        if problem:
-            return _error(args, problem)
     with _torch_threads(args.threads):
         summary = sharpness_summary(ckpt, cfg)
     text = json.dumps(summary, indent=1, allow_nan=False)

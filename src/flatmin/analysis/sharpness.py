@@ -66,6 +66,18 @@ def _ascent_direction(grads: list[Tensor], scales: list[Tensor] | None, p: float
     return u if scales is None else [t * ui for t, ui in zip(scales, u, strict=True)]
 
 
+def _norm2(ts: list[Tensor]) -> float:
+    """``‖concat(ts)‖₂`` in float64, scaled by the largest entry so that it cannot overflow.
+
+    An overflowed norm (inf) would make the projection factor ``ρ/inf = 0`` and silently drop
+    the perturbation, reporting a sharpness of 0.
+    """
+    big = max((float(t.detach().abs().max()) for t in ts if t.numel()), default=0.0)
+    if big == 0.0 or not math.isfinite(big):
+        return big
+    return big * math.sqrt(sum(float(((t.double() / big) ** 2).sum()) for t in ts))
+
+
 def _nan_max(a: float, b: float) -> float:
     """``max(a, b)`` that propagates NaN (Python's ``max`` keeps ``a`` when ``b`` is NaN)."""
     return b if math.isnan(b) or b > a else a
@@ -77,7 +89,7 @@ def _project(
     """Project onto ``{‖δ / T‖_p ≤ ρ}``."""
     u = delta if scales is None else [d / t for d, t in zip(delta, scales, strict=True)]
     if p == 2:
-        norm = float(torch.sqrt(sum((ui.double() ** 2).sum() for ui in u)))  # type: ignore[arg-type]
+        norm = _norm2(u)
         factor = min(1.0, rho / norm) if norm > 0 else 1.0
         u = [ui * factor for ui in u]
     else:

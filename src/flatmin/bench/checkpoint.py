@@ -16,9 +16,11 @@ load, with a warning.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatmin._io import atomic_open
+from flatmin._io import atomic_write_bytes
 from flatmin.bench.methods import Hyper
 from flatmin.bench.train import RunSpec, TrainResult
 from flatmin.tasks import Task, TaskData, get_task
@@ -109,8 +111,11 @@ def save_checkpoint(path: str | os.PathLike[str], result: TrainResult) -> None:
         ),
     }
     payload["sha256"] = payload_digest(payload)
-    with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+    # Serialised in memory first (benchmark models are small): torch.save straight into the file
+    # would turn a failed write (disk full) into an opaque RuntimeError instead of an OSError.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 @dataclass
@@ -143,6 +148,11 @@ def _read_payload(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"Invalid checkpoint: {name!r} is a directory (expected a file)")
     if not path.exists():
         raise FileNotFoundError(f"No such checkpoint: {name!r}")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(
+            f"Invalid checkpoint: {name!r} cannot be read (empty, truncated or not a checkpoint: "
+            "not a torch zip archive)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
