@@ -599,36 +599,21 @@ def test_a_second_bench_on_the_same_out_refuses_naming_the_holder(tmp_path, cli)
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(tmp_path / LOCK)], stdout=subprocess.PIPE, text=True
     )
+    bench = ["bench", "--tasks", "digits", "--methods", "baseline", "--seeds", "1", "--epochs",
+             "1", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(
-            OutputLockedError, match=rf"in use by another flatmin bench \(pid {holder.pid}\)"
-        ):
+        match = rf"in use by another flatmin bench \(pid {holder.pid}\)"
+        with pytest.raises(OutputLockedError, match=match):
             run_grid(_toy(tmp_path), resolver=ToyResolver())
-        code, _, err = cli("bench", "--tasks", "digits", "--methods", "baseline", "--seeds", "1",
-                           "--epochs", "1", "--no-progress", "--out", str(tmp_path))  # fmt: skip
+        code, _, err = cli(*bench)
         assert code == 1
-        assert (
-            err.startswith("flatmin bench: error: Output directory") and f"pid {holder.pid}" in err
-        )
+        assert err.startswith("flatmin bench: error: Output directory")
+        assert f"(pid {holder.pid})" in err
         assert not (tmp_path / "results.jsonl").exists()  # nothing ran
-        # --report-only does not take the lock: it only reads results.jsonl.
-        assert (
-            cli(
-                "bench",
-                "--tasks",
-                "digits",
-                "--methods",
-                "baseline",
-                "--seeds",
-                "1",
-                "--report-only",
-                "--no-progress",
-                "--out",
-                str(tmp_path),
-            )[0]
-            == 1
-        )  # no run yet
+        # --report-only does not take the lock: it only reads results.jsonl (empty: exit 1).
+        code, out, err = cli(*bench, "--report-only")
+        assert code == 1 and "1 runs: 0 trained" in out and "in use" not in err
     finally:
         holder.kill()
         holder.wait()
