@@ -33,7 +33,14 @@ from torch import nn
 
 from flatmin._io import FileLock, LockedError, atomic_open, atomic_write_text, finite_json
 from flatmin._proc import child_command
-from flatmin.analysis import SharpnessResult, hessian_eigenvalues, hessian_trace, sharpness
+from flatmin.analysis import (
+    PathResult,
+    SharpnessResult,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+    sharpness,
+)
 from flatmin.bench import BenchConfig, RunSpec, read_records, run_grid
 from flatmin.bench.checkpoint import (
     FORMAT,
@@ -322,8 +329,22 @@ def test_hessian_of_a_nan_loss_is_nan_not_lapack_garbage():
         assert not eig.finite
     tr = hessian_trace(net, loss_fn, _data(), n_samples=3)
     assert math.isnan(tr.trace) and not tr.finite
+    spec = hessian_spectrum(net, loss_fn, _data(), steps=4)
+    assert np.all(np.isnan(spec.nodes)) and not spec.finite
     ok = hessian_eigenvalues(net, nn.functional.cross_entropy, _data(), k=2)
     assert ok.finite
+
+
+def test_landscape_lists_where_a_loss_is_not_finite():
+    from flatmin.bench.analyze import LandscapeResult
+
+    coords = np.linspace(-1, 1, 5)
+    ok = PathResult("ray", coords, {"test": np.ones(5)}, {"test": np.zeros(5)})
+    bad = PathResult("ray", coords, {"test": np.array([np.inf, 1, 1, 1, np.nan])},
+                     {"test": np.zeros(5)})  # fmt: skip
+    result = LandscapeResult(rays={"sam-s0": ok, "swa-s0": bad})
+    assert result.nonfinite() == ["ray swa-s0: test loss at 2 of 5 points"]
+    assert LandscapeResult(rays={"sam-s0": ok}).nonfinite() == []
 
 
 def test_finite_json_flags_every_nonfinite_value():
@@ -694,7 +715,10 @@ def test_a_signal_stops_a_parallel_grid_keeping_results_and_leaving_no_process(t
         family = _descendants(proc.pid)  # workers, the resource tracker, their children
         assert len(family) >= 3, family
         kept = results.read_text()
-        os.kill(proc.pid, sig)
+        if sig == signal.SIGINT:  # Ctrl-C in a terminal: the whole process group gets it
+            os.killpg(proc.pid, sig)
+        else:  # docker stop, Slurm, kill: the main process only
+            os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

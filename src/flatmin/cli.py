@@ -91,12 +91,20 @@ _THREADS = _int_at_least(1)
 
 
 def _out_dir_problem(option: str, path: Path) -> str | None:
-    """Why ``path`` cannot be an output directory (``None``: it is one now, created if needed)."""
+    """Why ``path`` cannot become an output directory (``None``: it can); creates nothing.
+
+    The path must be a directory or not exist yet, and its nearest existing ancestor must be a
+    directory in which a file can be created (probed with a temporary file).
+    """
     if path.exists() and not path.is_dir():
         return f"Invalid {option}: {str(path)!r} exists and is not a directory"
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"Invalid {option}: {str(base)!r} is not a directory"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as exc:
         return f"Invalid {option}: cannot write into {str(path)!r} ({exc.strerror or exc})"
@@ -390,6 +398,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rec = result.record
     try:
         # Each file is replaced atomically: a failure here (disk full) keeps the previous one.
+        out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out / "checkpoint.pt", result)
         text = json.dumps(finite_json(rec)[0], indent=1, sort_keys=True, allow_nan=False)
         atomic_write_text(out / "metrics.json", text)
@@ -449,6 +458,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         return key.replace("→", "_to_").replace("#", "_")
 
     try:
+        out.mkdir(parents=True, exist_ok=True)
         for metric in ("loss", "error"):
             save(
                 plot_paths(
@@ -524,6 +534,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, text + "\n")
         except OSError as exc:
             return _error(args, f"could not write {args.out!r}: {exc}", 1)

@@ -273,6 +273,11 @@ class SpectrumResult(Result):
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def finite(self) -> bool:
+        """Whether every Ritz value is finite (``False``: a Hessian product was NaN/inf)."""
+        return bool(np.all(np.isfinite(self.nodes)))
+
+    @property
     def trace(self) -> float:
         """SLQ trace estimate ``n · mean_probes Σ_i τ_i² θ_i``."""
         n = int(self.settings["n_params"])
