@@ -347,6 +347,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if errors or not ok else 0
 
 
+def _check_method_options(method: str, **given: float | None) -> None:
+    """A hyper-parameter given for a method that does not have it is an error, not ignored."""
+    from flatmin.bench import get_method, method_names
+
+    def has(m: str, name: str) -> bool:
+        return getattr(get_method(m).defaults, name) is not None
+
+    for name, value in given.items():
+        if value is not None and not has(method, name):
+            having = [m for m in method_names() if has(m, name)]
+            raise ValueError(
+                f"Invalid --{name}: method {method!r} has no {name} "
+                f"(methods with one: {', '.join(having)})"
+            )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
@@ -357,15 +373,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         task = get_task(args.task)
-        method = bench.get_method(args.method)
-        for name, value in (("rho", args.rho), ("start", args.start)):
-            if value is not None and getattr(method.defaults, name) is None:
-                raise ValueError(
-                    f"Invalid --{name}: method {args.method!r} has no {name} (methods with one: "
-                    + ", ".join(m for m in bench.method_names()
-                                if getattr(bench.get_method(m).defaults, name) is not None)
-                    + ")"
-                )  # fmt: skip
+        _check_method_options(args.method, rho=args.rho, start=args.start)
         spec = bench.RunSpec(
             args.task, args.method, args.seed, args.budget,
             bench.Hyper(rho=args.rho, start=args.start), args.epochs,

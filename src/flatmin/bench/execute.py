@@ -214,11 +214,27 @@ def run_specs(
         bars.close()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_main(conn: Connection, resolver: Resolver, threads: int, parent: int) -> None:
     """A worker process: run what the pipe sends until ``None`` or the pipe closes."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when workers stop
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     while True:
         try:
             job = conn.recv()
@@ -246,12 +262,18 @@ class _Pool:
     """``cfg.jobs`` worker processes fed one run at a time (see the module docstring)."""
 
     def __init__(
-        self, specs: Sequence[RunSpec], cfg: BenchConfig, resolver: Resolver, results: Path,
+        self,
+        specs: Sequence[RunSpec],
+        cfg: BenchConfig,
+        resolver: Resolver,
+        results: Path,
         bars: _Bars,
-    ) -> None:  # fmt: skip
-        self.specs, self.cfg, self.resolver, self.results, self.bars = (
-            specs, cfg, resolver, results, bars,
-        )  # fmt: skip
+    ) -> None:
+        self.specs = specs
+        self.cfg = cfg
+        self.resolver = resolver
+        self.results = results
+        self.bars = bars
         self.queued = collections.deque(range(len(specs)))
         self.workers: list[_Worker] = []
         self.ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
@@ -264,11 +286,8 @@ class _Pool:
         )  # fmt: skip
         # Started with SIGINT/SIGTERM blocked (the mask survives exec) so that a Ctrl-C while
         # the worker imports torch cannot print a traceback; the worker unblocks them.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with _signals_blocked():
             process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         worker = _Worker(process, ours)
         self.workers.append(worker)
