@@ -7,6 +7,13 @@ file left truncated by a killed fetch therefore never has its final name, and a 
 fails the checksum and is fetched again. When every source fails, one :class:`DataUnavailableError`
 lists what was tried and how to supply the files by hand.
 
+Housekeeping: a fetch holds ``<cache>/<dataset>/.fetch.lock`` (one fetch of a dataset at a time;
+the holder removes ``.fetch-*`` staging folders left by killed fetches); files get the umask's
+mode, so a cache shared through a group is readable; ``pip download`` and ``apt-get download``
+die with this process (:func:`flatmin._proc.child_command`); a cache directory that cannot be
+written is one :class:`DataUnavailableError` saying so, while a read-only cache that already holds
+every verified file is used as it is.
+
 This is the only part of the library that writes files, and only below the cache directory.
 """
 
