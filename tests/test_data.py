@@ -140,7 +140,8 @@ def test_killed_fetch_never_leaves_a_complete_looking_file(tmp_path: Path, good_
     with pytest.raises(DataUnavailableError, match="dying source: connection reset"):
         ensure_files("toy", files, (_DiesMidway(),), cache_dir=tmp_path)
     leftovers = [p for p in (tmp_path / "toy").rglob("*") if p.is_file()]
-    assert leftovers == []
+    assert [p.name for p in leftovers] == [".fetch.lock"]  # the (empty) lock of the fetch
+    assert leftovers[0].read_bytes() == b""
 
 
 def test_force_refetches(tmp_path: Path, good_files) -> None:

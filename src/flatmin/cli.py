@@ -1,15 +1,23 @@
 """Command-line front end: ``flatmin bench | train | landscape | sharpness | data | tasks``.
 
 Every subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
-Exit codes: 0 success, 1 a run or check failed, 2 bad arguments (argparse's convention).
+Exit codes: 0 success, 1 a run or check failed (or a result is not finite), 2 bad arguments
+(argparse's convention), 130 / 143 interrupted by SIGINT / SIGTERM. Every error is one line
+``flatmin <cmd>: error: ...`` on stderr, never a traceback (``flatmin --debug <cmd>`` shows one
+for unexpected errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -17,11 +25,90 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the argparse parser with one subparser per subcommand."""
     parser = argparse.ArgumentParser(prog="flatmin", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench_parsers(sub)
     _add_data_parser(sub)
     _add_tasks_parser(sub)
     return parser
+
+
+# --- argument types: a bad value is an argparse error (usage, "flatmin CMD: error: ...", exit 2)
+
+
+SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; int64 keeps records portable
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} (expected an int >= {low})")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _seed(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} (expected 0 <= seed < 2**63)")
+    return value
+
+
+def _real(
+    low: float | None = None, high: float | None = None, *, strict_low: bool = False
+) -> Callable[[str], float]:
+    """A finite float in ``[low, high)`` (``(low, high)`` with ``strict_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if strict_low else value >= low))
+        ok = ok and (high is None or value < high)
+        if not ok:
+            lo = "" if low is None else f"{'>' if strict_low else '>='} {low:g}"
+            hi = "" if high is None else f"< {high:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} (expected a finite number {' and '.join(b for b in (lo, hi) if b)})"
+            )
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+_THREADS = _int_at_least(1)
+
+
+def _out_dir_problem(option: str, path: Path) -> str | None:
+    """Why ``path`` cannot become an output directory (``None``: it can); creates nothing.
+
+    The path must be a directory or not exist yet, and its nearest existing ancestor must be a
+    directory in which a file can be created (probed with a temporary file).
+    """
+    if path.exists() and not path.is_dir():
+        return f"Invalid {option}: {str(path)!r} exists and is not a directory"
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"Invalid {option}: {str(base)!r} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        return f"Invalid {option}: cannot write into {str(path)!r} ({exc.strerror or exc})"
+    return None
 
 
 # --- data: list | fetch NAME... | verify ---------------------------------------------------
@@ -47,6 +134,10 @@ def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _cmd_data(args: argparse.Namespace) -> int:
     from flatmin import data
 
+    if args.cache_dir is not None:
+        root = data.cache_root(args.cache_dir)
+        if root.exists() and not root.is_dir():
+            return _error(args, f"Invalid --cache-dir: {str(root)!r} is not a directory")
     if args.data_command == "list":
         rows = [("name", "domain", "cached", "size", "source")]
         for info in data.list_datasets():
@@ -59,13 +150,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     failed = 0
     for name in names:
         if name not in data.dataset_names():
-            print(f"error: {data.unknown_dataset_message(name)}", file=sys.stderr)
-            return 2
+            return _error(args, data.unknown_dataset_message(name))
         if args.data_command == "fetch":
             try:
                 res = data.fetch(name, cache_dir=args.cache_dir, force=args.force)
             except data.DataUnavailableError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                _error(args, exc)
                 failed += 1
                 continue
             print(
@@ -75,7 +165,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         else:
             status = data.verify(name, cache_dir=args.cache_dir)
             print(f"{name}: {status.state}" + "".join(f"\n  {m}" for m in status.problems))
-            failed += status.state == "corrupt"
+            failed += status.state in ("corrupt", "unreadable")
     return 1 if failed else 0
 
 
@@ -105,14 +195,16 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 # --- bench | train | landscape | sharpness --------------------------------------------------------
-# Exit codes: 0 ok; 1 a run crashed (status "error"), no run finished, or a train run ended with a
-# non-finite loss; 2 bad arguments (unknown task/method/suite: the message lists the valid names).
+# Exit codes: 0 ok; 1 a run crashed (status "error"), no run finished, a train run ended with a
+# non-finite loss, an analysis result is not finite, or an output could not be written; 2 bad
+# arguments (unknown task/method/suite: the message lists the valid names, a bad checkpoint).
 
 
 _BENCH_EXIT = (
     "Exit codes: 0 ok (runs that end 'failed' with a non-finite loss are results, listed in the "
-    "report); 1 a run raised an exception, no run finished, or a dataset is unavailable; 2 bad "
-    "arguments (unknown task/method/suite: the message lists the valid names)."
+    "report); 1 a run raised an exception, no run finished, a dataset is unavailable, or another "
+    "bench holds OUT; 2 bad arguments (unknown task/method/suite: the message lists the valid "
+    "names); 130/143 interrupted by SIGINT/SIGTERM (finished runs are kept: rerun to resume)."
 )
 
 
@@ -134,7 +226,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/SUITE)")
     p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
-    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run")
+    p.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads per run")
     p.add_argument(
         "--tune", action=flag, default=None, help="choose hyper-parameters on validation data"
     )
@@ -148,19 +240,24 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     t = sub.add_parser(
         "train",
         help="train one run and save a checkpoint (final and averaged weights)",
-        epilog="Exit codes: 0 ok; 1 the run hit a non-finite loss; 2 bad arguments.",
+        epilog="Exit codes: 0 ok; 1 the run hit a non-finite loss or the output could not be "
+        "written; 2 bad arguments; 130/143 interrupted (the previous checkpoint is kept).",
     )
     t.add_argument("--task", required=True)
     t.add_argument("--method", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--out", required=True, metavar="DIR", help="checkpoint.pt and metrics.json")
     t.add_argument("--budget", default="quick", help="quick (default) or full")
-    t.add_argument("--rho", type=float, help="SAM radius (default: the method's)")
-    t.add_argument("--start", type=float, help="SWA start fraction (default: the method's)")
-    t.add_argument("--swa-lr", type=float, help="swa-lr: constant LR × peak LR from the start")
-    t.add_argument("--alpha", type=float, help="LookSAM's alpha (default: the method's)")
-    t.add_argument("--epochs", type=int, metavar="N", help="override the epoch budget")
-    t.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads")
+    t.add_argument("--rho", type=_real(0), help="SAM radius (default: the method's)")
+    t.add_argument("--start", type=_real(0, 1), help="SWA start fraction (default: the method's)")
+    t.add_argument(
+        "--swa-lr",
+        type=_real(0, strict_low=True),
+        help="swa-lr: constant LR as a multiple of the peak LR",
+    )
+    t.add_argument("--alpha", type=_real(0, 1), help="LookSAM's alpha (default: the method's)")
+    t.add_argument("--epochs", type=_int_at_least(1), metavar="N", help="override the epoch budget")
+    t.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
     t.add_argument("--progress", action=flag, default=True, help="progress bar on stderr")
     t.set_defaults(handler=_cmd_train)
 
@@ -172,11 +269,13 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     la.add_argument("--task", help="task to evaluate on (default: the checkpoint's)")
     la.add_argument("--out", default="landscape", metavar="DIR")
     la.add_argument("--weights", default="auto", choices=weights)
-    la.add_argument("--points", type=int, default=21)
-    la.add_argument("--distance", type=float, default=1.0, help="ray half-length")
-    la.add_argument("--max-batches", type=int, default=4, metavar="N")
-    la.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    la.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads")
+    la.add_argument("--points", type=_int_at_least(2), default=21)
+    la.add_argument(
+        "--distance", type=_real(0, strict_low=True), default=1.0, help="ray half-length"
+    )
+    la.add_argument("--max-batches", type=_int_at_least(1), default=4, metavar="N")
+    la.add_argument("--seed", type=_seed, default=0, help="seed of the random directions")
+    la.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
     la.set_defaults(handler=_cmd_landscape)
 
     sh = sub.add_parser(
@@ -185,13 +284,13 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     sh.add_argument("checkpoint", metavar="CKPT")
     sh.add_argument("--task", help="task to evaluate on (default: the checkpoint's)")
     sh.add_argument("--weights", default="auto", choices=weights)
-    sh.add_argument("--rho", type=float, default=0.05)
-    sh.add_argument("--adaptive-rho", type=float, default=0.5)
-    sh.add_argument("--max-batches", type=int, default=4, metavar="N")
-    sh.add_argument("--hessian-iters", type=int, default=20, metavar="N")
-    sh.add_argument("--trace-samples", type=int, default=20, metavar="N")
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads")
+    sh.add_argument("--rho", type=_real(0), default=0.05)
+    sh.add_argument("--adaptive-rho", type=_real(0), default=0.5)
+    sh.add_argument("--max-batches", type=_int_at_least(1), default=4, metavar="N")
+    sh.add_argument("--hessian-iters", type=_int_at_least(1), default=20, metavar="N")
+    sh.add_argument("--trace-samples", type=_int_at_least(2), default=20, metavar="N")
+    sh.add_argument("--seed", type=_seed, default=0)
+    sh.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
     sh.add_argument("--out", metavar="FILE", help="also write the JSON here")
     sh.set_defaults(handler=_cmd_sharpness)
 
@@ -209,15 +308,20 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _error(message: object) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def _prog(args: argparse.Namespace) -> str:
+    return f"flatmin {args.command}" if getattr(args, "command", None) else "flatmin"
+
+
+def _error(args: argparse.Namespace, message: object, code: int = 2) -> int:
+    """Print ``flatmin <cmd>: error: <message>`` on stderr and return ``code``."""
+    print(f"{_prog(args)}: error: {message}", file=sys.stderr)
+    return code
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flatmin import bench
+    from flatmin.bench.execute import OutputLockedError
+    from flatmin.data import DataUnavailableError
 
     tune_seeds = None if args.tune_seeds is None else tuple(range(100, 100 + args.tune_seeds))
     try:
@@ -233,14 +337,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
         cfg.validate()
     except ValueError as exc:
-        return _error(exc)
-    from flatmin.data import DataUnavailableError
-
+        return _error(args, exc)
+    problem = _out_dir_problem("--out", cfg.out)
+    if problem:
+        return _error(args, problem)
     try:
         summary = bench.run_grid(cfg)
-    except DataUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (DataUnavailableError, OutputLockedError, OSError) as exc:
+        return _error(args, exc, 1)
     report = cfg.out / "report.md"
     print(
         f"{summary.planned} runs: {summary.ran} trained, {summary.skipped} already done, "
@@ -256,17 +360,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if errors or not ok else 0
 
 
+def _check_method_options(method: str, **given: float | None) -> None:
+    """A hyper-parameter given for a method that does not have it is an error, not ignored."""
+    from flatmin.bench import get_method, method_names
+
+    def has(m: str, name: str) -> bool:
+        return getattr(get_method(m).defaults, name) is not None
+
+    for name, value in given.items():
+        if value is not None and not has(method, name):
+            having = [m for m in method_names() if has(m, name)]
+            raise ValueError(
+                f"Invalid --{name}: method {method!r} has no {name} "
+                f"(methods with one: {', '.join(having)})"
+            )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from flatmin import bench
+    from flatmin._io import atomic_write_text, finite_json
     from flatmin.bench.checkpoint import save_checkpoint
     from flatmin.tasks import get_task
 
     try:
         task = get_task(args.task)
-        bench.get_method(args.method)
+        _check_method_options(
+            args.method, rho=args.rho, start=args.start, swa_lr=args.swa_lr, alpha=args.alpha
+        )
         spec = bench.RunSpec(
             args.task, args.method, args.seed, args.budget,
             bench.Hyper(rho=args.rho, start=args.start, swa_lr=args.swa_lr, alpha=args.alpha),
@@ -274,7 +396,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
         spec.config(task)  # validates the budget and the epoch override
     except ValueError as exc:
-        return _error(exc)
+        return _error(args, exc)
+    out = Path(args.out)
+    problem = _out_dir_problem("--out", out)
+    if problem:
+        return _error(args, problem)
     bar = None
     if args.progress:
         from tqdm.auto import tqdm
@@ -293,14 +419,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "checkpoint.pt", result)
-    (out / "metrics.json").write_text(json.dumps(result.record, indent=1, sort_keys=True))
     rec = result.record
+    try:
+        # Each file is replaced atomically: a failure here (disk full) keeps the previous one.
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out / "checkpoint.pt", result)
+        text = json.dumps(finite_json(rec)[0], indent=1, sort_keys=True, allow_nan=False)
+        atomic_write_text(out / "metrics.json", text)
+    except OSError as exc:
+        return _error(args, f"could not write the results into {str(out)!r}: {exc}", 1)
     if rec["status"] != "ok":
-        print(f"{args.task} {args.method} seed {args.seed}: failed ({rec['reason']})")
-        return 1
+        return _error(args, f"{args.task} {args.method} seed {args.seed}: {rec['reason']}", 1)
     final = rec["final"]
     print(
         f"{args.task} {args.method} seed {args.seed}: test {100 * final['test_acc']:.2f}%, "
@@ -309,99 +438,137 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_landscape(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from flatmin.analysis import plot_path, plot_paths
-    from flatmin.bench.analyze import LandscapeConfig, landscape
+def _load_checkpoints(args: argparse.Namespace, paths: Sequence[str]) -> list[Any]:
     from flatmin.bench.checkpoint import load_checkpoint
 
+    return [load_checkpoint(c, task=args.task, weights=args.weights) for c in paths]
+
+
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    import json
+
+    from flatmin._io import atomic_write_text, finite_json, save_figure
+    from flatmin.analysis import plot_path, plot_paths
+    from flatmin.bench.analyze import LandscapeConfig, landscape
+
+    out = Path(args.out)
+    problem = _out_dir_problem("--out", out)
+    if problem:
+        return _error(args, problem)
     try:
         cfg = LandscapeConfig(
             points=args.points, distance=args.distance, max_batches=args.max_batches,
             seed=args.seed,
         )  # fmt: skip
-        ckpts = [load_checkpoint(c, task=args.task, weights=args.weights) for c in args.checkpoints]
-        with _torch_threads(args.threads):
-            result = landscape(ckpts, cfg)
+        ckpts = _load_checkpoints(args, args.checkpoints)
     except (ValueError, FileNotFoundError) as exc:
-        return _error(exc)
+        return _error(args, exc)
+    with _torch_threads(args.threads):
+        result = landscape(ckpts, cfg)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig: object, name: str) -> None:
-        fig.savefig(out / name, dpi=110)  # type: ignore[attr-defined]
+        save_figure(fig, out / name, dpi=110)
         plt.close(fig)  # type: ignore[arg-type]
         written.append(name)
 
     def slug(key: str) -> str:
         return key.replace("→", "_to_").replace("#", "_")
 
-    for metric in ("loss", "error"):
-        save(
-            plot_paths(
-                result.rays, dataset="test", metric=metric, title="random filter-normalised rays"
-            ),
-            f"rays_test_{metric}.png",
-        )
-    for label, ray in result.rays.items():
-        ray.save(out / f"ray_{slug(label)}")
-    for key, path in result.interpolations.items():
-        path.save(out / f"interpolation_{slug(key)}")
-        save(plot_path(path, title=key), f"interpolation_{slug(key)}.png")
-    asym: dict[str, dict[str, Any]] = {
-        key: {
-            "a": r.a,
-            "difference": r.difference,
-            "loss": {k: v.tolist() for k, v in r.loss.items()},
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for metric in ("loss", "error"):
+            save(
+                plot_paths(
+                    result.rays, dataset="test", metric=metric,
+                    title="random filter-normalised rays",
+                ),
+                f"rays_test_{metric}.png",
+            )  # fmt: skip
+        for label, ray in result.rays.items():
+            ray.save(out / f"ray_{slug(label)}")
+        for key, path in result.interpolations.items():
+            path.save(out / f"interpolation_{slug(key)}")
+            save(plot_path(path, title=key), f"interpolation_{slug(key)}.png")
+        asym: dict[str, dict[str, Any]] = {
+            key: {
+                "a": r.a,
+                "difference": r.difference,
+                "loss": {k: v.tolist() for k, v in r.loss.items()},
+            }
+            for key, r in result.asymmetries.items()
         }
-        for key, r in result.asymmetries.items()
-    }
-    (out / "asymmetry.json").write_text(json.dumps(asym, indent=1))
-    if result.asymmetries:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(asym) + 2), 3.5))
-        keys = list(asym)
-        ax.bar(range(len(keys)), [asym[k]["difference"]["test"] for k in keys])
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize="small")
-        ax.set_ylabel(f"L(θ(+{cfg.a})) − L(θ(−{cfg.a})), test")
-        ax.set_title("asymmetry along the interpolation lines")
-        fig.tight_layout()
-        save(fig, "asymmetry.png")
+        # Strict JSON: NaN/inf are null, their paths listed under each entry's "nonfinite".
+        strict = {}
+        for key, entry in asym.items():
+            clean, bad = finite_json(entry)
+            strict[key] = {**clean, "nonfinite": bad}
+        atomic_write_text(out / "asymmetry.json", json.dumps(strict, indent=1, allow_nan=False))
+        if result.asymmetries:
+            fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(asym) + 2), 3.5))
+            keys = list(asym)
+            ax.bar(range(len(keys)), [asym[k]["difference"]["test"] for k in keys])
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize="small")
+            ax.set_ylabel(f"L(θ(+{cfg.a})) − L(θ(−{cfg.a})), test")
+            ax.set_title("asymmetry along the interpolation lines")
+            fig.tight_layout()
+            save(fig, "asymmetry.png")
+    except OSError as exc:
+        return _error(args, f"could not write into {str(out)!r}: {exc}", 1)
     print(f"{len(written)} figures and data in {out}: " + ", ".join(written))
     for key, r in asym.items():
         print(f"asymmetry {key}: test {r['difference']['test']:+.4f}")
+    nonfinite = result.nonfinite()
+    if nonfinite:
+        return _error(args, "non-finite losses (written as NaN/null): " + "; ".join(nonfinite), 1)
     return 0
 
 
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
+    from flatmin._io import atomic_write_text
     from flatmin.bench.analyze import SharpnessConfig, sharpness_summary
-    from flatmin.bench.checkpoint import load_checkpoint
 
+    if args.out:
+        target = Path(args.out)
+        if target.is_dir():
+            return _error(args, f"Invalid --out: {args.out!r} is a directory (expected a file)")
+        problem = _out_dir_problem("--out", target.parent)
+        if problem:
+            return _error(args, problem)
     try:
         cfg = SharpnessConfig(
             rho=args.rho, adaptive_rho=args.adaptive_rho, max_batches=args.max_batches,
             hessian_iters=args.hessian_iters, trace_samples=args.trace_samples, seed=args.seed,
         )  # fmt: skip
-        ckpt = load_checkpoint(args.checkpoint, task=args.task, weights=args.weights)
-        with _torch_threads(args.threads):
-            summary = sharpness_summary(ckpt, cfg)
+        (ckpt,) = _load_checkpoints(args, [args.checkpoint])
     except (ValueError, FileNotFoundError) as exc:
-        return _error(exc)
-    text = json.dumps(summary, indent=1)
+        return _error(args, exc)
+    with _torch_threads(args.threads):
+        summary = sharpness_summary(ckpt, cfg)
+    text = json.dumps(summary, indent=1, allow_nan=False)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.out, text + "\n")
+        except OSError as exc:
+            return _error(args, f"could not write {args.out!r}: {exc}", 1)
+    if summary["nonfinite"]:
+        return _error(
+            args,
+            "non-finite results (null in the JSON): " + ", ".join(summary["nonfinite"])
+            + " (the loss is NaN or infinite at or near the weights; for the sharpness try a "
+            "smaller --rho / --adaptive-rho)",
+            1,
+        )  # fmt: skip
     return 0
 
 
@@ -411,8 +578,22 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+@contextmanager
+def _warnings_as_messages(prog: str) -> Iterator[None]:
+    """Show warnings as ``flatmin <cmd>: warning: ...`` lines (not file:line source dumps)."""
+
+    def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return the process exit code."""
+    from flatmin._proc import interrupt_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -423,7 +604,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.handler(args))
+    prog = _prog(args)
+    try:
+        with _warnings_as_messages(prog), interrupt_on_signals():
+            return int(args.handler(args))
+    except KeyboardInterrupt as exc:  # flatmin._proc.Interrupted for SIGTERM, or a plain Ctrl-C
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        hint = {
+            "bench": "; finished runs are kept: rerun the same command to resume",
+            "train": "; the files in --out are the earlier ones or complete new ones",
+        }.get(args.command, "")
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}{hint}", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _error(
+            args, f"{type(exc).__name__}: {exc} (`flatmin --debug {args.command} ...` shows the "
+            "traceback)", 1,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -121,6 +122,9 @@ def _lanczos(
         for _ in range(2):  # twice is enough (Parlett's "twice is enough")
             w = w - q.T @ (q @ w)
         beta = float(w.norm())
+        if not (math.isfinite(a) and math.isfinite(beta)):
+            beta_last = math.nan  # a NaN/inf Hessian product: nothing after it means anything
+            break
         scale = max(abs(x) for x in alphas) if alphas else 1.0
         if j == steps - 1 or beta <= 1e-12 * max(scale, 1e-30):
             beta_last = beta if beta > 1e-12 * max(scale, 1e-30) else 0.0
@@ -139,6 +143,10 @@ def _lanczos(
 
 
 def _tridiag_eig(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = len(alphas)
+    if not (np.all(np.isfinite(alphas)) and np.all(np.isfinite(betas))):
+        # LAPACK's eigh returns finite garbage for a matrix holding NaN: report NaN instead.
+        return np.full(m, np.nan), np.full((m, m), np.nan)
     t = np.diag(alphas)
     if len(betas):
         t += np.diag(betas, 1) + np.diag(betas, -1)
@@ -187,7 +195,8 @@ def hessian_eigenvalues(
 
     Returns:
         :class:`EigenResult` with ``eigenvalues`` descending, ``residuals`` ``‖Hv − λv‖``,
-        ``iterations`` (number of full-data HVPs).
+        ``iterations`` (number of full-data HVPs). A NaN or infinite Hessian product stops the
+        iteration and gives NaN eigenvalues (``result.finite`` is ``False``), never a number.
 
     Raises:
         ValueError: for a bad ``k``, ``method``, ``max_iter`` or ``tol``.
@@ -226,6 +235,9 @@ def hessian_eigenvalues(
                 if return_vectors
                 else None
             )
+            if not np.all(np.isfinite(theta)):  # stopped at a NaN/inf product: k NaN values
+                values, residuals = np.full(k, np.nan), np.full(k, np.nan)
+                vectors = np.full((k, op.n), np.nan) if return_vectors else None
         else:
             found: list[tuple[float, Tensor]] = []
             res_list: list[float] = []
@@ -240,6 +252,9 @@ def hessian_eigenvalues(
                         w = w - lam_j * (u @ v) * u
                     new = float(w @ v)
                     res = float((w - new * v).norm())
+                    if not math.isfinite(new):
+                        lam = res = math.nan
+                        break
                     wn = w.norm()
                     if wn == 0:
                         lam = new

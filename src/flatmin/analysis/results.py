@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from flatmin._io import atomic_open, atomic_write_text
 
 __all__ = [
     "AsymmetryResult",
@@ -30,16 +33,40 @@ __all__ = [
 R = TypeVar("R", bound="Result")
 
 
-def _jsonable(value: Any) -> Any:
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _jsonable(value: Any, where: str, nonfinite: list[str]) -> Any:
+    """Plain JSON values of ``value``; non-finite floats become strings.
+
+    A NaN/±inf float becomes ``"NaN"``/``"Infinity"``/``"-Infinity"`` and its dotted path is
+    appended to ``nonfinite`` (strict JSON has no such numbers).
+    """
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return {str(k): _jsonable(v, f"{where}.{k}", nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        items = value.tolist() if isinstance(value, np.ndarray) else value
+        return [_jsonable(v, f"{where}.{i}", nonfinite) for i, v in enumerate(items)]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        nonfinite.append(where)
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
+
+
+def _restore_nonfinite(fields: dict[str, Any], paths: list[str]) -> None:
+    """Turn the strings listed in ``paths`` (``"fields.<name>..."``) back into floats."""
+    for path in paths:
+        keys = path.split(".")[1:]
+        node: Any = fields
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[int(last)] = _NONFINITE[node[int(last)]]
+        else:
+            node[last] = _NONFINITE[node[last]]
 
 
 class Result:
@@ -47,6 +74,10 @@ class Result:
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``<path>.npz`` (arrays) and ``<path>.json`` (class, scalars, settings).
+
+        Each file is written atomically (temporary file, ``fsync``, rename). The JSON is strict:
+        a NaN or infinite scalar is stored as the string ``"NaN"``, ``"Infinity"`` or
+        ``"-Infinity"`` and its path is listed under ``"nonfinite"`` (``load`` turns it back).
 
         Args:
             path: Target path; a ``.npz`` or ``.json`` suffix is replaced.
@@ -59,6 +90,7 @@ class Result:
             base = base.with_suffix("")
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"class": type(self).__name__, "fields": {}, "arrays": {}}
+        nonfinite: list[str] = []
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
@@ -74,11 +106,13 @@ class Result:
                     arrays[f"{f.name}.{i}"] = value[k]
                 meta["arrays"][f.name] = keys
             else:
-                meta["fields"][f.name] = _jsonable(value)
+                meta["fields"][f.name] = _jsonable(value, f"fields.{f.name}", nonfinite)
         npz_path = base.with_name(base.name + ".npz")
         json_path = base.with_name(base.name + ".json")
-        np.savez(npz_path, **arrays)  # type: ignore[arg-type]
-        json_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        meta["nonfinite"] = nonfinite
+        with atomic_open(npz_path, "wb") as out:
+            np.savez(out, **arrays)  # type: ignore[arg-type]
+        atomic_write_text(json_path, json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
         return npz_path, json_path
 
     @classmethod
@@ -94,6 +128,7 @@ class Result:
         meta = json.loads(base.with_name(base.name + ".json").read_text())
         if meta["class"] != cls.__name__:
             raise TypeError(f"Invalid file: holds a {meta['class']} (expected {cls.__name__})")
+        _restore_nonfinite(meta["fields"], meta.get("nonfinite", []))
         kwargs: dict[str, Any] = dict(meta["fields"])
         with np.load(base.with_name(base.name + ".npz"), allow_pickle=False) as npz:
             for name, keys in meta["arrays"].items():
@@ -174,6 +209,11 @@ class SharpnessResult(Result):
     std: float
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def finite(self) -> bool:
+        """Whether every per-batch value is finite (``False``: the loss blew up somewhere)."""
+        return bool(np.all(np.isfinite(self.values)))
+
 
 @dataclass(frozen=True)
 class EigenResult(Result):
@@ -193,6 +233,11 @@ class EigenResult(Result):
     eigenvectors: np.ndarray | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def finite(self) -> bool:
+        """Whether every eigenvalue is finite (``False``: a Hessian product was NaN/inf)."""
+        return bool(np.all(np.isfinite(self.eigenvalues)))
+
 
 @dataclass(frozen=True)
 class TraceResult(Result):
@@ -202,6 +247,11 @@ class TraceResult(Result):
     stderr: float
     samples: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every sample is finite (``False``: a Hessian product was NaN/inf)."""
+        return bool(np.all(np.isfinite(self.samples)))
 
 
 @dataclass(frozen=True)
@@ -221,6 +271,11 @@ class SpectrumResult(Result):
     grid: np.ndarray
     density: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every Ritz value is finite (``False``: a Hessian product was NaN/inf)."""
+        return bool(np.all(np.isfinite(self.nodes)))
 
     @property
     def trace(self) -> float:

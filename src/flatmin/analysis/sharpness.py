@@ -66,13 +66,30 @@ def _ascent_direction(grads: list[Tensor], scales: list[Tensor] | None, p: float
     return u if scales is None else [t * ui for t, ui in zip(scales, u, strict=True)]
 
 
+def _norm2(ts: list[Tensor]) -> float:
+    """``‖concat(ts)‖₂`` in float64, scaled by the largest entry so that it cannot overflow.
+
+    An overflowed norm (inf) would make the projection factor ``ρ/inf = 0`` and silently drop
+    the perturbation, reporting a sharpness of 0.
+    """
+    big = max((float(t.detach().abs().max()) for t in ts if t.numel()), default=0.0)
+    if big == 0.0 or not math.isfinite(big):
+        return big
+    return big * math.sqrt(sum(float(((t.double() / big) ** 2).sum()) for t in ts))
+
+
+def _nan_max(a: float, b: float) -> float:
+    """``max(a, b)`` that propagates NaN (Python's ``max`` keeps ``a`` when ``b`` is NaN)."""
+    return b if math.isnan(b) or b > a else a
+
+
 def _project(
     delta: list[Tensor], scales: list[Tensor] | None, rho: float, p: float
 ) -> list[Tensor]:
     """Project onto ``{‖δ / T‖_p ≤ ρ}``."""
     u = delta if scales is None else [d / t for d, t in zip(delta, scales, strict=True)]
     if p == 2:
-        norm = float(torch.sqrt(sum((ui.double() ** 2).sum() for ui in u)))  # type: ignore[arg-type]
+        norm = _norm2(u)
         factor = min(1.0, rho / norm) if norm > 0 else 1.0
         u = [ui * factor for ui in u]
     else:
@@ -132,7 +149,9 @@ def sharpness(
             in SAM's training-time perturbation).
 
     Returns:
-        :class:`SharpnessResult` with per-batch ``values``, ``mean`` and ``std``.
+        :class:`SharpnessResult` with per-batch ``values``, ``mean`` and ``std``. A batch whose
+        loss, gradient or perturbed loss is NaN or infinite gets a non-finite value (never a
+        number standing in for it), and ``result.finite`` is then ``False``.
 
     Raises:
         ValueError: for a negative ``rho``, unknown ``kind`` or ``p``, or bad counts.
@@ -197,12 +216,17 @@ def sharpness(
                     for it in range(steps):
                         if it > 0:
                             _, grads = loss_at(delta, chunk, True)
+                        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                            best = math.nan  # no ascent direction: the worst case is undefined
+                            break
                         step = _ascent_direction(grads, scales, p)
                         delta = _project(
                             [d + alpha * s for d, s in zip(delta, step, strict=True)],
                             scales, rho, p,
                         )  # fmt: skip
-                        best = max(best, loss_at(delta, chunk, False)[0])
+                        # A NaN loss must win: max(best, nan) would keep best and report
+                        # a finite sharpness where the loss is undefined.
+                        best = _nan_max(best, loss_at(delta, chunk, False)[0])
                     pert = best
                 else:
                     base = loss_at(None, chunk, False)[0]

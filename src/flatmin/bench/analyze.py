@@ -16,13 +16,15 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from flatmin._io import finite_json
 from flatmin.analysis import (
     AsymmetryResult,
     PathResult,
@@ -66,6 +68,45 @@ class LandscapeConfig:
     max_batches: int | None = 4
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_int("points", self.points, 2)
+        _check_number("distance", self.distance, low=0, strict=True)
+        _check_number("alpha_min", self.alpha_min)
+        _check_number("alpha_max", self.alpha_max)
+        if not self.alpha_min < self.alpha_max:
+            raise ValueError(
+                f"Invalid alpha range: [{self.alpha_min}, {self.alpha_max}] (expected min < max)"
+            )
+        _check_number("a", self.a, low=0, strict=True)
+        if self.max_batches is not None:
+            _check_int("max_batches", self.max_batches, 1)
+        _check_seed(self.seed)
+
+
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch generators take 64-bit seeds)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
+
+
+def _check_number(
+    name: str, value: object, *, low: float | None = None, strict: bool = False
+) -> None:
+    """``value`` must be a finite real number, ``>= low`` (``> low`` if ``strict``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low  # type: ignore[operator]
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number{bound})")
+
+
+def _check_seed(seed: object) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"Invalid seed: {seed!r} (expected an int, 0 <= seed < 2**63)")
+
 
 @dataclass
 class LandscapeResult:
@@ -74,6 +115,18 @@ class LandscapeResult:
     rays: dict[str, PathResult] = field(default_factory=dict)
     interpolations: dict[str, PathResult] = field(default_factory=dict)
     asymmetries: dict[str, AsymmetryResult] = field(default_factory=dict)
+
+    def nonfinite(self) -> list[str]:
+        """Where a loss is NaN or infinite, e.g. ``"ray sam-s0: test loss at 3 of 21 points"``."""
+        out = []
+        for kind, results in (("ray", self.rays), ("interpolation", self.interpolations),
+                              ("asymmetry", self.asymmetries)):  # fmt: skip
+            for key, res in results.items():
+                for name, loss in res.loss.items():
+                    bad = int(np.sum(~np.isfinite(loss)))
+                    if bad:
+                        out.append(f"{kind} {key}: {name} loss at {bad} of {loss.size} points")
+        return out
 
 
 def _data(ckpt: LoadedCheckpoint) -> dict[str, Any]:
@@ -151,12 +204,24 @@ class SharpnessConfig:
     trace_samples: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_number("rho", self.rho, low=0)
+        _check_number("adaptive_rho", self.adaptive_rho, low=0)
+        _check_int("steps", self.steps, 1)
+        if self.max_batches is not None:
+            _check_int("max_batches", self.max_batches, 1)
+        _check_int("hessian_iters", self.hessian_iters, 1)
+        _check_int("trace_samples", self.trace_samples, 2)
+        _check_seed(self.seed)
+
 
 def sharpness_summary(ckpt: LoadedCheckpoint, cfg: SharpnessConfig) -> dict[str, Any]:
     """Worst-case and adaptive sharpness, top Hessian eigenvalue and trace (JSON-ready dict).
 
     All are measured on the first ``max_batches`` training batches (the labels trained on),
-    BatchNorm in eval mode.
+    BatchNorm in eval mode. The dict is strict JSON: a NaN or infinite value (the loss blew up
+    at the perturbed weights, e.g. for a huge ``rho``) is ``None`` and its dotted path is listed
+    under ``"nonfinite"`` (empty when every value is finite).
     """
     model, loss_fn, batches = ckpt.model, ckpt.data.loss_fn, ckpt.data.train_eval
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -175,7 +240,7 @@ def sharpness_summary(ckpt: LoadedCheckpoint, cfg: SharpnessConfig) -> dict[str,
         model, loss_fn, batches, n_samples=cfg.trace_samples, generator=gen,
         max_batches=cfg.max_batches,
     )  # fmt: skip
-    return {
+    summary = {
         "checkpoint": ckpt.path,
         "task": ckpt.data.task.name,
         "method": ckpt.meta["method"],
@@ -198,3 +263,6 @@ def sharpness_summary(ckpt: LoadedCheckpoint, cfg: SharpnessConfig) -> dict[str,
             "seed": cfg.seed, "bn_mode": "eval",
         },
     }  # fmt: skip
+    clean, nonfinite = finite_json(summary)
+    clean["nonfinite"] = nonfinite
+    return cast(dict[str, Any], clean)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from flatmin._io import save_figure
 from flatmin.bench.stats import mean_ci
 
 __all__ = ["report_figures"]
@@ -54,7 +55,7 @@ def report_figures(
         ax.set_title("Difference to the baseline (mean ± 95 % CI over seeds)")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        fig.savefig(out / "differences.png", dpi=120)
+        save_figure(fig, out / "differences.png", dpi=120)
         plt.close(fig)
         names.append("differences.png")
     trajectories = [m for m in methods if m not in ("swa", "wasam")]
@@ -106,7 +107,7 @@ def _curves_figure(
         handles, labels = next(ax for ax in axes.flat if ax.get_lines()).get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize="small")
         fig.tight_layout(rect=(0, 0.06, 1, 1))
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
     plt.close(fig)
     return drawn
 
@@ -141,5 +142,5 @@ def _ablation_figure(
     ax.set_title(f"{task}: budget ablation (mean ± 95 % CI)", fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

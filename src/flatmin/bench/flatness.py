@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatmin._io import atomic_write_text, save_figure
 from flatmin.analysis import (
     PathResult,
     evaluate_ray,
@@ -47,6 +48,7 @@ from flatmin.analysis import (
     random_direction,
     sharpness,
 )
+from flatmin.bench.checkpoint import save_checkpoint
 from flatmin.bench.methods import Hyper
 from flatmin.bench.train import RunSpec, TrainResult, train
 from flatmin.tasks import Task
@@ -175,9 +177,7 @@ def flatness_study(
         torch.set_num_threads(previous)
     study["key"] = key
     study = _json_safe(study)
-    tmp = out / (FLATNESS + ".tmp")
-    tmp.write_text(json.dumps(study, indent=1, sort_keys=True))
-    tmp.replace(out / FLATNESS)
+    atomic_write_text(out / FLATNESS, json.dumps(study, indent=1, sort_keys=True))
     return study
 
 
@@ -209,12 +209,17 @@ def _study(
     models = _solutions(results, hypers, methods)
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
-    for m, model in models.items():
-        torch.save(
-            {"task": task.name, "method": m, "hyper": hypers[m].as_dict(),
-             "state_dict": model.state_dict()},
-            ckpt / f"{m}.pt",
-        )  # fmt: skip
+    for m in models:
+        res = results[m]
+        start = hypers[m].start
+        view = TrainResult(
+            record={**res.record, "method": m, "hyper": hypers[m].as_dict()},
+            model=res.model,
+            averager=res.averagers[start] if m in ("swa", "wasam") and start is not None else None,
+            data=res.data,
+        )
+        # The standard format: `flatmin landscape checkpoints/*.pt` works on them.
+        save_checkpoint(ckpt / f"{m}.pt", view)
     data = results[methods[0]].data
     sets = {"train": data.train_eval, "test": data.test}
     gen = torch.Generator()
@@ -287,7 +292,7 @@ def _figures(out: Path, study: Mapping[str, Any]) -> None:
         axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"{study['task']}, seed {study['seed']}", fontsize="medium")
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        save_figure(fig, out / name, dpi=120)
         plt.close(fig)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from flatmin._io import atomic_write_text
 from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
 
 __all__ = ["TaskRow", "summarize", "write_csv", "write_report"]
@@ -393,7 +394,7 @@ def write_csv(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]
         row["wall_time"] = "" if r.get("wall_time") is None else f"{float(r['wall_time']):.2f}"
         row["budget_factor"] = r.get("budget_factor") or ""
         writer.writerow(row)
-    Path(path).write_text(buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _blank(value: Any) -> Any:
@@ -566,5 +567,5 @@ def write_report(
         if names:
             lines += ["## Figures", ""] + [f"![{n}]({n})" for n in names] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -22,20 +22,16 @@ each with ``threads`` torch threads; only the main process writes the file and t
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import os
-import queue
 import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
+from flatmin._proc import interrupt_on_signals
+from flatmin.bench.execute import exclusive_output, run_specs
 from flatmin.bench.methods import Hyper, get_method
 from flatmin.bench.plan import (
     GridState,
@@ -45,9 +41,9 @@ from flatmin.bench.plan import (
     plan_eval,
     plan_tuning,
 )
-from flatmin.bench.store import append_record, latest_by_hash, read_records
+from flatmin.bench.store import latest_by_hash, read_records
 from flatmin.bench.suites import Suite
-from flatmin.bench.train import RunSpec, average_key, train
+from flatmin.bench.train import RunSpec, average_key
 from flatmin.data import Dataset, load_dataset
 from flatmin.tasks import BUDGETS, Task, get_task
 
@@ -276,181 +272,6 @@ def method_result(record: Mapping[str, Any], method: str, hyper: Hyper) -> dict[
     return out
 
 
-# -- execution ------------------------------------------------------------------------------------
-
-
-def _execute(
-    spec: RunSpec,
-    resolver: Resolver,
-    threads: int,
-    notify: Callable[[int, int, float], None] | None,
-) -> dict[str, Any]:
-    """Train one run and return its record (``status="error"`` if it raised)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    try:
-        task = resolver.task(spec.task)
-        dataset = resolver.dataset(task)
-
-        def on_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
-            if notify is not None:
-                notify(epoch, epochs, metrics["train_acc"])
-
-        return train(spec, task=task, dataset=dataset, on_epoch=on_epoch).record
-    except Exception as exc:  # the grid goes on; the run is retried on the next invocation
-        try:
-            task_ = resolver.task(spec.task)
-            config, h = spec.config(task_), spec.config_hash(task_)
-        except Exception:
-            config, h = {"task": spec.task, "method": spec.method, "seed": spec.seed}, "error"
-        return {
-            **config,
-            "hash": h,
-            "status": "error",
-            "reason": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(limit=8),
-            "wall_time": time.perf_counter() - t0,
-        }
-    finally:
-        torch.set_num_threads(previous)
-
-
-_WORKER: dict[str, Any] = {}  # per worker process: its resolver and the progress queue
-
-
-def _worker_init(resolver: Resolver, messages: Any, threads: int) -> None:
-    _WORKER.update(resolver=resolver, messages=messages, threads=threads)
-
-
-def _worker_run(run_id: int, spec: RunSpec) -> dict[str, Any]:
-    messages = _WORKER["messages"]
-
-    def notify(epoch: int, epochs: int, acc: float) -> None:
-        messages.put(("epoch", run_id, epoch, epochs, acc))
-
-    return _execute(spec, _WORKER["resolver"], _WORKER["threads"], notify)
-
-
-class _Bars:
-    """The grid bar and one bar per running run (tqdm, stderr); inert without ``enabled``."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.runs: dict[int, Any] = {}
-        self.grid: Any = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm
-            self.grid = tqdm(total=total, desc=desc, unit="run", position=0, dynamic_ncols=True)
-
-    def start(self, run_id: int, spec: RunSpec) -> None:
-        if not self.enabled:
-            return
-        slots = {bar.pos for bar in self.runs.values()}
-        pos = next(i for i in range(1, len(slots) + 2) if i not in slots)
-        label = f"{spec.task} {spec.method} s{spec.seed}" + (" (val grid)" * (spec.stage == "tune"))
-        self.runs[run_id] = self._tqdm(
-            desc=label, unit="ep", position=pos, leave=False, dynamic_ncols=True
-        )
-
-    def epoch(self, run_id: int, epoch: int, epochs: int, acc: float) -> None:
-        bar = self.runs.get(run_id)
-        if bar is None:
-            return
-        bar.total = epochs
-        bar.n = epoch
-        bar.set_postfix_str(f"train {100 * acc:.1f}%", refresh=True)
-
-    def finish(self, run_id: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        bar = self.runs.pop(run_id, None)
-        if bar is not None:
-            bar.close()
-        self.grid.update(1)
-        if record.get("status") != "ok":
-            self.grid.write(
-                f"{record.get('task')} {record.get('method')} seed {record.get('seed')}: "
-                f"{record.get('status')} ({record.get('reason')})"
-            )
-
-    def close(self) -> None:
-        for bar in self.runs.values():
-            bar.close()
-        if self.grid is not None:
-            self.grid.close()
-
-
-def _run_specs(
-    specs: Sequence[RunSpec],
-    cfg: BenchConfig,
-    resolver: Resolver,
-    results: Path,
-    desc: str,
-) -> None:
-    """Train ``specs`` (sequentially or in a process pool) and append each record."""
-    bars = _Bars(len(specs), desc, cfg.progress)
-    try:
-        if cfg.jobs == 1 or len(specs) <= 1:
-            for run_id, spec in enumerate(specs):
-                bars.start(run_id, spec)
-                rec = _execute(spec, resolver, cfg.threads, partial(bars.epoch, run_id))
-                append_record(results, rec)
-                bars.finish(run_id, rec)
-            return
-        _run_parallel(specs, cfg, resolver, results, bars)
-    finally:
-        bars.close()
-
-
-def _run_parallel(
-    specs: Sequence[RunSpec], cfg: BenchConfig, resolver: Resolver, results: Path, bars: _Bars
-) -> None:
-    """Run ``specs`` in ``cfg.jobs`` spawned workers; the main process appends and draws bars."""
-    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-    with ctx.Manager() as manager:
-        messages = manager.Queue()  # (kind, run id, epoch, epochs, test acc) from the workers
-        with cf.ProcessPoolExecutor(
-            max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
-            initargs=(resolver, messages, cfg.threads),
-        ) as pool:  # fmt: skip
-            pending: dict[cf.Future[dict[str, Any]], int] = {}
-            queued = list(enumerate(specs))
-            started: set[int] = set()
-
-            def submit() -> None:
-                # At most `jobs` runs in flight, so a run's bar appears when the run starts.
-                while queued and len(pending) < cfg.jobs:
-                    run_id, spec = queued.pop(0)
-                    pending[pool.submit(_worker_run, run_id, spec)] = run_id
-
-            submit()
-            try:
-                while pending:
-                    done, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-                    while True:
-                        try:
-                            _, rid, epoch, epochs, acc = messages.get_nowait()
-                        except queue.Empty:
-                            break
-                        if rid not in started:
-                            started.add(rid)
-                            bars.start(rid, specs[rid])
-                        bars.epoch(rid, epoch, epochs, acc)
-                    for fut in done:
-                        rid = pending.pop(fut)
-                        rec = fut.result()
-                        append_record(results, rec)
-                        bars.finish(rid, rec)
-                    submit()
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
-
-
 def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSummary:
     """Run (or resume) the grid and write the report.
 
@@ -463,10 +284,18 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
 
     Raises:
         ValueError: an unknown name or a bad option (before anything runs).
+        flatmin.bench.execute.OutputLockedError: another grid runs in ``cfg.out`` (before
+            anything runs).
         flatmin.data.DataUnavailableError: a dataset cannot be fetched (before anything runs).
+        flatmin._proc.Interrupted: SIGINT or SIGTERM; the finished runs are kept.
     """
     look = resolver or RegistryResolver()
     cfg.validate(look)
+    with exclusive_output(cfg.out) if cfg.run else nullcontext(), interrupt_on_signals():
+        return _run_grid(cfg, look)
+
+
+def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     results = cfg.out / RESULTS
@@ -501,7 +330,7 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
                 left.append(spec)
         summary.ran += len(left)
         if left:
-            _run_specs(left, cfg, look, results, desc)
+            run_specs(left, cfg, look, results, desc)
             done = records()
         return done
 

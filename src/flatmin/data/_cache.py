@@ -7,6 +7,13 @@ file left truncated by a killed fetch therefore never has its final name, and a 
 fails the checksum and is fetched again. When every source fails, one :class:`DataUnavailableError`
 lists what was tried and how to supply the files by hand.
 
+Housekeeping: a fetch holds ``<cache>/<dataset>/.fetch.lock`` (one fetch of a dataset at a time;
+the holder removes ``.fetch-*`` staging folders left by killed fetches); files get the umask's
+mode, so a cache shared through a group is readable; ``pip download`` and ``apt-get download``
+die with this process (:func:`flatmin._proc.child_command`); a cache directory that cannot be
+written is one :class:`DataUnavailableError` saying so, while a read-only cache that already holds
+every verified file is used as it is.
+
 This is the only part of the library that writes files, and only below the cache directory.
 """
 
@@ -25,6 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from flatmin._io import FileLock, atomic_open
+from flatmin._proc import child_command
 
 __all__ = [
     "ChecksumError",
@@ -82,21 +92,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def _install_verified(src: Path, dest: Path, expected: str) -> None:
     """Copy ``src`` to ``dest`` atomically if its sha256 is ``expected``; raise otherwise."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, _CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        got = sha256_file(tmp)
-        if got != expected:
+    h = hashlib.sha256()
+    with atomic_open(dest, "wb") as out, open(src, "rb") as inp:
+        while chunk := inp.read(_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+        if h.hexdigest() != expected:  # raising here leaves dest untouched
             raise ChecksumError(
-                f"Checksum mismatch for {dest.name}: got {got}, expected {expected}"
+                f"Checksum mismatch for {dest.name}: got {h.hexdigest()}, expected {expected}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Source(Protocol):
@@ -116,7 +120,11 @@ class Source(Protocol):
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    # child_command: the download dies with this process, even if it is SIGKILL-ed; on an
+    # exception here (a timeout, SIGINT/SIGTERM as Interrupted) subprocess.run kills it too.
+    proc = subprocess.run(
+        child_command(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise OSError(f"`{' '.join(cmd)}` exited with {proc.returncode}: {' | '.join(tail)}")
@@ -314,15 +322,48 @@ class FetchResult:
 
 
 def verify_files(directory: Path, files: Mapping[str, str]) -> dict[str, str]:
-    """Return ``{file: state}`` with state ``"ok"``, ``"missing"`` or ``"corrupt"``."""
+    """Return ``{file: state}``: ``"ok"``, ``"missing"``, ``"corrupt"`` or ``"unreadable"``."""
     out = {}
     for name, digest in files.items():
         path = directory / name
         if not path.is_file():
             out[name] = "missing"
-        else:
+            continue
+        try:
             out[name] = "ok" if sha256_file(path) == digest else "corrupt"
+        except OSError:  # e.g. a file of another user's cache created without read access
+            out[name] = "unreadable"
     return out
+
+
+STAGING_PREFIX = ".fetch-"
+_FETCH_LOCK = ".fetch.lock"
+
+
+def _writable_directory(directory: Path) -> None:
+    """Create ``directory`` if needed and check that files can be created in it.
+
+    Raises:
+        DataUnavailableError: it cannot be created or written (read-only cache, a file in the
+            way, no permission), with the fix.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise DataUnavailableError(
+            f"Cache directory {directory} is not writable ({type(exc).__name__}: {exc}); "
+            "set $FLATMIN_DATA or --cache-dir to a writable directory, or fetch the data as "
+            "the owner of this cache"
+        ) from None
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Remove the staging folders of fetches that were killed (the caller holds the lock)."""
+    for stale in directory.glob(f"{STAGING_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def ensure_files(
@@ -345,32 +386,49 @@ def ensure_files(
     tried: list[str] = []
     source_used = "cache"
     if todo:
-        directory.mkdir(parents=True, exist_ok=True)
-        for source in sources:
-            try:
-                with tempfile.TemporaryDirectory(prefix=".fetch-", dir=directory) as tmp:
-                    staged = source.stage(todo, Path(tmp))
-                    for fname, digest in todo.items():
-                        _install_verified(staged[fname], directory / fname, digest)
-            except (OSError, ChecksumError, KeyError, zipfile.BadZipFile) as exc:
-                # TimeoutExpired and URLError are OSError / SubprocessError subclasses below.
-                tried.append(f"{source.describe()}: {exc}")
-                continue
-            except subprocess.SubprocessError as exc:
-                tried.append(f"{source.describe()}: {exc}")
-                continue
-            source_used = source.describe()
-            break
-        else:
-            lines = [f"Could not obtain dataset {name!r}. Tried:"]
-            lines += [f"  - {t}" for t in tried]
-            lines.append("To supply it by hand, do one of:")
-            lines += [f"  - {s.manual_hint()}" for s in sources]
-            lines.append(f"then copy the files into {directory}/ with these sha256:")
-            lines += [f"    {d}  {n}" for n, d in files.items()]
-            raise DataUnavailableError("\n".join(lines))
+        _writable_directory(directory)
+        # One fetch of a dataset at a time: another process may be filling the same cache. The
+        # lock holder is the only live fetcher, so staging folders left by killed fetches can
+        # be removed; what the previous holder fetched is not fetched again.
+        with FileLock(directory / _FETCH_LOCK, blocking=True):
+            _remove_stale_staging(directory)
+            states = verify_files(directory, files)
+            todo = {n: d for n, d in todo.items() if force or states[n] != "ok"}
+            source_used = _fetch(name, directory, files, todo, sources, tried) if todo else "cache"
     paths = {n: directory / n for n in files}
     nbytes = sum(p.stat().st_size for p in paths.values())
     return FetchResult(
         name, directory, paths, source_used, time.perf_counter() - t0, nbytes, tuple(tried)
     )
+
+
+def _fetch(
+    name: str,
+    directory: Path,
+    files: Mapping[str, str],
+    todo: Mapping[str, str],
+    sources: tuple[Source, ...],
+    tried: list[str],
+) -> str:
+    """Install the ``todo`` files from the first source that works; return its description."""
+    for source in sources:
+        try:
+            with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=directory) as tmp:
+                staged = source.stage(todo, Path(tmp))
+                for fname, digest in todo.items():
+                    _install_verified(staged[fname], directory / fname, digest)
+        except (OSError, ChecksumError, KeyError, zipfile.BadZipFile) as exc:
+            # TimeoutExpired and URLError are OSError / SubprocessError subclasses below.
+            tried.append(f"{source.describe()}: {exc}")
+            continue
+        except subprocess.SubprocessError as exc:
+            tried.append(f"{source.describe()}: {exc}")
+            continue
+        return source.describe()
+    lines = [f"Could not obtain dataset {name!r}. Tried:"]
+    lines += [f"  - {t}" for t in tried]
+    lines.append("To supply it by hand, do one of:")
+    lines += [f"  - {s.manual_hint()}" for s in sources]
+    lines.append(f"then copy the files into {directory}/ with these sha256:")
+    lines += [f"    {d}  {n}" for n, d in files.items()]
+    raise DataUnavailableError("\n".join(lines))

@@ -72,7 +72,7 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """State of a dataset in the cache: ``"ok"``, ``"missing"`` (not all files) or ``"corrupt"``."""
+    """State of a dataset in the cache: ``"ok"``, ``"missing"``, ``"corrupt"``, ``"unreadable"``."""
 
     name: str
     state: str
@@ -260,6 +260,8 @@ def verify(name: str, *, cache_dir: PathLike | None = None) -> VerifyResult:
     problems = tuple(f"{f}: {s}" for f, s in states.items() if s != "ok")
     if any(s == "corrupt" for s in states.values()):
         state = "corrupt"
+    elif any(s == "unreadable" for s in states.values()):
+        state = "unreadable"
     elif problems:
         state = "missing"
     else:
