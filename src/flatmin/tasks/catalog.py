@@ -26,7 +26,7 @@ def _cnn8(ds: Dataset) -> nn.Module:
 
 
 def _cnn28(ds: Dataset) -> nn.Module:
-    return ResNetCNN(ds.num_classes, width=16, blocks=(1, 1), stem_stride=2)
+    return ResNetCNN(ds.num_classes, width=16, blocks=(1, 1), stem_stride=2, stem_pool=True)
 
 
 def _vocab(ds: Dataset) -> int:

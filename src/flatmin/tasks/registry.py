@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +88,9 @@ class Recipe:
         train_subset: train on a fixed stratified subset of this many samples (``None``: all).
         val_subset: validate on a fixed stratified subset of this size (``None``: all).
         test_subset: test on a fixed stratified subset of this size (``None``: all).
+        fused: use the optimizer's fused kernel (one kernel for all parameters; on a CPU 4-5×
+            faster than the default ``foreach`` step, which matters for the small models and
+            the 2M-parameter embeddings of the text tasks).
     """
 
     optimizer: str
@@ -100,6 +104,7 @@ class Recipe:
     train_subset: int | None = None
     val_subset: int | None = None
     test_subset: int | None = None
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS:
@@ -118,11 +123,13 @@ class Recipe:
         """The base optimizer class (pass it to ``flatmin.SAM`` as ``base_optimizer``)."""
         return _OPTIMIZERS[self.optimizer]
 
-    def optimizer_kwargs(self) -> dict[str, float]:
+    def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :attr:`optimizer_class`."""
-        kw = {"lr": self.lr, "weight_decay": self.weight_decay}
+        kw: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer == "sgd":
             kw["momentum"] = self.momentum
+        if self.fused:
+            kw["fused"] = True
         return kw
 
     def lr_factor(self, step: int, steps_per_epoch: int) -> float:
