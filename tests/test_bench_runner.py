@@ -382,7 +382,7 @@ def test_fixed_hypers_ablation_and_variants(tmp_path):
     cfg = _cfg(
         tmp_path, tasks=("toy-a", "toy-b"), methods=("baseline", "swa", "sam", "wasam"),
         seeds=(0, 1), hypers={"toy-a": {"sam": Hyper(rho=0.2), "wasam": Hyper(rho=0.2, start=0.9)}},
-        variants=("samk",), variant_tasks=("toy-a",), ablation_task="toy-a",
+        extra_methods={"toy-a": ("samk",)}, variants=("samk",), ablation_task="toy-a",
         ablation_factors=(0.5, 2.0), epochs=2,
     )  # fmt: skip
     summary = run_grid(cfg, resolver=ToyResolver())

@@ -429,6 +429,9 @@ def write_report(
         methods.remove("baseline")
         methods.insert(0, "baseline")
     variants = [v for v in meta.get("variants") or () if v not in methods]
+    extras = [m for ms in (meta.get("extra_methods") or {}).values() for m in ms]
+    # Methods run on some tasks only (ASAM on the vision tasks, say) join the headline table.
+    methods += [m for m in dict.fromkeys(extras) if m not in methods and m not in variants]
     headline = [r for r in records if r["method"] in methods]
     rows = summarize(headline, methods)
     variant_rows = summarize(records, [*methods, *variants]) if variants else []
@@ -442,7 +445,7 @@ def write_report(
         f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
         + (f" except {budgets}" if budgets else "")
         + f"; {len(rows)} tasks × {len(methods)} methods"
-        + (f" (+ {len(variants)} cheap variants on the label-noise tasks)" if variants else "")
+        + (f" (+ {len(variants)} cheap SAM variants on some tasks)" if variants else "")
         + f" × {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); "
         f"{len(ok)} of {len(records)} results finished.",
         "",

@@ -107,8 +107,10 @@ class BenchConfig:
         hypers: fixed hyper-parameters by task and method (used without ``tune``; missing ones
             are the methods' defaults).
         hyper_source: where ``hypers`` come from (shown in the report).
-        variants: extra methods run only on ``variant_tasks`` (the cheap SAM variants).
-        variant_tasks: the tasks of ``variants``.
+        extra_methods: methods run on some tasks only, by task (e.g. the cheap SAM variants on
+            the label-noise tasks).
+        variants: the methods the report shows as cheap SAM variants (cost and the share of
+            SAM's gain kept) instead of in the headline table.
         ablation_task: train baseline/SWA/SAM/WASAM of this task also at ``ablation_factors`` ×
             its epoch budget.
         ablation_factors: multiples of the epoch budget for the ablation (besides 1).
@@ -132,8 +134,8 @@ class BenchConfig:
     tune_seeds: tuple[int, ...] = (100, 101)
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
+    extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
-    variant_tasks: tuple[str, ...] = ()
     ablation_task: str | None = None
     ablation_factors: tuple[float, ...] = (0.5, 2.0)
     analysis_task: str | None = None
@@ -153,7 +155,7 @@ class BenchConfig:
             seeds=tuple(range(suite.seeds)), budget=suite.budget,
             task_budgets=dict(suite.task_budgets), tune=suite.tune,
             tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
-            variants=suite.variants, variant_tasks=suite.variant_tasks,
+            extra_methods=dict(suite.extra_methods), variants=suite.variants,
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
             jobs=suite.jobs, suite=suite.name,
         )  # fmt: skip
@@ -164,8 +166,8 @@ class BenchConfig:
         return self.task_budgets.get(task, self.budget)
 
     def methods_of(self, task: str) -> tuple[str, ...]:
-        """The methods run on ``task`` (the variants only on ``variant_tasks``)."""
-        extra = self.variants if task in self.variant_tasks else ()
+        """The methods run on ``task``: ``methods`` and its ``extra_methods``."""
+        extra = self.extra_methods.get(task, ())
         return self.methods + tuple(m for m in extra if m not in self.methods)
 
     def validate(self, resolver: Resolver | None = None) -> None:
@@ -173,7 +175,8 @@ class BenchConfig:
         resolver = resolver or RegistryResolver()
         for name in self.tasks:
             resolver.task(name)  # raises with the list of known tasks
-        for name in (*self.methods, *self.variants):
+        extras = [m for ms in self.extra_methods.values() for m in ms]
+        for name in (*self.methods, *extras, *self.variants):
             get_method(name)
         if "baseline" not in self.methods:
             raise ValueError(f"Invalid methods: {list(self.methods)} (the report needs 'baseline')")
@@ -183,9 +186,9 @@ class BenchConfig:
         for name in self.task_budgets:
             if name not in self.tasks:
                 raise ValueError(f"Invalid task budget: {name!r} is not one of the tasks")
-        for name in self.variant_tasks:
+        for name in self.extra_methods:
             if name not in self.tasks:
-                raise ValueError(f"Invalid variant task: {name!r} is not one of the tasks")
+                raise ValueError(f"Invalid extra-method task: {name!r} is not one of the tasks")
         for special in (self.ablation_task, self.analysis_task):
             if special is not None and special not in self.tasks:
                 raise ValueError(
@@ -437,8 +440,8 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "task_budgets": dict(cfg.task_budgets),
         "tasks": list(cfg.tasks),
         "methods": list(cfg.methods),
+        "extra_methods": {t: list(ms) for t, ms in cfg.extra_methods.items()},
         "variants": list(cfg.variants),
-        "variant_tasks": list(cfg.variant_tasks),
         "seeds": list(cfg.seeds),
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),

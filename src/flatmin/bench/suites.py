@@ -37,8 +37,8 @@ class Suite:
         tune_seeds: seeds of the validation-grid runs (never evaluation seeds).
         hypers: fixed hyper-parameters by task and method (without ``tune``).
         hyper_source: where ``hypers`` come from.
-        variants: methods run only on ``variant_tasks``.
-        variant_tasks: the label-noise tasks of the variants.
+        extra_methods: methods run on some tasks only, by task.
+        variants: the methods reported as cheap SAM variants.
         ablation_task: the task of the budget ablation (``None``: none).
         analysis_task: the task of the flatness study (``None``: none).
         jobs: default number of parallel worker processes.
@@ -55,8 +55,8 @@ class Suite:
     tune_seeds: tuple[int, ...] = (100, 101)
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
+    extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
-    variant_tasks: tuple[str, ...] = ()
     ablation_task: str | None = None
     analysis_task: str | None = None
     jobs: int = 2
@@ -115,8 +115,11 @@ SUITES: dict[str, Suite] = {
             seeds=5,
             budget="full",
             tune=True,
+            extra_methods={
+                t: ("samk", "samk5", "looksam", "esam")
+                for t in ("digits-noisy40", "mnist-5k-noisy40")
+            },
             variants=("samk", "samk5", "looksam", "esam"),
-            variant_tasks=("digits-noisy40", "mnist-5k-noisy40"),
             ablation_task="digits-noisy40",
             analysis_task="digits-noisy40",
         ),
