@@ -204,9 +204,11 @@ def test_gradient_clipping_by_norm_clips_the_sam_gradient():
     _assert_same(module.net, ref, atol=1e-6)
 
 
-def test_samevery_k_with_accumulation():
+@pytest.mark.parametrize("kind", [flatmin.SAMEveryK, flatmin.LookSAM])
+def test_one_pass_variants_with_accumulation(kind):
+    # On in-between steps these run the closure once (no second pass, no replay).
     def make(m):
-        return _sam(m.parameters(), kind=flatmin.SAMEveryK, k=2)
+        return _sam(m.parameters(), kind=kind, k=2)
 
     module = Net(make_opt=make)
     _fit(module, accumulate_grad_batches=2)
@@ -621,6 +623,19 @@ def test_plain_optimizer_is_left_alone():
     module = Net(make_opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     trainer = _fit(module, max_epochs=1, accumulate_grad_batches=2)
     assert trainer.global_step == 3
+
+
+def test_optim_never_imports_integrations():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flatmin, flatmin.optim; "
+        "bad = [m for m in sys.modules if m.startswith(('flatmin.integrations', 'lightning', "
+        "'transformers'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # -- the documentation page ---------------------------------------------------------------------

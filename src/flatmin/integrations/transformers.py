@@ -112,7 +112,7 @@ class SAMTrainer(Trainer):
             optimizer passed in ``optimizers``.
 
     Example:
-        >>> import torch
+        >>> import tempfile, torch
         >>> from transformers import TrainingArguments
         >>> class Tiny(torch.nn.Module):
         ...     def __init__(self):
@@ -121,11 +121,12 @@ class SAMTrainer(Trainer):
         ...     def forward(self, x, labels):
         ...         return {"loss": torch.nn.functional.cross_entropy(self.lin(x), labels)}
         >>> data = [{"x": torch.randn(3), "labels": torch.tensor(i % 2)} for i in range(16)]
-        >>> args = TrainingArguments("/tmp/flatmin-sam-trainer", per_device_train_batch_size=4,
+        >>> args = TrainingArguments(tempfile.mkdtemp(), per_device_train_batch_size=4,
         ...                          gradient_accumulation_steps=2, max_steps=2, use_cpu=True,
         ...                          report_to=[], save_strategy="no", disable_tqdm=True)
         >>> trainer = SAMTrainer(model=Tiny(), args=args, train_dataset=data, sam={"rho": 0.1})
-        >>> trainer.train().global_step
+        >>> trainer.train().global_step  # the Trainer prints its metrics first
+        {...}
         2
     """
 
@@ -158,6 +159,8 @@ class SAMTrainer(Trainer):
             base = super().create_optimizer(model)
             target = self.model if model is None else model
             if self.averaging_options is not None:
+                if target is None:
+                    raise RuntimeError("averaging= needs the Trainer's model")
                 self.optimizer = WASAM(target, base, **self.sam_options, **self.averaging_options)
             else:
                 self.optimizer = SAM(None, base, **self.sam_options)
@@ -223,7 +226,7 @@ class SAMTrainer(Trainer):
         avg = wasam.averaging
         if avg.n_averaged == 0:
             raise RuntimeError("save_averaged_model(): nothing averaged yet (see averaging start)")
-        if update_bn and bn_modules(self.model):
+        if update_bn and self.model is not None and bn_modules(self.model):
             avg.update_bn(self.get_train_dataloader(), device=self.args.device)
         with avg.swap():
             self.save_model(output_dir)
