@@ -213,8 +213,8 @@ class SAMModule(pl.LightningModule):
             ):
                 raise RuntimeError(
                     f"{type(trainer.strategy).__name__} accumulates gradients itself: SAM's second "
-                    "pass cannot revisit the micro-batches; set accumulate_grad_batches=1 and "
-                    "accumulate in the strategy's own config off, or use a larger batch"
+                    "pass cannot revisit the micro-batches; use accumulate_grad_batches=1 (and no "
+                    "accumulation in the strategy's config), or a larger batch"
                 )
             if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
                 raise ValueError(
@@ -387,10 +387,12 @@ class SAMModule(pl.LightningModule):
         try:
             optimizer.step(closure=two_passes)  # returns scaler.step's result, not the loss
         finally:
-            if sam.perturbed:  # overflow at w + ε̂ (scaler skipped second_step), or an error
+            # Perturbed still: an overflow at w + ε̂ (the scaler skipped second_step), or an error.
+            skipped_second = sam.perturbed
+            if skipped_second:
                 sam.restore()
-            if skipped_first or sam.perturbed:
-                sam.zero_grad()
+            if skipped_first or skipped_second:
+                sam.zero_grad()  # non-finite gradients, as sam_step_amp leaves them
         return loss
 
     def _sam_replay(self, micro: _MicroBatch, optimizer: Any) -> None:
@@ -519,7 +521,12 @@ class WeightAveragingCallback(pl.Callback):
         self._pending = None
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         """Count an optimizer step (if one happened since the last call)."""
         if trainer.global_step > self._last_step:
@@ -571,11 +578,6 @@ class WeightAveragingCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpointed state until the averager exists (``on_fit_start``)."""
         self._pending = dict(state_dict)
-        if self.averaging is not None and not self.from_optimizer:
-            if state_dict["averaging"] is not None:
-                self.averaging.load_state_dict(state_dict["averaging"])
-            self._last_step = int(state_dict["last_step"])
-            self._pending = None
 
     def _exit_swap(self) -> None:
         if self._swap is not None:

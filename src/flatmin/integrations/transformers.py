@@ -155,6 +155,7 @@ class SAMTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer wrapped in SAM (or WASAM), or a checked user-given SAM."""
+        self._sam_micro = []  # a new run: nothing left of an interrupted accumulation window
         if self.optimizer is None:
             base = super().create_optimizer(model)
             target = self.model if model is None else model
