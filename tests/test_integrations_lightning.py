@@ -63,7 +63,6 @@ class Net(SAMModule):
         super().__init__()
         self.net = _net(dropout, bn)
         self.make_opt = make_opt or (lambda m: _sam(m.parameters()))
-        self.logged = []
 
     def forward(self, x):
         return self.net(x)
@@ -369,18 +368,17 @@ def test_manual_fp16_sam_step_equals_sam_step_amp():
 
 # -- checkpoints and averaging ------------------------------------------------------------------
 def _resume_pair(tmp_path, make_module, callbacks=lambda: [], epochs=4, at=2):
-    full = make_module()
-    _fit(full, max_epochs=epochs, callbacks=callbacks())
+    """An uninterrupted run, and one resumed from the checkpoint at the end of epoch ``at``."""
+    full, full_cbs = make_module(), callbacks()
+    _fit(full, max_epochs=epochs, callbacks=full_cbs)
 
-    first = make_module()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    _fit(first, max_epochs=at, enable_checkpointing=True, callbacks=[ckpt, *callbacks()])
+    _fit(make_module(), max_epochs=at, enable_checkpointing=True, callbacks=[ckpt, *callbacks()])
     path = tmp_path / f"epoch={at - 1}-step={at * (N // BATCH)}.ckpt"
-    resumed = make_module()
-    cbs = callbacks()
-    trainer = _trainer(max_epochs=epochs, callbacks=cbs)
+    resumed, resumed_cbs = make_module(), callbacks()
+    trainer = _trainer(max_epochs=epochs, callbacks=resumed_cbs)
     trainer.fit(resumed, _loader(), ckpt_path=str(path))
-    return full, resumed, trainer, cbs
+    return full, full_cbs, resumed, resumed_cbs, trainer
 
 
 def _assert_bit_identical(a, b):
@@ -392,7 +390,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     def make():
         return Net(dropout=0.0)
 
-    full, resumed, trainer, _ = _resume_pair(tmp_path, make, epochs=4, at=2)
+    full, _, resumed, _, trainer = _resume_pair(tmp_path, make)
     _assert_bit_identical(full.net, resumed.net)
     state = trainer.optimizers[0].state_dict()
     assert state["base"]["state"], "the base optimizer's momentum is in the checkpoint"
@@ -424,17 +422,7 @@ def test_wasam_and_averaging_callback_resume_bit_identical(tmp_path):
             WeightAveragingCallback(from_optimizer=True, apply_on_train_end=False),
         ]
 
-    full_cbs = callbacks()
-    full = make()
-    _fit(full, max_epochs=4, callbacks=full_cbs)
-    first = make()
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    _fit(first, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, *callbacks()])
-    resumed = make()
-    cbs = callbacks()
-    trainer = _trainer(max_epochs=4, callbacks=cbs)
-    trainer.fit(resumed, _loader(), ckpt_path=str(tmp_path / "epoch=1-step=12.ckpt"))
-
+    full, full_cbs, resumed, cbs, trainer = _resume_pair(tmp_path, make, callbacks)
     _assert_bit_identical(full.net, resumed.net)
     for a, b in zip(full_cbs, cbs):
         sa, sb = a.averaging.state_dict(), b.averaging.state_dict()
