@@ -224,6 +224,12 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--tune-seeds", type=int, metavar="N", help="tuning seeds 100..100+N-1 (suite: 2)"
     )
+    p.add_argument(
+        "--ablation-task", metavar="TASK", help="also train TASK at 0.5x and 2x its epoch budget"
+    )
+    p.add_argument(
+        "--analysis-task", metavar="TASK", help="measure the flatness of TASK's first-seed models"
+    )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/SUITE)")
     p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
     p.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads per run")
@@ -331,7 +337,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
-            tune_seeds=tune_seeds,
+            tune_seeds=tune_seeds, ablation_task=args.ablation_task,
+            analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
             progress=args.progress, run=not args.report_only,
         )  # fmt: skip
