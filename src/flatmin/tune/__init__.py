@@ -8,13 +8,14 @@ tasks (``flatmin tune``). Needs the ``tune`` extra (``pip install 'flatmin[tune]
 importing this package does not import Optuna.
 
 Example:
+    >>> import math
     >>> from flatmin.tune import Param, search
     >>> def train_fn(params, seed, report):  # yours: train, report validation accuracy
     ...     for epoch in range(1, 4):
-    ...         report(epoch, 1.0 - abs(params["rho"] - 0.3) * epoch / 3)
+    ...         report(epoch, 1 - math.log10(params["rho"] / 0.3) ** 2 * epoch / 3)
     >>> result = search(train_fn, [Param("rho", 0.01, 2.0, log=True)], n_trials=12)
-    >>> round(result.best.params["rho"], 1)
-    0.3
+    >>> round(result.best.params["rho"], 1), result.count("complete") + result.count("pruned")
+    (0.3, 12)
 
 See ``docs/tune.md``.
 """

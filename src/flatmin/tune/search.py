@@ -396,9 +396,12 @@ def search(
             changed = sorted(
                 k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
             )
+            diff = "; ".join(
+                f"{k} {stored.get(k)!r} there, {identity.get(k)!r} here" for k in changed
+            )
             raise StudyConflictError(
-                f"Invalid out: {out_dir} holds a search with other settings ({', '.join(changed)}"
-                f": {', '.join(f'{k}={stored.get(k)!r}' for k in changed)}); use another --out"
+                f"Invalid out: {out_dir} holds a search with other settings ({diff}); "
+                "use another directory"
             )
         _recover(study, storage)
         return _run(
