@@ -464,3 +464,15 @@ def test_package_docstring_example_runs():
 
     result = doctest.testmod(flatmin.tune, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).parents[1] / "docs" / "tune.md").read_text()
+    block = text.split("<!-- tune-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run resumes: nothing left to train
+        exec(compile(block, "docs/tune.md", "exec"), {"__name__": "__main__"})
+        out = capsys.readouterr().out
+        assert "best rho" in out and (tmp_path / "runs/tune-mlp/tune.png").exists()
+    saved = json.loads((tmp_path / "runs/tune-mlp/tune.json").read_text())
+    assert saved["n_trials"] == 8 and len(saved["trials"]) == 8

@@ -22,7 +22,7 @@ See ``docs/tune.md``.
 
 from flatmin.tune.bench import bench_space, bench_train_fn, suggest_hyper
 from flatmin.tune.report import plot_search, write_result
-from flatmin.tune.result import Score, SeedRun, TrialRecord, TuneResult, stability_score
+from flatmin.tune.result import Cost, Score, SeedRun, TrialRecord, TuneResult, stability_score
 from flatmin.tune.search import (
     Reporter,
     StudyConflictError,
@@ -34,6 +34,7 @@ from flatmin.tune.space import SPACES, Param, family_space, startup_points
 
 __all__ = [
     "SPACES",
+    "Cost",
     "Param",
     "Reporter",
     "Score",

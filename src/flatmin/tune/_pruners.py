@@ -3,7 +3,7 @@
 ``median`` compares a trial's *current* value with the median of the complete trials' values at
 the same step. Optuna's own ``MedianPruner`` compares the trial's *best value so far*, which never
 prunes under label noise: validation accuracy peaks early and falls as the network memorises the
-noisy labels (digits-noisy40, SAM rho 0.02: 0.87 at epoch 5, 0.70 at epoch 80), so every trial's
+noisy labels (digits-noisy40, SAM rho 0.02: 0.87 at epoch 6, 0.70 at epoch 80), so every trial's
 early peak stays above the median of the final values. ``halving`` is Optuna's
 ``SuccessiveHalvingPruner`` (reduction factor 3, first rung at the warm-up). Neither is asked
 before a seed's first ``warmup`` epochs (:class:`flatmin.tune.Reporter`).

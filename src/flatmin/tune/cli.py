@@ -202,21 +202,22 @@ def run(args: argparse.Namespace) -> int:
         f"{', '.join(map(str, result.seeds))} ({values})"
     )
     cost = result.cost()
-    seconds = float(cost["seconds"] or 0.0)
     print(
         f"{len(result.trials)} trials: {result.count('complete')} complete, "
         f"{result.count('pruned')} pruned, {result.count('failed')} failed, "
-        f"{result.count('interrupted')} interrupted; {cost['epochs']} epochs trained in "
-        f"{seconds:.0f} s of training ({wall:.0f} s wall this call)"
+        f"{result.count('interrupted')} interrupted; {cost.epochs} epochs trained in "
+        f"{cost.seconds:.0f} s of training ({wall:.0f} s wall this call)"
     )
-    full = cost["full_run_seconds"]
-    if full is not None:
+    full_s, full_e = cost.full_run_seconds, cost.full_run_epochs
+    if full_s is not None and full_e is not None:
         g = grid_size(args.method)
-        grid = g * len(result.seeds) * full
+        runs = g * len(result.seeds)
+        grid_s, grid_e = runs * full_s, runs * full_e
         print(
-            f"a grid of {g} values x {len(result.seeds)} seeds = {g * len(result.seeds)} full "
-            f"runs ~ {grid:.0f} s (estimated from this search's median full run, {full:.1f} s); "
-            f"the search trained {seconds / grid:.2f}x that"
+            f"vs a grid of {g} values x {len(result.seeds)} seeds = {runs} full runs: "
+            f"{grid_e} epochs, ~{grid_s:.0f} s at this search's median full run ({full_s:.1f} s); "
+            f"the search trained {cost.epochs} epochs ({cost.epochs / grid_e:.2f}x), "
+            f"{cost.seconds:.0f} s ({cost.seconds / grid_s:.2f}x)"
         )
     print(f"hyper-parameters: {hyper}")
     print(

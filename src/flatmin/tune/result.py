@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flatmin.tune.space import Param
 
 __all__ = [
     "STATES",
+    "Cost",
     "Score",
     "SeedRun",
     "TrialRecord",
@@ -214,6 +215,28 @@ def best_trial(trials: Sequence[TrialRecord]) -> TrialRecord | None:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What a search trained.
+
+    A grid of ``G`` values costs about ``G · len(seeds)`` full runs, i.e.
+    ``G · len(seeds) · full_run_epochs`` epochs.
+
+    Attributes:
+        seconds: wall time of every training run.
+        epochs: epochs trained over every trial and seed.
+        runs: seed runs started.
+        full_run_epochs: epochs of a run that trained its whole budget (``None``: none did).
+        full_run_seconds: median wall time of such a run.
+    """
+
+    seconds: float
+    epochs: int
+    runs: int
+    full_run_epochs: int | None
+    full_run_seconds: float | None
+
+
+@dataclass(frozen=True)
 class TuneResult:
     """The state of a search: every trial so far and the best one.
 
@@ -250,20 +273,16 @@ class TuneResult:
         """Trials that count towards ``n_trials``: complete, pruned or failed."""
         return sum(t.state in ("complete", "pruned", "failed") for t in self.trials)
 
-    def cost(self) -> dict[str, float | int | None]:
-        """What the search trained, and what one full training run costs.
-
-        ``full_run_seconds`` is the median wall time of a seed run that trained its whole budget
-        (``full_run_epochs``); a grid of ``G`` values costs about ``G · len(seeds)`` such runs.
-        """
+    def cost(self) -> Cost:
+        """What the search trained, and what one full training run costs."""
         full = [r for t in self.trials for r in t.runs if r.state == "complete"]
-        return {
-            "seconds": sum(t.seconds for t in self.trials),
-            "epochs": sum(t.epochs for t in self.trials),
-            "runs": sum(len(t.runs) for t in self.trials),
-            "full_run_epochs": max((len(r.epochs) for r in full), default=None),
-            "full_run_seconds": statistics.median(r.seconds for r in full) if full else None,
-        }
+        return Cost(
+            seconds=sum(t.seconds for t in self.trials),
+            epochs=sum(t.epochs for t in self.trials),
+            runs=sum(len(t.runs) for t in self.trials),
+            full_run_epochs=max((len(r.epochs) for r in full), default=None),
+            full_run_seconds=statistics.median(r.seconds for r in full) if full else None,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The result as plain JSON values (what ``tune.json`` holds)."""
@@ -282,6 +301,6 @@ class TuneResult:
             "n_trials": self.n_trials,
             "counts": {s: self.count(s) for s in STATES},
             "best": None if best is None else best.as_dict(),
-            "cost": self.cost(),
+            "cost": asdict(self.cost()),
             "trials": [t.as_dict() for t in self.trials],
         }
