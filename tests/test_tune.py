@@ -32,7 +32,7 @@ from flatmin.tune import (  # noqa: E402
     stability_score,
     startup_points,
 )
-from flatmin.tune.result import best_trial  # noqa: E402
+from flatmin.tune.result import best_trial, score_bound  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 RHO = Param("rho", 0.01, 2.0, log=True)
@@ -70,6 +70,37 @@ def test_two_seeds_penalty_one_is_the_worse_seed_and_zero_the_mean():
 def test_stability_score_rejects(values, penalty, match):
     with pytest.raises(ValueError, match=match):
         stability_score(values, penalty)
+
+
+@pytest.mark.parametrize(
+    ("values", "n_seeds", "penalty"),
+    [([0.7], 2, 1.0), ([0.7], 2, 2.0), ([0.9, 0.8], 3, 1.0), ([0.9, 0.6, 0.8], 5, 1.5),
+     ([0.5, 0.5], 3, 0.8), ([0.9, 0.7], 4, 1.2)],
+)  # fmt: skip
+def test_score_bound_is_the_supremum_over_the_missing_seeds(values, n_seeds, penalty):
+    bound = score_bound(values, n_seeds, penalty)
+    r = n_seeds - len(values)
+    rng = np.random.default_rng(0)
+    # Never exceeded by any completion (unequal ones included) ...
+    for x in rng.uniform(-3.0, 4.0, size=(2000, r)):
+        assert stability_score([*values, *x], penalty).value <= bound + 1e-12
+    # ... and reached by an equal completion (scipy's bounded Brent as the reference).
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(
+        lambda x: -stability_score([*values, *([x] * r)], penalty).value,
+        bounds=(-3.0, 4.0), method="bounded", options={"xatol": 1e-10},
+    )  # fmt: skip
+    assert -res.fun == pytest.approx(bound, abs=1e-8)
+
+
+def test_score_bound_special_cases():
+    assert score_bound([0.7374], 2, 1.0) == 0.7374  # two seeds, penalty 1: the first seed
+    assert score_bound([0.9], 3, 1.0) == math.inf  # λ²k < r: two missing seeds could be anything
+    assert score_bound([0.9], 2, 0.5) == math.inf
+    assert score_bound([0.9, 0.8], 2, 1.0) == pytest.approx(0.8)  # nothing missing: the score
+    with pytest.raises(ValueError, match="Invalid values: 3 of 2 seeds"):
+        score_bound([0.1, 0.2, 0.3], 2)
 
 
 def _trial(number, values, state="complete"):
@@ -196,6 +227,22 @@ def test_without_a_pruner_the_worse_trial_runs_to_the_end():
     assert result.trials[3].state == "complete" and result.trials[3].epochs == 16
 
 
+@pytest.mark.parametrize(("seeds", "trained"), [(2, [100]), (3, [100, 101])])
+def test_a_trial_that_cannot_win_stops_between_seeds(seeds, trained):
+    log = []
+    fn = _curve_fn(lambda rho, seed: 0.8 if rho > 1 else 0.9, log=log)
+    result = search(fn, [RHO], n_trials=2, seeds=seeds, initial=[{"rho": 0.2}, {"rho": 1.5}])
+    loser = result.trials[1]
+    # Two seeds: its first seed (0.8) already caps its score below 0.9. Three seeds: one seed
+    # cannot rule it out (the other two could be anything), two equal ones (0.8, 0.8) can.
+    assert loser.state == "pruned" and "cannot win" in loser.reason
+    assert sorted({s for r, s, _ in log if r == 1.5}) == trained
+    assert [r.final for r in loser.runs] == pytest.approx([0.8] * len(trained))
+    full = search(fn, [RHO], n_trials=2, seeds=seeds, initial=[{"rho": 0.2}, {"rho": 1.5}],
+                  pruner="none")  # fmt: skip
+    assert full.trials[1].state == "complete"
+
+
 def test_a_lucky_seed_does_not_win():
     # rho >= 0.7: seed 100 is lucky (0.99), seed 101 is not (0.85); mean 0.92 beats the stable
     # values' 0.90, but their worse seed does not.
@@ -214,6 +261,9 @@ def test_a_lucky_seed_does_not_win():
     # above would fail if the score ignored the seeds' spread.
     assert search(_curve_fn(final), [RHO], seeds=[100], **kw).best.params["rho"] >= 0.7
     assert search(_curve_fn(final), [RHO], spread_penalty=0, **kw).best.params["rho"] >= 0.7
+    # With pruning (and the between-seeds stop) the stable value wins as well.
+    pruned = search(_curve_fn(final), [RHO], **{**kw, "pruner": "median"})
+    assert pruned.best.params["rho"] < 0.7
 
 
 def test_a_diverging_seed_fails_the_trial_and_the_search_goes_on():

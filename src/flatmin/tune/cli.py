@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=20,
         metavar="N",
-        help="finished trials the study should hold (default 20)",
+        help="finished trials the study should hold (default 12)",
     )
     p.add_argument(
         "--timeout", type=_positive_float, metavar="S", help="start no new trial after S seconds"

@@ -37,6 +37,7 @@ __all__ = [
     "TrialRecord",
     "TuneResult",
     "best_trial",
+    "score_bound",
     "stability_score",
 ]
 
@@ -101,6 +102,42 @@ def stability_score(values: Sequence[float], spread_penalty: float = 1.0) -> Sco
     mean = statistics.fmean(values)
     std = statistics.pstdev(values, mu=mean)
     return Score(mean - penalty * std, mean, std, min(values), max(values), penalty)
+
+
+def score_bound(values: Sequence[float], n_seeds: int, spread_penalty: float = 1.0) -> float:
+    """The highest score a trial can still reach after ``values`` of its ``n_seeds`` seeds.
+
+    The score is concave in the missing values and symmetric in them, so its supremum has them
+    all equal, ``x = m + d`` (``m`` the mean so far). With ``k`` known values (sum of squared
+    deviations ``S``), ``r`` missing and ``K = k + r``::
+
+        score(d) = m + (r/K)·d − λ·sqrt(S/K + k·r·d²/K²)
+
+    For ``λ²·k > r`` this peaks at ``d* = (r/K)·sqrt(A / (B·(λ²·B − r²/K²)))`` with
+    ``A = S/K``, ``B = k·r/K²``; for ``λ²·k = r`` it rises towards ``m``; for ``λ²·k < r`` it is
+    unbounded (``inf``: nothing can be ruled out). Two seeds with ``λ = 1``: the first seed's
+    value (the score is the worse seed).
+
+    Raises:
+        ValueError: no values, more values than seeds, a non-finite value or a bad penalty.
+    """
+    penalty = check_spread_penalty(spread_penalty)
+    k = len(values)
+    if not 1 <= k <= n_seeds:
+        raise ValueError(f"Invalid values: {k} of {n_seeds} seeds (expected 1 to {n_seeds})")
+    if k == n_seeds:
+        return stability_score(values, penalty).value
+    m = stability_score(values, 0.0).mean  # validates the values
+    r, big_k = n_seeds - k, n_seeds
+    a = sum((v - m) ** 2 for v in values) / big_k
+    b, c = k * r / big_k**2, r / big_k
+    lam2 = penalty**2
+    if lam2 * k < r and not math.isclose(lam2 * k, r):
+        return math.inf
+    if math.isclose(lam2 * k, r):
+        return m
+    d = c * math.sqrt(a / (b * (lam2 * b - c**2)))
+    return m + c * d - penalty * math.sqrt(a + b * d**2)
 
 
 @dataclass(frozen=True)

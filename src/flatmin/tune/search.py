@@ -11,7 +11,11 @@ Protocol::
 ``report(epoch, value)`` passes the value to Optuna at step ``offset(seed) + epoch`` (the seeds'
 epochs follow each other, so every trial is compared with the others on the same seed and
 epoch) and raises ``optuna.TrialPruned`` when the pruner says the trial is clearly worse than the
-finished ones; never during the first ``warmup`` epochs of a seed.
+finished ones; never during the first ``warmup`` epochs of a seed. Between seeds, a trial that
+can no longer win is stopped too: when even the best values of its remaining seeds would leave
+its score below the best complete trial's (:func:`~flatmin.tune.result.score_bound`; with two
+seeds and ``spread_penalty = 1``: its first seed is below the best score). This stop is exact,
+it never drops a trial that could have won; ``pruner="none"`` turns both off.
 
 Resume: with ``out``, the study lives in ``out/study.db`` (SQLite, study name
 :data:`STUDY_NAME`). ``n_trials`` counts the finished trials of the study (complete, pruned,
@@ -38,6 +42,7 @@ from flatmin.tune.result import (
     TrialRecord,
     TuneResult,
     check_spread_penalty,
+    score_bound,
     stability_score,
 )
 from flatmin.tune.space import Param, startup_points
@@ -279,7 +284,7 @@ def search(
     train_fn: TrainFn,
     space: Sequence[Param],
     *,
-    n_trials: int = 20,
+    n_trials: int = 12,
     seeds: int | Sequence[int] = 2,
     out: str | os.PathLike[str] | None = None,
     pruner: str | optuna.pruners.BasePruner = "median",
@@ -407,6 +412,7 @@ def search(
         return _run(
             study, train_fn, space, seed_list, penalty, warmup, n_trials, timeout,
             out_dir, result_args, progress,
+            not isinstance(pruner_obj, optuna.pruners.NopPruner),
         )  # fmt: skip
 
 
@@ -427,6 +433,7 @@ def _run(
     out: Path | None,
     result_args: dict[str, Any],
     progress: bool,
+    stop_hopeless: bool,
 ) -> TuneResult:
     """Run the missing trials of ``study``; write the result after each one."""
     import optuna
@@ -460,6 +467,19 @@ def _run(
             trial.set_user_attr("outcome", state)
 
         for seed in seeds:
+            if runs and stop_hopeless:
+                finals = [r["final"] for r in runs]
+                bound, best = score_bound(finals, len(seeds), penalty), _best_score(study)
+                if best is not None and bound < best:
+                    last = runs[-1]
+                    trial.set_user_attr("pruned_at", [last["seed"], last["epochs"][-1]])
+                    trial.set_user_attr("outcome", "pruned")
+                    trial.set_user_attr(
+                        "reason",
+                        f"cannot win: after {len(finals)} of {len(seeds)} seeds the score can "
+                        f"reach at most {bound:.4g} < best {best:.4g}",
+                    )
+                    raise optuna.TrialPruned(f"score at most {bound:.4g} < best {best:.4g}")
             rep = Reporter(trial, seed, params, offset, warmup, show)
             t0 = time.perf_counter()
             try:
@@ -513,6 +533,18 @@ def _run(
         if out is not None:
             write_result(out / RESULT_FILE, result)
     return result
+
+
+def _best_score(study: Any) -> float | None:
+    """The best score among the study's complete trials (``None``: none yet)."""
+    from optuna.trial import TrialState
+
+    scores = [
+        t.user_attrs["score"]["value"]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "score" in t.user_attrs
+    ]
+    return max(scores, default=None)
 
 
 def _fmt_params(params: Mapping[str, float | int]) -> str:
