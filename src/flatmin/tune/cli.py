@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trials",
         type=_positive_int,
-        default=20,
+        default=12,
         metavar="N",
         help="finished trials the study should hold (default 12)",
     )
