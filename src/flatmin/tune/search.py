@@ -31,15 +31,13 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatmin.tune._study import STUDY_NAME, StudyConflictError, best_score, collect, open_study
 from flatmin.tune.result import (
-    Score,
     SeedRun,
-    TrialRecord,
     TuneResult,
     check_spread_penalty,
     score_bound,
@@ -64,7 +62,6 @@ __all__ = [
 ]
 
 PRUNERS = ("median", "halving", "none")
-STUDY_NAME = "flatmin-tune"
 RESULT_FILE = "tune.json"
 #: First tuning seed: the benchmark evaluates on seeds 0, 1, …, so tuning never sees them.
 FIRST_SEED = 100
@@ -76,10 +73,6 @@ class TrialFailed(RuntimeError):
 
     A failed trial is a result (the hyper-parameters do not train), not retried on resume.
     """
-
-
-class StudyConflictError(ValueError):
-    """``out`` cannot hold this search: another search's study, a file, or a running search."""
 
 
 def import_optuna() -> Any:
@@ -204,82 +197,6 @@ def _check_initial(
     return points
 
 
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold ``out/study.lock`` for the search (released by the OS if the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no advisory locks (Windows): one search at a time
-        yield
-        return
-    with open(out / "study.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StudyConflictError(
-                f"Invalid out: another search is running in {out} (it holds study.lock)"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _record(trial: Any) -> TrialRecord | None:
-    """A :class:`TrialRecord` of an Optuna ``FrozenTrial`` (``None`` for a waiting one)."""
-    from optuna.trial import TrialState
-
-    if trial.state == TrialState.WAITING:
-        return None
-    attrs = trial.user_attrs
-    if trial.state == TrialState.COMPLETE:
-        state = "complete"
-    elif trial.state == TrialState.PRUNED:
-        state = "pruned"
-    elif trial.state == TrialState.RUNNING:
-        state = "running"
-    else:  # FAIL: a result only when the objective itself said so
-        state = "failed" if attrs.get("outcome") == "failed" else "interrupted"
-    score = attrs.get("score")
-    pruned_at = attrs.get("pruned_at")
-    return TrialRecord(
-        number=trial.number,
-        state=state,
-        params=dict(trial.params),
-        runs=tuple(SeedRun.from_dict(d) for d in attrs.get("runs", [])),
-        score=Score(**score) if state == "complete" and score is not None else None,
-        reason=attrs.get("reason"),
-        pruned_at=None if pruned_at is None else (int(pruned_at[0]), int(pruned_at[1])),
-        retry_of=attrs.get("retry_of"),
-    )
-
-
-def _recover(study: Any, storage: Any) -> None:
-    """Mark trials left running by a killed process as interrupted; queue them again (once).
-
-    Every interrupted trial's hyper-parameters are enqueued once, as a trial with ``retry_of``.
-    """
-    from optuna.trial import TrialState
-
-    study_id = storage.get_study_id_from_name(STUDY_NAME)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "outcome", "interrupted")
-        storage.set_trial_user_attr(trial_id, "reason", "the search process stopped mid-trial")
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    for t in trials:
-        rec = _record(t)
-        if rec is not None and rec.state == "interrupted" and t.number not in retried:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-
-
-def _collect(study: Any, result_args: dict[str, Any]) -> TuneResult:
-    records = (_record(t) for t in study.get_trials(deepcopy=False))
-    return TuneResult(trials=tuple(r for r in records if r is not None), **result_args)
-
-
 def search(
     train_fn: TrainFn,
     space: Sequence[Param],
@@ -378,47 +295,13 @@ def search(
             n_startup_trials=n_startup, seed=sampler_seed, multivariate=len(space) > 1
         )
 
-    with _locked(out_dir) if out_dir is not None else _nolock():
-        storage = (
-            optuna.storages.InMemoryStorage()
-            if out_dir is None
-            else optuna.storages.RDBStorage(f"sqlite:///{(out_dir / 'study.db').resolve()}")
-        )
-        study = optuna.create_study(
-            storage=storage, sampler=sampler, pruner=pruner_obj, study_name=STUDY_NAME,
-            direction="maximize", load_if_exists=True,
-        )  # fmt: skip
-        stored = study.user_attrs.get("identity")
-        if stored is None:
-            if study.trials:
-                raise StudyConflictError(
-                    f"Invalid out: {out_dir} holds a study that flatmin did not start"
-                )
-            study.set_user_attr("identity", identity)
-            for point in points + startup_points(space, n_startup - len(points)):
-                study.enqueue_trial(point)
-        elif stored != identity:
-            changed = sorted(
-                k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
-            )
-            diff = "; ".join(
-                f"{k} {stored.get(k)!r} there, {identity.get(k)!r} here" for k in changed
-            )
-            raise StudyConflictError(
-                f"Invalid out: {out_dir} holds a search with other settings ({diff}); "
-                "use another directory"
-            )
-        _recover(study, storage)
+    startup = points + startup_points(space, n_startup - len(points))
+    with open_study(out_dir, sampler, pruner_obj, identity, startup) as study:
         return _run(
             study, train_fn, space, seed_list, penalty, warmup, n_trials, timeout,
             out_dir, result_args, progress,
             not isinstance(pruner_obj, optuna.pruners.NopPruner),
         )  # fmt: skip
-
-
-@contextmanager
-def _nolock() -> Iterator[None]:
-    yield
 
 
 def _run(
@@ -440,7 +323,7 @@ def _run(
 
     from flatmin.tune.report import write_result
 
-    result = _collect(study, result_args)
+    result = collect(study, result_args)
     bar: Any = None
     if progress:
         from tqdm.auto import tqdm
@@ -469,7 +352,7 @@ def _run(
         for seed in seeds:
             if runs and stop_hopeless:
                 finals = [r["final"] for r in runs]
-                bound, best = score_bound(finals, len(seeds), penalty), _best_score(study)
+                bound, best = score_bound(finals, len(seeds), penalty), best_score(study)
                 if best is not None and bound < best:
                     last = runs[-1]
                     trial.set_user_attr("pruned_at", [last["seed"], last["epochs"][-1]])
@@ -510,7 +393,7 @@ def _run(
         return score.value
 
     def after_trial(study: Any, _: Any) -> None:
-        res = _collect(study, result_args)
+        res = collect(study, result_args)
         if out is not None:
             write_result(out / RESULT_FILE, res)
         if bar is not None:
@@ -529,22 +412,10 @@ def _run(
     finally:
         if bar is not None:
             bar.close()
-        result = _collect(study, result_args)
+        result = collect(study, result_args)
         if out is not None:
             write_result(out / RESULT_FILE, result)
     return result
-
-
-def _best_score(study: Any) -> float | None:
-    """The best score among the study's complete trials (``None``: none yet)."""
-    from optuna.trial import TrialState
-
-    scores = [
-        t.user_attrs["score"]["value"]
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "score" in t.user_attrs
-    ]
-    return max(scores, default=None)
 
 
 def _fmt_params(params: Mapping[str, float | int]) -> str:
