@@ -243,6 +243,16 @@ def test_a_trial_that_cannot_win_stops_between_seeds(seeds, trained):
     assert full.trials[1].state == "complete"
 
 
+def test_trials_stopped_between_seeds_still_feed_the_median():
+    # One complete trial (0.9), two stopped after seed 100 (0.8: cannot win): the median at each
+    # step of seed 100 has three values, and the clearly worse trial is pruned inside its seed.
+    fn = _curve_fn(lambda rho, seed: {0.2: 0.9, 1.5: 0.3}.get(rho, 0.8))
+    points = [{"rho": 0.2}, {"rho": 0.05}, {"rho": 0.06}, {"rho": 1.5}]
+    result = search(fn, [RHO], n_trials=4, initial=points, warmup=2)
+    assert [t.state for t in result.trials] == ["complete", "pruned", "pruned", "pruned"]
+    assert result.trials[1].pruned_at == (100, 8) and result.trials[3].pruned_at == (100, 3)
+
+
 def test_a_lucky_seed_does_not_win():
     # rho >= 0.7: seed 100 is lucky (0.99), seed 101 is not (0.85); mean 0.92 beats the stable
     # values' 0.90, but their worse seed does not.
