@@ -45,6 +45,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     text = json.dumps(_clean(data), indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
