@@ -536,3 +536,22 @@ def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
         assert "best rho" in out and (tmp_path / "runs/tune-mlp/tune.png").exists()
     saved = json.loads((tmp_path / "runs/tune-mlp/tune.json").read_text())
     assert saved["n_trials"] == 8 and len(saved["trials"]) == 8
+
+
+@pytest.mark.parametrize(
+    ("exc", "rc", "message"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
+        (RuntimeError("No trial completed for digits sam"), 1, "No trial completed"),
+    ],
+)
+def test_cli_interrupted_or_nothing_completed(exc, rc, message, monkeypatch, capsys, tmp_path):
+    import flatmin.tune.bench
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(flatmin.tune.bench, "suggest_hyper", fail)
+    argv = ["tune", "--task", "digits", "--method", "sam", "--out", str(tmp_path)]
+    assert cli.main(argv) == rc
+    assert message in capsys.readouterr().err

@@ -185,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:  # no trial completed
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(previous)
     wall = time.perf_counter() - t0
