@@ -27,7 +27,7 @@ DESCRIPTION = (
 EPILOG = (
     "Rerun the same command to resume: finished trials are kept. Exit codes: 0 ok; 1 no trial "
     "completed or a dataset is unavailable; 2 bad arguments, OUT holds another search, or "
-    "Optuna is not installed (pip install 'flatmin[tune]')."
+    "Optuna is not installed (pip install 'flatmin[tune]'); 130 interrupted."
 )
 
 
