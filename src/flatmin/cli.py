@@ -1,4 +1,4 @@
-"""Command-line front end: ``flatmin bench | train | landscape | sharpness | data | tasks``.
+"""Command-line front end: ``flatmin bench | train | tune | landscape | sharpness | data | tasks``.
 
 Every subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 Exit codes: 0 success, 1 a run or check failed (or a result is not finite), 2 bad arguments
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parsers(sub)
     _add_data_parser(sub)
     _add_tasks_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
@@ -192,6 +193,22 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     _print_table(rows)
     print("\nlabel-noise variants: append -noisyNN to a vision task (e.g. digits-noisy40)")
     return 0
+
+
+# --- tune: flatmin.tune.cli owns the options and the command ------------------------------------
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from flatmin.tune import cli as tune_cli
+
+    p = sub.add_parser(
+        "tune",
+        help="choose a method's rho (and start) on a task with a pruned, resumable search",
+        description=tune_cli.DESCRIPTION,
+        epilog=tune_cli.EPILOG,
+    )
+    tune_cli.add_arguments(p)
+    p.set_defaults(handler=tune_cli.run)
 
 
 # --- bench | train | landscape | sharpness --------------------------------------------------------
