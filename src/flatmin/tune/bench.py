@@ -93,8 +93,6 @@ def bench_space(
     Raises:
         ValueError: unknown method, a method with nothing to tune, or a bad ``ranges`` entry.
     """
-    from flatmin.bench.methods import get_method
-
     space = []
     for name, (owner, values) in _tunable(method).items():
         grid = tuple(float(v) for v in values)
