@@ -242,6 +242,12 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--tune-seeds", type=int, metavar="N", help="tuning seeds 100..100+N-1 (suite: 2)"
     )
     p.add_argument(
+        "--tuner", choices=("grid", "optuna"), help="validation grid (default) or Optuna search"
+    )
+    p.add_argument(
+        "--tune-trials", type=int, metavar="N", help="finished trials per Optuna search (12)"
+    )
+    p.add_argument(
         "--ablation-task", metavar="TASK", help="also train TASK at 0.5x and 2x its epoch budget"
     )
     p.add_argument(
@@ -354,7 +360,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
-            tune_seeds=tune_seeds, ablation_task=args.ablation_task,
+            tune_seeds=tune_seeds, tuner=args.tuner, tune_trials=args.tune_trials,
+            ablation_task=args.ablation_task,
             analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
             progress=args.progress, run=not args.report_only,

@@ -104,6 +104,11 @@ class BenchConfig:
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
         tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
+        tuner: ``"grid"`` (the reference protocol, :mod:`flatmin.bench.plan`) or ``"optuna"``
+            (:func:`flatmin.tune.suggest_hyper`: a pruned search per task and method with a
+            grid, scored over the tuning seeds, ``tune_trials`` finished trials each; the study
+            lives in ``OUT/tune/TASK-METHOD`` and resumes).
+        tune_trials: finished trials of each Optuna search.
         hypers: fixed hyper-parameters by task and method (used without ``tune``; missing ones
             are the methods' defaults).
         hyper_source: where ``hypers`` come from (shown in the report).
@@ -132,6 +137,8 @@ class BenchConfig:
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seeds: tuple[int, ...] = (100, 101)
+    tuner: str = "grid"
+    tune_trials: int = 12
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
     extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -200,6 +207,17 @@ class BenchConfig:
             raise ValueError(f"Invalid jobs/threads: {self.jobs}/{self.threads} (expected >= 1)")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"Invalid epochs: {self.epochs} (expected >= 1)")
+        if self.tuner not in ("grid", "optuna"):
+            raise ValueError(f"Invalid tuner: {self.tuner!r} (expected 'grid' or 'optuna')")
+        if self.tune and self.tuner == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise ValueError(
+                    "Invalid tuner: 'optuna' needs Optuna (pip install 'flatmin[tune]')"
+                )
+        if self.tune_trials < 1:
+            raise ValueError(f"Invalid tune_trials: {self.tune_trials} (expected >= 1)")
         if self.tune and not self.tune_seeds:
             raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
         if set(self.tune_seeds) & set(self.seeds):
@@ -231,6 +249,7 @@ class GridSummary:
         tune_records: the validation-grid trajectory records.
         ablation: results of the budget ablation (``record["budget_factor"]`` set).
         tuning: the validation-grid choices.
+        searches: the Optuna searches by (task, method) (``tuner="optuna"``).
         hypers: the hyper-parameters used, by (task, method).
         flatness: the flatness study (``None`` without ``analysis_task``).
         out: output directory.
@@ -245,6 +264,7 @@ class GridSummary:
     tune_records: list[dict[str, Any]] = field(default_factory=list)
     ablation: list[dict[str, Any]] = field(default_factory=list)
     tuning: list[TuneChoice] = field(default_factory=list)
+    searches: dict[tuple[str, str], Any] = field(default_factory=dict)
     hypers: dict[tuple[str, str], Hyper] = field(default_factory=dict)
     flatness: dict[str, Any] | None = None
     out: Path = Path()
@@ -343,7 +363,9 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     # -- 1. tuning ----------------------------------------------------------------------------
     hypers: dict[tuple[str, str], Hyper] = {}
     tune_hashes: list[str] = []
-    if cfg.tune:
+    if cfg.tune and cfg.tuner == "optuna":
+        summary.searches = _optuna_tuning(cfg, hypers)
+    elif cfg.tune:
         state: GridState = {}
         while True:
             found = records()
@@ -433,6 +455,39 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     return summary
 
 
+def _optuna_tuning(
+    cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]
+) -> dict[tuple[str, str], Any]:
+    """Fill ``hypers`` by one Optuna search per task and method with a grid (``--tuner optuna``).
+
+    Each search covers every hyper-parameter the method is tuned on (its own grids and those it
+    would take from another method); a method with nothing of its own to tune (a variant that
+    takes SAM's rho) takes the searched value of that method, as with the grid.
+    """
+    import optuna
+
+    from flatmin.bench.plan import tuned_methods
+    from flatmin.tune import suggest_hyper
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searches = {}
+    for task in cfg.tasks:
+        for name in tuned_methods(cfg.methods_of(task)):
+            m = get_method(name)
+            if m.grids:
+                hyper, result = suggest_hyper(
+                    task, name, cfg.budget_of(task), seeds=cfg.tune_seeds,
+                    n_trials=cfg.tune_trials, epochs=cfg.epochs,
+                    out=cfg.out / "tune" / f"{task}-{name}", progress=cfg.progress,
+                )  # fmt: skip
+                hypers[(task, name)] = m.resolve(hyper)
+                searches[(task, name)] = result
+            else:
+                taken = {p: getattr(hypers[(task, o)], p) for p, o in m.tuned_by.items()}
+                hypers[(task, name)] = m.resolve(None, **taken)
+    return searches
+
+
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
     return {
         "suite": cfg.suite,
@@ -445,6 +500,8 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "seeds": list(cfg.seeds),
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),
+        "tuner": cfg.tuner,
+        "tune_trials": cfg.tune_trials,
         "hyper_source": cfg.hyper_source,
         "ablation_task": cfg.ablation_task,
         "ablation_factors": list(cfg.ablation_factors),
