@@ -121,7 +121,8 @@ def test_one_state_dict_resumes_sam_base_and_average() -> None:
     torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf)
-    assert set(ckpt["opt"]) == {"sam", "base", "averaging"}
+    assert set(ckpt["opt"]) == {"sam", "base", "variant"}
+    assert set(ckpt["opt"]["variant"]["extra"]) == {"averaging"}
     model3, opt3 = fresh()
     model3.load_state_dict(ckpt["model"])
     opt3.load_state_dict(ckpt["opt"])
@@ -131,7 +132,7 @@ def test_one_state_dict_resumes_sam_base_and_average() -> None:
         assert torch.equal(params(model3)[name], p), name
     for name, t in opt.averaging.averaged_tensors().items():
         assert torch.equal(opt3.averaging.averaged_tensors()[name], t), name
-    with pytest.raises(ValueError, match="averaging"):
+    with pytest.raises(ValueError, match="variant"):
         opt3.load_state_dict(opt.state_dict()["sam"])
 
 

@@ -17,13 +17,21 @@ samk       SAM on every 2nd step, base steps in between                rho (sam)
 samk5      SAM on every 5th step, base steps in between                rho (sam)
 esam       ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                     rho (sam)
 looksam    LookSAM, k = 5, α = 0.7 (Liu et al. 2022)                   rho (sam)
+gsam       GSAM, α = 0.1 (Zhuang et al. 2022)                          rho (sam)
+wsam       WSAM, γ = 0.9, decoupled (Yue et al. 2023)                  rho (sam)
+fsam       FriendlySAM, σ = 1, λ = 0.9 (Li et al. 2024)                rho (sam)
+gcsam      GCSAM, gradient centralization (Hassan et al. 2025)         rho (sam)
+msam       Momentum-SAM, one pass per step (Becker et al. 2024)        rho (sam)
+sam2       2 ascent steps of ρ/2 each (optax sync_period = 3)          rho (sam)
 =========  ==========================================================  ====================
 
 References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
     Izmailov et al., arXiv:1803.05407 (SWA). Foret et al., arXiv:2010.01412 (SAM).
     Kwon et al., arXiv:2102.11600 (ASAM). Liu et al., arXiv:2203.02714 (LookSAM).
-    Du et al., arXiv:2110.03141 (ESAM).
+    Du et al., arXiv:2110.03141 (ESAM). Zhuang et al., arXiv:2203.08065 (GSAM). Yue et al.,
+    arXiv:2305.15817 (WSAM). Li et al., arXiv:2403.12350 (FriendlySAM). Hassan et al.,
+    arXiv:2501.11584 (GCSAM). Becker et al., arXiv:2401.12033 (Momentum-SAM).
 """
 
 from __future__ import annotations
@@ -39,9 +47,15 @@ from torch.optim import Optimizer
 
 from flatmin.optim.averaging import WeightAveraging
 from flatmin.optim.esam import ESAM
+from flatmin.optim.friendly_sam import FriendlySAM
+from flatmin.optim.gcsam import GCSAM
+from flatmin.optim.gsam import GSAM
 from flatmin.optim.looksam import LookSAM, SAMEveryK
+from flatmin.optim.momentum_sam import MomentumSAM
+from flatmin.optim.multistep import MultiStepSAM
 from flatmin.optim.sam import SAM
 from flatmin.optim.wasam import WASAM
+from flatmin.optim.wsam import WSAM
 
 __all__ = [
     "METHODS",
@@ -146,6 +160,13 @@ def _sam_builder(cls: type[SAM] = SAM, **options: Any) -> Builder:
         return cls(ctx.model.parameters(), ctx.base, rho=rho, **options, **ctx.base_kwargs), None
 
     return build
+
+
+def _build_sam2(ctx: BuildContext) -> Built:
+    rho = _required(ctx.hyper.rho, "rho", "sam2")
+    # Two ascent steps of ρ/2: the point reached stays in SAM's ρ-ball.
+    opt = MultiStepSAM(ctx.model.parameters(), ctx.base, rho=rho / 2, steps=2, **ctx.base_kwargs)
+    return opt, None
 
 
 def _build_esam(ctx: BuildContext) -> Built:
@@ -291,6 +312,36 @@ for _m in (
         "looksam", "LookSAM, k = 5, alpha = 0.7 (rho from sam)",
         _sam_builder(LookSAM, k=5, alpha=0.7), grads_per_step=1.2, defaults=Hyper(rho=0.05),
         tuned_by={"rho": "sam"}, references=("2203.02714",),
+    ),
+    Method(
+        "gsam", "GSAM, alpha = 0.1 (rho from sam)", _sam_builder(GSAM, alpha=0.1),
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2203.08065",),
+    ),
+    Method(
+        "wsam", "WSAM, gamma = 0.9, decoupled (rho from sam)", _sam_builder(WSAM, gamma=0.9),
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2305.15817",),
+    ),
+    Method(
+        "fsam", "FriendlySAM, sigma = 1, lambda = 0.9 (rho from sam)",
+        _sam_builder(FriendlySAM, sigma=1.0, lmbda=0.9), grads_per_step=2.0,
+        defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"}, references=("2403.12350",),
+    ),
+    Method(
+        "gcsam", "GCSAM, gradient centralization of both gradients (rho from sam)",
+        _sam_builder(GCSAM), grads_per_step=2.0, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2501.11584",),
+    ),
+    Method(
+        "msam", "Momentum-SAM, one pass per step (rho from sam)", _sam_builder(MomentumSAM),
+        grads_per_step=1.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2401.12033",),
+    ),
+    Method(
+        "sam2", "SAM with 2 ascent steps of rho/2 (rho from sam)", _build_sam2,
+        grads_per_step=3.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2010.01412", "2206.06232"),
     ),
 ):  # fmt: skip
     register_method(_m)

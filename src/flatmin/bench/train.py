@@ -243,6 +243,7 @@ def train(
     # The task's schedule, per step, attached to the optimizer the method built (SAM shares its
     # param groups with the base optimizer, so the scheduler drives both).
     sched = recipe.make_scheduler(opt, len(data.train))
+    step_kw: dict[str, Any] = {"model": model} if isinstance(opt, SAM) else {}
     loss_fn, correct_fn = data.loss_fn, data.correct_fn
 
     curves: dict[str, list[float]] = {
@@ -260,26 +261,33 @@ def train(
         run_loss, run_correct, run_count = 0.0, 0, 0
         for inputs, targets in data.train:
             outputs: list[torch.Tensor] = []
+            labelled = torch.nonzero(targets != IGNORE_INDEX).flatten()
+            subset = per_sample_losses(model, inputs, targets, outputs)
 
             def closure(
-                inputs: Any = inputs, targets: torch.Tensor = targets, outputs: list = outputs
+                index: torch.Tensor | None = None,
+                inputs: Any = inputs,
+                targets: torch.Tensor = targets,
+                outputs: list = outputs,
+                labelled: torch.Tensor = labelled,
+                subset: Callable = subset,
             ) -> torch.Tensor:
+                # The closure contract of every optimizer: zero, forward, backward, return the
+                # per-sample losses (ESAM selects data with them and calls closure(index)).
                 opt.zero_grad(set_to_none=True)
+                if index is not None:
+                    losses = subset(index)
+                    losses.mean().backward()
+                    return losses.detach()
                 out = model(inputs)
-                loss = loss_fn(out, targets)
-                loss.backward()
+                if torch.is_grad_enabled():  # ESAM's selection pass runs without gradients
+                    loss_fn(out, targets).backward()
                 outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                return loss
+                return F.cross_entropy(out.detach()[labelled], targets[labelled], reduction="none")
 
-            # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
-            # pass (model=model); plain optimizers run it once; ESAM takes per-sample losses.
-            if method.per_sample:
-                per_sample = per_sample_losses(model, inputs, targets, outputs)
-                loss = cast(torch.Tensor, opt.step(per_sample, model=model))  # type: ignore[call-overload]
-            elif isinstance(opt, SAM):
-                loss = opt.step(closure, model=model)
-            else:
-                loss = cast(torch.Tensor, opt.step(cast(Callable[[], float], closure)))
+            # One call for every method; SAM's family keeps the BN statistics of the first pass.
+            loss = cast(torch.Tensor, opt.step(cast(Callable[[], float], closure), **step_kw))
+            loss = loss.mean()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 status = "failed"

@@ -1,4 +1,4 @@
-r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM) as a wrapper optimizer.
+r"""Sharpness-Aware Minimization (SAM) as a wrapper optimizer, and the base of its variants.
 
 Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
 
@@ -9,43 +9,42 @@ Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
 
 The base optimizer owns the update; SAM only moves ``w`` to ``w + ε̂`` and back. Both share
 one list of ``param_groups``, so learning-rate schedulers, ``add_param_group`` and per-group
-``rho`` just work.
+``rho`` just work. ``ε̂`` comes from a perturbation rule (:mod:`flatmin.optim.rules`), the step
+sequence from :mod:`flatmin.optim._driver`; a variant overrides a few policy hooks of
+:class:`SAM` (when to perturb, along what, how to combine the gradients) and nothing else.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any, overload
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, ClassVar, overload
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._perturb import PerturbGroup, perturb_foreach_, perturb_single_tensor_
-from flatmin.optim._rng import RNGState
+from flatmin.optim import _state
+from flatmin.optim._checks import check_bool, check_real
+from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup
 
 __all__ = ["SAM"]
 
-_SAM_KEYS = ("rho", "p", "adaptive", "eta")
+GroupCheck = Callable[[str, Any], Any]
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    rho, p, eta, adaptive = group["rho"], group["p"], group["eta"], group["adaptive"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"Invalid rho: {rho!r} (expected a float)")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"Invalid rho: {rho} (expected a finite value >= 0)")
+def _check_p(name: str, p: Any) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"Invalid p: {p!r} (expected a float > 1 or math.inf)")
+        raise TypeError(f"Invalid {name}: {p!r} (expected a float > 1 or math.inf)")
     if math.isnan(p) or p <= 1:
-        raise ValueError(f"Invalid p: {p} (expected p > 1, or math.inf)")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"Invalid adaptive: {adaptive!r} (expected a bool)")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"Invalid eta: {eta!r} (expected a float)")
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"Invalid eta: {eta} (expected a finite value >= 0)")
+        raise ValueError(f"Invalid {name}: {p} (expected p > 1, or math.inf)")
+
+
+def _nonneg(name: str, value: Any) -> None:
+    check_real(name, value, low=0.0)
 
 
 class SAM(Optimizer):
@@ -59,19 +58,25 @@ class SAM(Optimizer):
         w \leftarrow \mathrm{base\_step}\big(w,\ \nabla L(w + \hat\epsilon)\big).
 
     ``p = 2`` gives ``ρ g/‖g‖₂`` and ``p = math.inf`` gives ``ρ sign(g)``. With ``adaptive=True``
-    (ASAM) and ``T = |w| + η``: ``ε̂ = T · ε̂_p(T g)``, i.e. ``ρ T² g / ‖T g‖₂`` for p = 2.
+    (ASAM) and ``T = |w| + η``: ``ε̂ = T · ε̂_p(T g)``, i.e. ``ρ T² g / ‖T g‖₂`` for p = 2. Other
+    geometries (Fisher-SAM, SAM-ON) are a ``rule=`` (:mod:`flatmin.optim.rules`).
 
     Two ways to drive it:
 
-    * By hand: ``loss.backward(); opt.first_step(zero_grad=True)``, then a second forward/backward
-      at the perturbed weights, then ``opt.second_step(zero_grad=True)``.
     * With a closure that zeroes the gradients, runs forward and backward, and returns the loss
       (the PyTorch closure contract that Lightning's automatic optimization uses):
-      ``loss = opt.step(closure)``. SAM calls it twice and returns the loss at ``w``.
+      ``loss = opt.step(closure)``. SAM calls it twice and returns its value at ``w``. Do not
+      call ``backward()`` before ``step(closure)`` (davda54/sam's usage): SAM runs both passes
+      itself, so that would be a third; it warns once if it finds such a gradient.
+    * By hand: ``loss.backward(); opt.first_step(zero_grad=True)``, then a second forward/backward
+      at the perturbed weights, then ``opt.second_step(zero_grad=True)``.
+
+    The closure may return per-sample losses (a 1-D tensor) instead of a scalar; ``step``
+    returns whatever the first call returned (ESAM needs them, see :class:`~flatmin.ESAM`).
 
     BatchNorm: the second pass would update the running statistics a second time, at perturbed
-    weights. Wrap it in :func:`flatmin.optim.bn.frozen_bn_stats` to keep them as the first pass
-    left them (``step(closure, model=...)`` does this for you).
+    weights; ``step(closure, model=...)`` keeps them as the first pass left them
+    (:func:`flatmin.optim.bn.frozen_bn_stats`). Every member of the family accepts ``model=``.
 
     In real training (recipes in ``docs/sam_in_practice.md``): DDP works as is (``global`` mode)
     or per replica (``step(closure, model=ddp_model, per_replica=True)``); gradient accumulation is
@@ -81,22 +86,28 @@ class SAM(Optimizer):
     :class:`flatmin.optim.rho_schedule.ProportionalRho` drives ``rho`` from the learning rate;
     :func:`flatmin.optim.second_order.second_order_step` adds the second-order term.
 
+    Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
+    at every step that uses them, so a scheduler that sets an invalid value fails at that step.
+
     Args:
         params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
             whose groups SAM adopts; pass ``None`` then).
         base_optimizer: An optimizer class, built on SAM's param groups with ``base_kwargs``, or
             an optimizer instance, whose param groups SAM adopts.
-        rho: Radius of the neighbourhood (per group).
+        rho: Radius of the neighbourhood (per group); may be positional, as in davda54/sam.
         p: The ℓp ball of the perturbation, ``p > 1`` or ``math.inf`` (per group).
         adaptive: Use ASAM's scale-invariant neighbourhood (per group).
-        eta: ASAM's offset η in ``T = |w| + η`` (per group).
+        eta: ASAM's offset η in ``T = |w| + η`` (per group). davda54/sam and pytorch-optimizer
+            use η = 0 (see ``docs/migration.md``).
         eps: Added to the normaliser so that a zero gradient gives a zero perturbation.
         foreach: Use the multi-tensor kernel (default when ``None``); ``False`` selects the
             single-tensor reference loop.
-        max_grad_norm: If set, :meth:`second_step` clips the SAM gradient (the one at ``w + ε̂``)
-            to this global ℓ2 norm over all groups before the base step
+        max_grad_norm: If set, the gradient the base optimizer receives (the SAM gradient, after
+            a variant combined it) is clipped to this global ℓ2 norm over all groups
             (:func:`torch.nn.utils.clip_grad_norm_`). Clipping the first-pass gradient instead
             changes nothing: ``ε̂`` is invariant to rescaling ``g``.
+        rule: The perturbation rule (default :class:`~flatmin.optim.rules.LpBall`, which reads
+            ``p``, ``adaptive``, ``eta`` from the groups).
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
@@ -112,7 +123,7 @@ class SAM(Optimizer):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, 0.05, lr=0.1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> def closure():
         ...     opt.zero_grad()
@@ -122,18 +133,37 @@ class SAM(Optimizer):
         >>> loss = opt.step(closure)
     """
 
+    # -- what a variant declares ---------------------------------------------------------------
+    #: Param-group keys of the variant, their defaults and their per-step checks.
+    _group_defaults: ClassVar[dict[str, Any]] = {}
+    _group_checks: ClassVar[dict[str, GroupCheck]] = {
+        "rho": _nonneg,
+        "p": _check_p,
+        "adaptive": check_bool,
+        "eta": _nonneg,
+    }
+    #: Attributes saved in ``state_dict`` whose mismatch on load is an error.
+    _hyper: ClassVar[tuple[str, ...]] = ("eps", "max_grad_norm")
+    #: The step starts with a pass at ``w`` (Momentum-SAM perturbs before its only pass).
+    _lead_pass: ClassVar[bool] = True
+    #: ``first_step`` may clear the gradients it ascended along (ESAM keeps them).
+    _zero_grad_after_ascent: ClassVar[bool] = True
+    #: The ascent directions may be overwritten (not so for Momentum-SAM's momentum buffers).
+    _direction_is_scratch: ClassVar[bool] = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
         base_optimizer: type[Optimizer] | Optimizer,
-        *,
         rho: float = 0.05,
+        *,
         p: float = 2,
         adaptive: bool = False,
         eta: float = 0.01,
         eps: float = 1e-12,
         foreach: bool | None = None,
         max_grad_norm: float | None = None,
+        rule: PerturbationRule | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -141,12 +171,12 @@ class SAM(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r} (expected None or a bool)")
         if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-                raise TypeError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a float)")
-            if not max_grad_norm > 0:
-                raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (expected > 0)")
-        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta}
-        _check_group(defaults)
+            check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        if rule is not None and not isinstance(rule, PerturbationRule):
+            raise TypeError(f"Invalid rule: {rule!r} (expected a flatmin.optim.rules rule)")
+        variant = {k: base_kwargs.pop(k, v) for k, v in self._group_defaults.items()}
+        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
+        self._check_group(defaults)
         self._base_defaults: dict[str, Any] = {}
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -174,24 +204,61 @@ class SAM(Optimizer):
         self.eps = float(eps)
         self.foreach = foreach
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.rule = rule or LpBall()
+        #: Base steps taken (SAM and plain); a Python int, so deciding a branch costs no sync.
+        self.steps_taken = 0
+        self._ascent_steps = 1
         # Backups of the weights perturbed by the last first_step, keyed by parameter.
         self._backup: dict[Tensor, Tensor] = {}
         # (ids of params, backups, uniform device/dtype) of the last first_step: _backups_for.
         self._plan: tuple[list[int], list[Tensor], bool] | None = None
-        # What the pending first_step moved, and where it saved the originals.
+        # What the pending step moved, and where it saved the originals.
         self._perturbed: tuple[list[Tensor], list[Tensor]] = ([], [])
-        self._first_step_done = False
+        self._ascents_done = 0
+        # The selected groups (settings and masks, no gradients) of the last ascent.
+        self.last_groups: list[PerturbGroup] = []
+        self._plain_pending = False
+        # (param, its gradient, that gradient's version) left by the last step: _warn_on_pending.
+        self._left_grad: tuple[Tensor, Tensor, int] | None = None
+        self._pending_grad_warned = False
+        # Copies of the first-pass gradient (_keep_first_grads), reused across steps.
+        self._kept: dict[Tensor, Tensor] = {}
+        self._kept_params: list[Tensor] = []
 
     # -- param groups ---------------------------------------------------------------------------
+    def _check_group(self, group: dict[str, Any]) -> None:
+        for key, check in self._group_checks.items():
+            if key not in group:
+                raise ValueError(f"Invalid param group: no {key!r} (keys {sorted(group)})")
+            check(key, group[key])
+
+    def _check_groups(self) -> None:
+        # Once per step: cheap scalar checks, so a scheduler's bad value fails here, by name.
+        for group in self.param_groups:
+            self._check_group(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to SAM and its base optimizer (they share the list)."""
+        """Add a param group to SAM and its base optimizer (they share the list).
+
+        The group is validated with its defaults filled in before anything is stored.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param group: {type(param_group).__name__} (expected a dict)")
+        self._check_group({**getattr(self, "defaults", {}), **param_group})
         for key, value in self._base_defaults.items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
 
-    # -- the two halves of a step ---------------------------------------------------------------
-    def _perturb_groups(self) -> list[PerturbGroup]:
+    # -- policy hooks: what a variant overrides -------------------------------------------------
+    def _takes_sam_step(self) -> bool:
+        """Whether this step perturbs (SAM every k: only every k-th)."""
+        return True
+
+    def _ascents_this_step(self) -> int:
+        return self._ascent_steps if self._takes_sam_step() else 0
+
+    def _ascent_groups(self) -> list[PerturbGroup]:
+        """The tensors to perturb and the directions to ascend along (default: their gradients)."""
         # List comprehensions, not loops with branches: on an accelerator this Python is what a
         # SAM step waits for, the kernels themselves are few.
         groups = []
@@ -200,16 +267,72 @@ class SAM(Optimizer):
             grads = [w.grad for w in params]
             groups.append(
                 PerturbGroup(
-                    params,
-                    grads,
-                    group["rho"],
-                    group["p"],
-                    group["adaptive"],
-                    group["eta"],
+                    params, grads, group["rho"], group["p"], group["adaptive"], group["eta"]
                 )
             )
         return groups
 
+    def _on_first_pass(self) -> None:
+        """Called with the gradient at ``w`` in ``.grad``, before the first ascent."""
+
+    def _perturbed_pass(self, closure: Callable[..., Any], first: Any) -> Any:
+        """The pass at the perturbed point (ESAM selects data here); ``first``: pass 1's value."""
+        with torch.enable_grad():
+            return closure()
+
+    def _combine_(self) -> None:
+        """Turn ``.grad`` (the gradient at ``w + ε̂``) into the descent gradient (GSAM, WSAM...)."""
+
+    def _adjust_plain_grad_(self) -> None:
+        """Change ``.grad`` before a base step without perturbation (LookSAM)."""
+
+    def _after_base_step(self) -> None:
+        """Called after every base step (WSAM's decoupled step, WASAM's averaging)."""
+
+    # -- services for the variants --------------------------------------------------------------
+    @torch.no_grad()
+    def _keep_first_grads(self) -> None:
+        """Copy the gradient at ``w`` into reused buffers (GSAM and WSAM compare it with g_s)."""
+        params = [w for g in self.param_groups for w in g["params"] if w.grad is not None]
+        bufs = []
+        for w in params:
+            buf = self._kept.get(w)
+            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+                buf = self._kept[w] = torch.empty_like(w)
+            bufs.append(buf)
+        if params:
+            torch._foreach_copy_(bufs, [w.grad for w in params if w.grad is not None])
+        self._kept_params = params
+
+    def _kept_by_group(
+        self,
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per group: the parameters with both gradients, their ``g`` (kept) and ``g_s`` (.grad)."""
+        kept = set(map(id, self._kept_params))
+        self._kept_params = []
+        out = []
+        for group in self.param_groups:
+            params = [w for w in group["params"] if id(w) in kept and w.grad is not None]
+            if params:
+                grads = [w.grad for w in params if w.grad is not None]
+                out.append((group, params, [self._kept[w] for w in params], grads))
+        return out
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Variant state for ``state_dict`` besides counters and per-parameter state."""
+        return {}
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Validate a saved :meth:`_extra_state` (raise, change nothing)."""
+        if extra:
+            raise ValueError(
+                f"Invalid {type(self).__name__} state_dict: unexpected {sorted(extra)}"
+            )
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Load a validated :meth:`_extra_state`."""
+
+    # -- the two halves of a step ---------------------------------------------------------------
     def _backups_for(self, params: list[Tensor]) -> tuple[list[Tensor], bool]:
         """Backup buffers for ``params`` and whether they share one device and dtype.
 
@@ -241,6 +364,26 @@ class SAM(Optimizer):
         # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
         return self.foreach is None or self.foreach
 
+    def _save(self, params: list[Tensor]) -> bool:
+        """Back up ``params`` before they move; returns whether they share one device/dtype."""
+        if self._ascents_done == 0:
+            backups, uniform = self._backups_for(params) if params else ([], True)
+            if params:
+                if self._use_foreach():
+                    torch._foreach_copy_(backups, params)
+                else:
+                    for buf, w in zip(backups, params):
+                        buf.copy_(w)
+            self._perturbed = (params, backups)
+            return uniform
+        # A later ascent (multi-step): back up only tensors that have not moved yet.
+        saved, backups = self._perturbed
+        known = set(map(id, saved))
+        new = [w for w in params if id(w) not in known]
+        if new:
+            self._perturbed = (saved + new, backups + [w.detach().clone() for w in new])
+        return len({(w.device, w.dtype) for w in params}) <= 1
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Climb to the local maximum: ``w ← w + ε̂(w)`` using the gradients now in ``.grad``.
@@ -252,28 +395,31 @@ class SAM(Optimizer):
             zero_grad: Clear the gradients afterwards (ready for the second pass).
 
         Raises:
-            RuntimeError: Called twice without :meth:`second_step` in between, or a gradient is
-                sparse.
+            RuntimeError: Called twice without :meth:`second_step` in between (more than
+                ``steps`` times for multi-step ascent), or a gradient is sparse.
+            ValueError: A param group holds an invalid value (e.g. ``rho < 0`` from a scheduler).
         """
-        if self._first_step_done:
+        if self._ascents_done >= self._ascent_steps:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
             )
-        groups = self._perturb_groups()
+        if self._ascents_done == 0:
+            self._check_groups()
+            self._on_first_pass()
+        groups = self.rule.select(self._ascent_groups())
         params = [w for g in groups for w in g.params]
-        backups: list[Tensor] = []
+        uniform = self._save(params)
         if params:
-            backups, uniform = self._backups_for(params)
-            if self._use_foreach():
-                torch._foreach_copy_(backups, params)
-                # zero_grad: the first-pass gradients are dropped next, so they can be scratch.
-                perturb_foreach_(groups, self.eps, uniform=uniform, consume_grads=zero_grad)
-            else:
-                for buf, w in zip(backups, params):
-                    buf.copy_(w)
-                perturb_single_tensor_(groups, self.eps)
-        self._perturbed = (params, backups)
-        self._first_step_done = True
+            self.rule.perturb_(
+                groups,
+                self.eps,
+                foreach=self._use_foreach(),
+                uniform=uniform,
+                # zero_grad: the directions are dropped next, so they can be scratch space.
+                consume_grads=zero_grad and self._direction_is_scratch,
+            )
+        self.last_groups = [replace(g, grads=[]) for g in groups]
+        self._ascents_done += 1
         if zero_grad:
             self.zero_grad()
 
@@ -284,7 +430,7 @@ class SAM(Optimizer):
         Used by :meth:`second_step`, and on its own to abandon a SAM step (e.g. after a
         non-finite loss at the perturbed point).
         """
-        if not self._first_step_done:
+        if not self.perturbed:
             raise RuntimeError("second_step()/restore() called before first_step()")
         params, backups = self._perturbed
         if params:
@@ -294,19 +440,52 @@ class SAM(Optimizer):
                 for w, buf in zip(params, backups):
                     w.copy_(buf)
         self._perturbed = ([], [])
-        self._first_step_done = False
+        self._ascents_done = 0
 
     @property
     def perturbed(self) -> bool:
         """Whether :meth:`first_step` ran and the weights wait for :meth:`second_step`."""
-        return self._first_step_done
+        return self._ascents_done > 0
+
+    @contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Hold the unperturbed weights ``w`` inside the block, whatever the step's state.
+
+        Outside a step (after ``step(closure)`` or ``second_step``) the weights are ``w``
+        already and this does nothing; between ``first_step`` and ``second_step`` it swaps ``w``
+        in and puts ``w + ε̂`` back afterwards (bit-exact). Use it to evaluate or average.
+
+        Example:
+            >>> import torch, flatmin
+            >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+            >>> opt = flatmin.SAM([w], torch.optim.SGD, rho=1.0, lr=0.1)
+            >>> w.square().sum().backward()
+            >>> opt.first_step()
+            >>> with opt.unperturbed():
+            ...     print(w.detach())
+            tensor([3., 4.])
+        """
+        if not self.perturbed:
+            yield
+            return
+        params, backups = self._perturbed
+        with torch.no_grad():
+            current = [w.detach().clone() for w in params]
+            for w, buf in zip(params, backups):
+                w.copy_(buf)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, cur in zip(params, current):
+                    w.copy_(cur)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Go back to ``w`` and take the base optimizer's step with the gradient at ``w + ε̂``.
 
-        With ``max_grad_norm`` set, the gradient at ``w + ε̂`` is first clipped to that global
-        norm.
+        A variant combines the gradients here first (GSAM, WSAM, ...); with ``max_grad_norm`` the
+        result is clipped to that global norm.
 
         Args:
             zero_grad: Clear the gradients after the base step.
@@ -314,109 +493,189 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: Called before :meth:`first_step`.
         """
+        self._second_step(None)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def _second_step(self, before_base: Callable[[], None] | None) -> None:
         self.restore()
+        if before_base is not None:
+            before_base()
+        self._combine_()
+        self._base_step()
+
+    @torch.no_grad()
+    def _plain_step(self) -> None:
+        """A base step with the gradient at ``w`` (no perturbation this step)."""
+        if self.perturbed:
+            raise RuntimeError("plain_step() called between first_step() and second_step()")
+        self._check_groups()
+        self._adjust_plain_grad_()
+        self._base_step()
+
+    def _base_step(self) -> None:
         if self.max_grad_norm is not None:
             grads = [w for g in self.param_groups for w in g["params"] if w.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm, foreach=self.foreach)
         self.base_optimizer.step()
-        # An LR scheduler attached to SAM tracks SAM.step(); a manual first/second step counts too.
+        self._after_base_step()
+        self.steps_taken += 1
+        # An LR scheduler attached to SAM tracks SAM.step(); a manual step counts too.
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
+        self._left_grad = next(
+            ((w, w.grad, w.grad._version) for g in self.param_groups for w in g["params"]
+             if w.grad is not None),
+            None,
+        )  # fmt: skip
 
-    @overload  # type: ignore[override]
+    def _warn_on_pending_grad(self) -> None:
+        """Warn once when ``step(closure)`` finds a gradient computed before it was called."""
+        if self._pending_grad_warned:
+            return
+        found = None
+        if self._left_grad is not None:
+            w, grad, version = self._left_grad
+            if w.grad is not None and (w.grad is not grad or w.grad._version != version):
+                found = w.grad
+        else:
+            found = next(
+                (w.grad for g in self.param_groups for w in g["params"] if w.grad is not None), None
+            )
+        # Only here, on the unusual path, a device sync: zeroed gradients are not a pass.
+        if found is not None and bool(found.ne(0).any()):
+            self._pending_grad_warned = True
+            warnings.warn(
+                f"{type(self).__name__}.step(closure) found gradients computed before it was "
+                "called. step(closure) runs every pass itself (the closure at w, then at the "
+                "perturbed point), so a backward() before it is an extra pass whose gradient is "
+                "added to the first (davda54/sam's usage). Remove that backward, or drive the "
+                "step by hand with first_step()/second_step(). (Warned once.)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @overload
     def step(self, closure: None = None) -> None: ...
     @overload
     def step(
         self,
-        closure: Callable[[], Tensor],
+        closure: Callable[..., Any],
         *,
         model: torch.nn.Module | None = None,
         same_rng: bool = False,
         per_replica: bool = False,
-    ) -> Tensor: ...
+    ) -> Any: ...
     def step(
         self,
-        closure: Callable[[], Tensor] | None = None,
+        closure: Callable[..., Any] | None = None,
         *,
         model: torch.nn.Module | None = None,
         same_rng: bool = False,
         per_replica: bool = False,
-    ) -> Tensor | None:
-        """One full SAM step driven by ``closure`` (called twice, at ``w`` and at ``w + ε̂``).
+    ) -> Any:
+        """One full step driven by ``closure`` (SAM calls it at ``w`` and at ``w + ε̂``).
 
-        Without a closure, ``step()`` after :meth:`first_step` is :meth:`second_step` (so
-        wrappers that call ``optimizer.step()``, such as ``GradScaler.step``, finish a SAM step).
+        Without a closure, ``step()`` finishes a pending step (after :meth:`first_step` it is
+        :meth:`second_step`), so wrappers that call ``optimizer.step()``, such as
+        ``GradScaler.step``, finish a SAM step.
 
         Args:
             closure: Zeroes the gradients, computes the loss, calls ``backward()`` and returns the
-                loss. It runs under ``torch.enable_grad()``.
-            model: If given, BatchNorm running statistics are kept unchanged during the second
-                pass (:func:`flatmin.optim.bn.frozen_bn_stats`). With ``per_replica`` it must be
-                the ``DistributedDataParallel`` module.
-            same_rng: Replay the CPU (and initialised CUDA) RNG state before the second pass, so
-                that both passes draw the same dropout masks (one dropout key per step, as the
-                official SAM code does).
+                loss (or per-sample losses, a 1-D tensor). It runs under ``torch.enable_grad()``.
+            model: If given, BatchNorm running statistics are kept unchanged during the passes at
+                the perturbed point (:func:`flatmin.optim.bn.frozen_bn_stats`). With
+                ``per_replica`` it must be the ``DistributedDataParallel`` module.
+            same_rng: Replay the CPU (and initialised CUDA) RNG state before each pass at the
+                perturbed point, so that every pass draws the same dropout masks (one dropout key
+                per step, as the official SAM code does).
             per_replica: Run the first pass under ``model.no_sync()``: each DDP replica
                 perturbs with its own gradient (m-sharpness, one all-reduce fewer); the second
                 pass is synchronised as usual.
 
         Returns:
-            The loss at ``w`` (the first call's value); ``None`` when called without a closure.
+            The closure's value at ``w`` (its first call); ``None`` when called without a closure.
 
         Raises:
-            RuntimeError: ``closure`` is ``None`` and no :meth:`first_step` is pending.
+            RuntimeError: ``closure`` is ``None`` and no step is pending, or a step is pending
+                and a closure is given.
             TypeError: ``per_replica=True`` and ``model`` has no ``no_sync()``.
+            ValueError: A param group holds an invalid value (e.g. ``rho`` set to NaN).
         """
         if closure is None:
             if self.perturbed:
                 self.second_step()
                 return None
+            if self._plain_pending:
+                self._plain_pending = False
+                self._plain_step()
+                return None
             raise RuntimeError(
-                "SAM.step() requires a closure that recomputes the loss and its gradients "
-                "(or call first_step()/second_step() yourself)"
+                f"{type(self).__name__}.step() requires a closure that recomputes the loss and its "
+                "gradients (or call first_step()/second_step() yourself)"
             )
-        from flatmin.optim.bn import frozen_bn_stats
-        from flatmin.optim.distributed import perturbation_pass
+        from flatmin.optim._driver import run_step
 
-        closure = torch.enable_grad()(closure)
-        rng = RNGState.capture() if same_rng else None
-        with perturbation_pass(model, per_replica=per_replica):
-            loss = closure()
-        self.first_step(zero_grad=True)
-        try:
-            if rng is not None:
-                rng.restore()
-            with frozen_bn_stats(model):
-                closure()
-        except BaseException:
-            self.restore()  # never leave the caller's weights at w + ε̂
-            raise
-        self.second_step()
-        return loss
+        return run_step(self, closure, model=model, same_rng=same_rng, per_replica=per_replica).loss
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def hyper_parameters(self) -> dict[str, Any]:
+        """Constructor hyper-parameters a checkpoint must agree with (``k``, ``eps``, rule...)."""
+        out = {name: getattr(self, name) for name in self._hyper}
+        out["rule"] = repr(self.rule)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Return SAM's param groups and state together with the base optimizer's state."""
-        if self._first_step_done:
+        """SAM's groups and state, the base optimizer's state, and the variant's section.
+
+        ``"variant"`` holds the class name, the hyper-parameters (:meth:`hyper_parameters`), the
+        step counter and any state of the variant that is not per parameter.
+        """
+        if self.perturbed:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
-        return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict()}
+        return {
+            "sam": super().state_dict(),
+            "base": self.base_optimizer.state_dict(),
+            "variant": {
+                "type": type(self).__name__,
+                "hyper": self.hyper_parameters(),
+                "counters": {"steps_taken": self.steps_taken},
+                "extra": self._extra_state(),
+            },
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: SAM's groups and the base optimizer's state."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"sam", "base"}:
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
-            raise ValueError(
-                f"Invalid SAM state_dict with keys {keys} (expected 'sam' and 'base'; "
-                "was it saved by SAM.state_dict()?)"
-            )
-        super().load_state_dict(state_dict["sam"])
-        self.base_optimizer.load_state_dict(state_dict["base"])
-        # Both loads rebuild their group lists: share one again.
-        self.param_groups = self.base_optimizer.param_groups
-        for group in self.param_groups:
-            _check_group(group)
+        """Load a :meth:`state_dict`: all of it, or (on any error) nothing.
+
+        Everything is validated first: the layout, the class and hyper-parameters it was saved
+        with (a mismatch, e.g. another ``k``, is an error), every group value, the group sizes of
+        both sections, the counters and the variant's own state. A ``{"sam", "base"}`` dict from
+        an older flatmin ``SAM`` (no ``"variant"``) loads into :class:`SAM`.
+
+        Raises:
+            ValueError: The state dict does not fit this optimizer (the message says why).
+            RuntimeError: Called between ``first_step`` and ``second_step``.
+        """
+        if self.perturbed:
+            raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        variant = _state.validate(self, state_dict, legacy=type(self) is SAM)
+        snapshot = (self.param_groups, self.state, self.base_optimizer.param_groups,
+                    self.base_optimizer.state, self.steps_taken)  # fmt: skip
+        try:
+            super().load_state_dict(state_dict["sam"])
+            self.base_optimizer.load_state_dict(state_dict["base"])
+            # Both loads rebuild their group lists: share one again.
+            self.param_groups = self.base_optimizer.param_groups
+            if variant is not None:
+                self.steps_taken = int(variant["counters"]["steps_taken"])
+                self._load_extra_state(variant["extra"])
+        except BaseException:
+            (self.param_groups, self.state, self.base_optimizer.param_groups,
+             self.base_optimizer.state, self.steps_taken) = snapshot  # fmt: skip
+            raise
+        self._plan = None
+        self._left_grad = None
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__
-        return f"SAM(base_optimizer={base}, groups={len(self.param_groups)})"
+        return f"{type(self).__name__}(base_optimizer={base}, groups={len(self.param_groups)})"
