@@ -101,23 +101,21 @@ def run_step(
     """
     if optimizer.perturbed:
         raise RuntimeError("step(closure) called between first_step() and second_step()")
+    optimizer._check_groups()  # before any pass: a bad value fails here and changes nothing
     optimizer._warn_on_pending_grad()
-    call = torch.enable_grad()(closure)
-    amp = scaler is not None and scaler.is_enabled()
+    amp = scaler if scaler is not None and scaler.is_enabled() else None
     rng = RNGState.capture() if same_rng else None
     ascents = optimizer._ascents_this_step()
-    loss: Any = None
     lead = ascents == 0 or optimizer._lead_pass
-    if lead:
-        with perturbation_pass(model, per_replica=per_replica and ascents > 0):
-            loss = call()
-        if ascents == 0:
-            return _finish_plain(optimizer, loss, scaler if amp else None, update_scaler)
-        if amp and _unscale_overflow(optimizer, scaler.get_scale()):  # type: ignore[union-attr]
-            # The gradients are still non-finite, so unscale_ records the overflow for update().
-            scaler.unscale_(optimizer)  # type: ignore[union-attr]
-            return _skip(optimizer, loss, scaler, update_scaler)
+    loss: Any = None
     try:
+        if lead:
+            with perturbation_pass(model, per_replica=per_replica and ascents > 0):
+                loss = torch.enable_grad()(closure)()
+            if ascents == 0:
+                return _finish_plain(optimizer, loss, amp, update_scaler)
+            if amp is not None and _overflow(optimizer, amp):
+                return _skip(optimizer, loss, amp, update_scaler)
         for i in range(ascents):
             optimizer.first_step(zero_grad=optimizer._zero_grad_after_ascent)
             if rng is not None:
@@ -127,20 +125,21 @@ def run_step(
                 out = optimizer._perturbed_pass(closure, loss)
             if not lead and i == 0:
                 loss = out
-            if amp and i < ascents - 1 and _unscale_overflow(optimizer, scaler.get_scale()):  # type: ignore[union-attr]
-                scaler.unscale_(optimizer)  # type: ignore[union-attr]
+            if amp is not None and i < ascents - 1 and _overflow(optimizer, amp):
                 optimizer.restore()
-                return _skip(optimizer, loss, scaler, update_scaler)
+                return _skip(optimizer, loss, amp, update_scaler)
     except BaseException:
+        optimizer._checked = False
+        optimizer._remember_grad()  # what the failed pass left is not the user's backward
         if optimizer.perturbed:
             optimizer.restore()  # never leave the caller's weights at w + ε̂
         raise
-    if not amp:
+    if amp is None:
         optimizer._second_step(before_base)
         return StepResult(loss, False)
     try:
         # unscale_ + inf check; when finite it calls optimizer.step() == second_step().
-        scaler.step(optimizer)  # type: ignore[union-attr]
+        amp.step(optimizer)
     finally:
         skipped = optimizer.perturbed
         if skipped:
@@ -148,8 +147,17 @@ def run_step(
     if skipped:
         optimizer.zero_grad()  # non-finite; a finite step leaves the gradient, as step() does
     if update_scaler:
-        scaler.update()  # type: ignore[union-attr]
+        amp.update()
     return StepResult(loss, skipped)
+
+
+def _overflow(optimizer: SAM, scaler: torch.amp.GradScaler) -> bool:
+    """Unscale a pass's gradients by hand; on inf/NaN let the scaler record it, return True."""
+    if not _unscale_overflow(optimizer, scaler.get_scale()):
+        return False
+    # The gradients are still non-finite, so unscale_ records the overflow for update().
+    scaler.unscale_(optimizer)
+    return True
 
 
 def _finish_plain(
@@ -172,7 +180,7 @@ def _finish_plain(
     return StepResult(loss, skipped)
 
 
-def _skip(optimizer: SAM, loss: Any, scaler: Any, update: bool) -> StepResult:
+def _skip(optimizer: SAM, loss: Any, scaler: torch.amp.GradScaler, update: bool) -> StepResult:
     optimizer.zero_grad()
     if update:
         scaler.update()

@@ -218,6 +218,8 @@ class SAM(Optimizer):
         # The selected groups (settings and masks, no gradients) of the last ascent.
         self.last_groups: list[PerturbGroup] = []
         self._plain_pending = False
+        # The groups were validated for the step in progress (the driver checks them first).
+        self._checked = False
         # (param, its gradient, that gradient's version) left by the last step: _warn_on_pending.
         self._left_grad: tuple[Tensor, Tensor, int] | None = None
         self._pending_grad_warned = False
@@ -236,6 +238,7 @@ class SAM(Optimizer):
         # Once per step: cheap scalar checks, so a scheduler's bad value fails here, by name.
         for group in self.param_groups:
             self._check_group(group)
+        self._checked = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to SAM and its base optimizer (they share the list).
@@ -404,7 +407,8 @@ class SAM(Optimizer):
                 "first_step() called twice without second_step(): the weights are already perturbed"
             )
         if self._ascents_done == 0:
-            self._check_groups()
+            if not self._checked:
+                self._check_groups()
             self._on_first_pass()
         groups = self.rule.select(self._ascent_groups())
         params = [w for g in groups for w in g.params]
@@ -510,7 +514,8 @@ class SAM(Optimizer):
         """A base step with the gradient at ``w`` (no perturbation this step)."""
         if self.perturbed:
             raise RuntimeError("plain_step() called between first_step() and second_step()")
-        self._check_groups()
+        if not self._checked:
+            self._check_groups()
         self._adjust_plain_grad_()
         self._base_step()
 
@@ -520,9 +525,14 @@ class SAM(Optimizer):
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm, foreach=self.foreach)
         self.base_optimizer.step()
         self._after_base_step()
+        self._checked = False
         self.steps_taken += 1
         # An LR scheduler attached to SAM tracks SAM.step(); a manual step counts too.
         self._opt_called = True
+        self._remember_grad()
+
+    def _remember_grad(self) -> None:
+        """Note the gradient a step leaves, so the next step(closure) can tell a new one."""
         self._left_grad = next(
             ((w, w.grad, w.grad._version) for g in self.param_groups for w in g["params"]
              if w.grad is not None),
