@@ -112,7 +112,8 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
         group = dict(live)
         merged = {**wrapper, **saved}
         if "gamma" in live and "alpha" in merged and "gamma" not in merged:  # their WSAM
-            merged["gamma"] = merged.pop("alpha") / (1.0 + merged["alpha"])
+            a = merged.pop("alpha")
+            merged["gamma"] = a / (1.0 + a)
             notes.append("WSAM: gamma = alpha / (1 + alpha) from their alpha = gamma / (1 - gamma)")
         for key, value in merged.items():
             if key == "params":
@@ -135,23 +136,32 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
     fsam = "fsam_momentum" if "sigma" in optimizer.param_groups[0] else None
     base_entries: dict[int, dict[str, Any]] = {}
     sam_entries: dict[int, dict[str, Any]] = {}
-    for index, entry in base_state["state"].items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
-            raise ValueError(
-                f"Invalid state_dict: state index {index!r} for {len(params)} parameters"
-            )
-        for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                raise ValueError(
-                    f"Invalid state_dict: {key!r} of parameter {index} has shape "
-                    f"{tuple(value.shape)} (the parameter: {tuple(params[index].shape)})"
-                )
-            if key in _WRAPPER_KEYS:
-                ignored.add(f"state {key!r} (a buffer of their step, not needed to resume)")
-            elif key == "momentum" and fsam is not None:
-                sam_entries.setdefault(index, {})[fsam] = value
-            else:
-                base_entries.setdefault(index, {})[key] = value
+    # Without a nested "base_optimizer" the wrapper's state is the base's (pytorch-optimizer's
+    # SAM shares it; davda54's holds only its backups).
+    sections = [(outer["state"], False)] + ([(base_state["state"], True)] if nested else [])
+    for state, is_base in sections:
+        for index, entry in state.items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(f"Invalid state_dict: state index {index!r} for {len(params)} "
+                                 "parameters")  # fmt: skip
+            for key, value in entry.items():
+                if (
+                    isinstance(value, Tensor)
+                    and value.dim() > 0
+                    and value.shape != params[index].shape
+                ):
+                    raise ValueError(
+                        f"Invalid state_dict: {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)} (the parameter: {tuple(params[index].shape)})"
+                    )
+                if key in _WRAPPER_KEYS:
+                    ignored.add(f"state {key!r} (a buffer of their step, not needed to resume)")
+                elif key == "momentum" and fsam is not None and not is_base:
+                    sam_entries.setdefault(index, {})[fsam] = value
+                elif is_base or not nested:
+                    base_entries.setdefault(index, {})[key] = value
+                else:
+                    ignored.add(f"state {key!r} of their wrapper")
     if base_entries:
         keys = sorted({k for e in base_entries.values() for k in e})
         loaded.append(f"base optimizer state: {', '.join(keys)} for {len(base_entries)} tensors")
