@@ -35,16 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatmin.optim import SAM
+from flatmin.optim import (
+    ESAM,
+    GCSAM,
+    GSAM,
+    SAM,
+    WASAM,
+    WSAM,
+    FriendlySAM,
+    LookSAM,
+    MomentumSAM,
+    MultiStepSAM,
+    SAMEveryK,
+)
 from flatmin.optim.bn import frozen_bn_stats
-from flatmin.optim.esam import ESAM
-from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.tasks.models import ResNetCNN
-
-try:
-    from flatmin.optim.wasam import WASAM
-except ImportError:  # pragma: no cover - older trees
-    WASAM = None  # type: ignore[assignment,misc]
 
 try:
     from pytorch_optimizer import SAM as PeerSAM
@@ -228,10 +233,17 @@ def run_workload(
         add("ESAM b=0.6 g=0.5",
             lambda m: ESAM(m.parameters(), sgd, beta=0.6, gamma=0.5, rho=RHO, **BASE_KW),
             "esam")  # fmt: skip
-        if WASAM is not None:
-            add("WASAM", lambda m: WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
-        else:
-            notes.append("flatmin.optim.wasam.WASAM not found: skipped")
+        add("WASAM", lambda m: WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
+        add("GSAM a=0.1", lambda m: GSAM(m.parameters(), sgd, RHO, alpha=0.1, **BASE_KW),
+            "closure")  # fmt: skip
+        add("WSAM g=0.9", lambda m: WSAM(m.parameters(), sgd, RHO, gamma=0.9, **BASE_KW),
+            "closure")  # fmt: skip
+        add("FriendlySAM", lambda m: FriendlySAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add("GCSAM", lambda m: GCSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add("MomentumSAM", lambda m: MomentumSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add("MultiStepSAM n=2",
+            lambda m: MultiStepSAM(m.parameters(), sgd, RHO / 2, steps=2, **BASE_KW),
+            "closure")  # fmt: skip
 
     def one_step(c: Contender, model: nn.Module) -> None:
         opt = c.opt
@@ -271,8 +283,14 @@ def run_workload(
         elif c.kind == "esam":
 
             def per_sample(index: torch.Tensor | None = None) -> torch.Tensor:
+                # ESAM's closure: per-sample losses, an optional sample index, no backward
+                # under no_grad (its selection pass).
+                opt.zero_grad()
                 xb, yb = (x, y) if index is None else (x[index], y[index])
-                return F.cross_entropy(model(xb), yb, reduction="none")
+                losses = F.cross_entropy(model(xb), yb, reduction="none")
+                if torch.is_grad_enabled():
+                    losses.mean().backward()
+                return losses
 
             opt.step(per_sample, model=model)
         else:

@@ -12,8 +12,10 @@ overflow in either must cancel the whole step. :func:`sam_step_amp` does, per SA
     overflow? -> restore w bit-exactly, no base step
     scaler.update()                # once per SAM step: grow or back off the scale
 
-bf16 autocast needs no scaler: run ``opt.step(closure)`` with the forward under
-``torch.autocast(device_type, dtype=torch.bfloat16)``.
+The sequence is the family's one step driver (:mod:`flatmin.optim._driver`) with a scaler, so it
+holds for every member (SAMEveryK's one-pass steps, Momentum-SAM, multi-step ascent: every pass is
+unscaled and checked). bf16 autocast needs no scaler: run ``opt.step(closure)`` with the forward
+under ``torch.autocast(device_type, dtype=torch.bfloat16)``.
 
 References:
     Micikevicius et al., "Mixed Precision Training", ICLR 2018, arXiv:1710.03740.

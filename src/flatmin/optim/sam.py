@@ -20,7 +20,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, ClassVar, overload
 
 import torch
@@ -422,7 +421,9 @@ class SAM(Optimizer):
                 # zero_grad: the directions are dropped next, so they can be scratch space.
                 consume_grads=zero_grad and self._direction_is_scratch,
             )
-        self.last_groups = [replace(g, grads=[]) for g in groups]
+        for group in groups:  # keep the selection (tensors, settings, masks), not the gradients
+            group.grads = []
+        self.last_groups = groups
         self._ascents_done += 1
         if zero_grad:
             self.zero_grad()
