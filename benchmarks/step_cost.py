@@ -35,19 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatmin.optim import (
-    ESAM,
-    GCSAM,
-    GSAM,
-    SAM,
-    WASAM,
-    WSAM,
-    FriendlySAM,
-    LookSAM,
-    MomentumSAM,
-    MultiStepSAM,
-    SAMEveryK,
-)
+import flatmin
+from flatmin import SAM
 from flatmin.optim.bn import frozen_bn_stats
 from flatmin.tasks.models import ResNetCNN
 
@@ -225,24 +214,33 @@ def run_workload(
         notes.append("pytorch-optimizer not installed: that peer is skipped")
     add("loop SAM (davda54)", lambda m: LoopSAM(m.parameters(), sgd, rho=RHO, **BASE_KW), "sam")
     if work.variants:
-        add("SAMEveryK k=5", lambda m: SAMEveryK(m.parameters(), sgd, k=5, rho=RHO, **BASE_KW),
+        add("SAMEveryK k=5",
+            lambda m: flatmin.SAMEveryK(m.parameters(), sgd, k=5, rho=RHO, **BASE_KW),
             "closure")  # fmt: skip
         add("LookSAM k=5 a=0.7",
-            lambda m: LookSAM(m.parameters(), sgd, k=5, alpha=0.7, rho=RHO, **BASE_KW),
+            lambda m: flatmin.LookSAM(m.parameters(), sgd, k=5, alpha=0.7, rho=RHO, **BASE_KW),
             "closure")  # fmt: skip
         add("ESAM b=0.6 g=0.5",
-            lambda m: ESAM(m.parameters(), sgd, beta=0.6, gamma=0.5, rho=RHO, **BASE_KW),
+            lambda m: flatmin.ESAM(m.parameters(), sgd, beta=0.6, gamma=0.5, rho=RHO, **BASE_KW),
             "esam")  # fmt: skip
-        add("WASAM", lambda m: WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
-        add("GSAM a=0.1", lambda m: GSAM(m.parameters(), sgd, RHO, alpha=0.1, **BASE_KW),
+        add("WASAM", lambda m: flatmin.WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
+        add("GSAM a=0.1", lambda m: flatmin.GSAM(m.parameters(), sgd, RHO, alpha=0.1, **BASE_KW),
             "closure")  # fmt: skip
-        add("WSAM g=0.9", lambda m: WSAM(m.parameters(), sgd, RHO, gamma=0.9, **BASE_KW),
+        add("WSAM g=0.9", lambda m: flatmin.WSAM(m.parameters(), sgd, RHO, gamma=0.9, **BASE_KW),
             "closure")  # fmt: skip
-        add("FriendlySAM", lambda m: FriendlySAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
-        add("GCSAM", lambda m: GCSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
-        add("MomentumSAM", lambda m: MomentumSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add(
+            "FriendlySAM",
+            lambda m: flatmin.FriendlySAM(m.parameters(), sgd, RHO, **BASE_KW),
+            "closure",
+        )
+        add("GCSAM", lambda m: flatmin.GCSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add(
+            "MomentumSAM",
+            lambda m: flatmin.MomentumSAM(m.parameters(), sgd, RHO, **BASE_KW),
+            "closure",
+        )
         add("MultiStepSAM n=2",
-            lambda m: MultiStepSAM(m.parameters(), sgd, RHO / 2, steps=2, **BASE_KW),
+            lambda m: flatmin.MultiStepSAM(m.parameters(), sgd, RHO / 2, steps=2, **BASE_KW),
             "closure")  # fmt: skip
 
     def one_step(c: Contender, model: nn.Module) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +20,7 @@ import torch
 from torch import nn
 
 import flatmin
-from flatmin import (
-    ESAM,
-    GCSAM,
-    GSAM,
-    SAM,
-    WASAM,
-    WSAM,
-    FriendlySAM,
-    LookSAM,
-    MomentumSAM,
-    MultiStepSAM,
-    SAMEveryK,
-)
+from flatmin import SAM
 
 DT = torch.float64
 BASE_KW = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
@@ -41,10 +28,9 @@ BASE_KW = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
 
 @dataclass(frozen=True)
 class Member:
-    """One optimizer of the family and what the table expects of it."""
+    """One optimizer of the family (``flatmin.<name>``) and what the table expects of it."""
 
     name: str
-    make: Callable[..., SAM]  # make(model, params, **overrides)
     kwargs: dict[str, Any]
     calls: tuple[int, ...]  # closure calls in steps 1, 2, ...
     degenerate: dict[str, Any]  # overrides that make it SAM (with SAM's rho)
@@ -52,34 +38,33 @@ class Member:
     bad_group: tuple[str, Any, str] = ("rho", -0.5, r"Invalid rho: -0\.5")
     vector_model: bool = False  # degenerate case needs vector parameters only (GCSAM)
 
-
-def _cls(cls: type[SAM]) -> Callable[..., SAM]:
-    return lambda model, params, **kw: cls(params, torch.optim.SGD, **kw)
+    def make(self, model: nn.Module, params: Any, **kw: Any) -> SAM:
+        cls = getattr(flatmin, self.name)
+        if cls is flatmin.WASAM:  # the model comes first
+            return cls(model, torch.optim.SGD, params=params, **kw)
+        return cls(params, torch.optim.SGD, **kw)
 
 
 # fmt: off
 MEMBERS = [
-    Member("SAM", _cls(SAM), {}, (2, 2, 2, 2), {}, ({"eps": 1e-10}, "eps")),
-    Member("SAMEveryK", _cls(SAMEveryK), {"k": 3}, (2, 1, 1, 2), {"k": 1}, ({"k": 4}, "k=3")),
-    Member("LookSAM", _cls(LookSAM), {"k": 3, "alpha": 0.5}, (2, 1, 1, 2), {"k": 1},
-           ({"k": 2}, "k=3"), ("alpha", math.nan, r"Invalid alpha: nan")),
-    Member("ESAM", _cls(ESAM), {"beta": 0.6, "gamma": 0.5}, (3, 3, 3, 3),
-           {"beta": 1.0, "gamma": 1.0}, ({"gamma": 0.25}, "gamma")),
-    Member("GSAM", _cls(GSAM), {"alpha": 0.3}, (2, 2, 2, 2), {"alpha": 0.0},
-           ({"eps": 0.0}, "eps"), ("alpha", -0.1, r"Invalid alpha: -0\.1")),
-    Member("WSAM", _cls(WSAM), {"gamma": 0.8}, (2, 2, 2, 2), {"gamma": 0.5, "decouple": False},
+    Member("SAM", {}, (2, 2, 2, 2), {}, ({"eps": 1e-10}, "eps")),
+    Member("SAMEveryK", {"k": 3}, (2, 1, 1, 2), {"k": 1}, ({"k": 4}, "k=3")),
+    Member("LookSAM", {"k": 3, "alpha": 0.5}, (2, 1, 1, 2), {"k": 1}, ({"k": 2}, "k=3"),
+           ("alpha", math.nan, r"Invalid alpha: nan")),
+    Member("ESAM", {"beta": 0.6, "gamma": 0.5}, (3, 3, 3, 3), {"beta": 1.0, "gamma": 1.0},
+           ({"gamma": 0.25}, "gamma")),
+    Member("GSAM", {"alpha": 0.3}, (2, 2, 2, 2), {"alpha": 0.0}, ({"eps": 0.0}, "eps"),
+           ("alpha", -0.1, r"Invalid alpha: -0\.1")),
+    Member("WSAM", {"gamma": 0.8}, (2, 2, 2, 2), {"gamma": 0.5, "decouple": False},
            ({"decouple": False}, "decouple"), ("gamma", 1.0, r"Invalid gamma: 1\.0")),
-    Member("FriendlySAM", _cls(FriendlySAM), {"sigma": 1.0, "lmbda": 0.6}, (2, 2, 2, 2),
-           {"sigma": 0.0}, ({"max_grad_norm": 1.0}, "max_grad_norm"),
-           ("lmbda", 1.5, r"Invalid lmbda: 1\.5")),
-    Member("GCSAM", _cls(GCSAM), {}, (2, 2, 2, 2), {}, ({"descent": False}, "descent"),
-           vector_model=True),
-    Member("MomentumSAM", _cls(MomentumSAM), {"rho": 0.3}, (1, 1, 1, 1), {"rho": 0.0},
-           ({"eps": 1e-9}, "eps"), ("rho", math.inf, r"Invalid rho: inf")),
-    Member("MultiStepSAM", _cls(MultiStepSAM), {"steps": 2}, (3, 3, 3, 3), {"steps": 1},
-           ({"steps": 3}, "steps=2")),
-    Member("WASAM", lambda model, params, **kw: WASAM(model, torch.optim.SGD, params=params, **kw),
-           {"start": 2}, (2, 2, 2, 2), {}, ({"average_on_step": False}, "average_on_step")),
+    Member("FriendlySAM", {"sigma": 1.0, "lmbda": 0.6}, (2, 2, 2, 2), {"sigma": 0.0},
+           ({"max_grad_norm": 1.0}, "max_grad_norm"), ("lmbda", 1.5, r"Invalid lmbda: 1\.5")),
+    Member("GCSAM", {}, (2, 2, 2, 2), {}, ({"descent": False}, "descent"), vector_model=True),
+    Member("MomentumSAM", {"rho": 0.3}, (1, 1, 1, 1), {"rho": 0.0}, ({"eps": 1e-9}, "eps"),
+           ("rho", math.inf, r"Invalid rho: inf")),
+    Member("MultiStepSAM", {"steps": 2}, (3, 3, 3, 3), {"steps": 1}, ({"steps": 3}, "steps=2")),
+    Member("WASAM", {"start": 2}, (2, 2, 2, 2), {},
+           ({"average_on_step": False}, "average_on_step")),
 ]
 # fmt: on
 IDS = [m.name for m in MEMBERS]

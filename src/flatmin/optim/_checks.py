@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_bool", "check_int", "check_real"]
+__all__ = ["check_bool", "check_fraction", "check_int", "check_positive_int", "check_real"]
 
 
 def check_real(
@@ -70,3 +70,13 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"Invalid {name}: {value!r} (expected a bool)")
     return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``check_int(name, value, low=1)``: a count such as ``k`` or ``steps``."""
+    return check_int(name, value, low=1)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A float in ``(0, 1]``: a probability or a fraction of a batch."""
+    return check_real(name, value, low=0.0, high=1.0, low_open=True)

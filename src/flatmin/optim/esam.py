@@ -37,16 +37,16 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._checks import check_real
+from flatmin.optim._checks import check_fraction
 from flatmin.optim.rules import PerturbationRule, RandomSubset
-from flatmin.optim.sam import SAM
+from flatmin.optim.sam import SAM, Base, GroupCheck, Params
 
 __all__ = ["ESAM", "per_sample_closure"]
 
@@ -149,23 +149,22 @@ class ESAM(SAM):
         >>> per_sample = opt.step(per_sample_closure(opt, losses), model=model)
     """
 
-    _hyper = (*SAM._hyper, "gamma")
+    gamma: float
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"gamma": (0.5, check_fraction)}
     # The undrawn tensors keep their first-pass gradient for the base step.
     _zero_grad_after_ascent = False
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
+        params: Params,
+        base_optimizer: Base,
         rho: float = 0.05,
         *,
         beta: float = 0.6,
-        gamma: float = 0.5,
         generator: torch.Generator | None = None,
         rule: PerturbationRule | None = None,
         **kwargs: Any,
     ) -> None:
-        self.gamma = check_real("gamma", gamma, low=0.0, high=1.0, low_open=True)
         self._swp = RandomSubset(beta, generator, inner=rule)
         super().__init__(params, base_optimizer, rho, rule=self._swp, **kwargs)
 

@@ -18,12 +18,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin.optim._checks import check_real
 from flatmin.optim.rules import PerturbGroup
@@ -54,12 +51,9 @@ class FriendlySAM(SAM):
     abandoned step (restore after an error) has already folded its ``g`` into ``m``.
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM`.
         sigma: Weight σ ``>= 0`` of the removed full-gradient component (the paper uses 1).
-        lmbda: EMA decay λ in ``[0, 1]`` (official default 0.9).
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+        lmbda: EMA decay λ in ``[0, 1]`` (official default 0.9). Every other argument is
+            :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError, ValueError: ``sigma`` negative or ``lmbda`` outside ``[0, 1]`` (and SAM's own
@@ -70,16 +64,12 @@ class FriendlySAM(SAM):
 
     Example:
         >>> import torch, flatmin
-        >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.FriendlySAM(model.parameters(), torch.optim.SGD, sigma=1.0, lmbda=0.9,
-        ...                           lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> model, x, y = torch.nn.Linear(3, 1), torch.randn(8, 3), torch.randn(8, 1)
+        >>> opt = flatmin.FriendlySAM(model.parameters(), torch.optim.SGD, 0.05, sigma=1.0, lr=0.1)
+        >>> closure = flatmin.optim.per_sample_closure(opt, lambda i: (model(x) - y).square()[:, 0])
+        >>> per_sample = opt.step(closure)
+        >>> "fsam_momentum" in opt.state[model.weight]  # the EMA of the plain gradients
+        True
     """
 
     _group_defaults: ClassVar[dict[str, Any]] = {"sigma": 1.0, "lmbda": 0.9}
@@ -88,18 +78,6 @@ class FriendlySAM(SAM):
         "sigma": _nonneg,
         "lmbda": _check_lmbda,
     }
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        sigma: float = 1.0,
-        lmbda: float = 0.9,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(params, base_optimizer, rho, sigma=sigma, lmbda=lmbda, **kwargs)
 
     @torch.no_grad()
     def _ascent_groups(self) -> list[PerturbGroup]:

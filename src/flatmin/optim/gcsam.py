@@ -22,14 +22,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin.optim._checks import check_bool
-from flatmin.optim.sam import SAM
+from flatmin.optim.sam import SAM, GroupCheck
 
 __all__ = ["GCSAM", "centralize_"]
 
@@ -63,11 +62,8 @@ class GCSAM(SAM):
     ``.grad``. On a model whose parameters are all vectors it is :class:`~flatmin.optim.SAM`.
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM`.
-        descent: Also centralize the gradient at ``w + ε̂`` (the descent), as GCSAM does.
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+        descent: Also centralize the gradient at ``w + ε̂`` (the descent), as GCSAM does
+            (default). Every other argument is :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError: ``descent`` is not a bool (and SAM's own checks).
@@ -79,29 +75,13 @@ class GCSAM(SAM):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 2)
-        >>> opt = flatmin.GCSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> opt = flatmin.GCSAM(model.parameters(), torch.optim.SGD, 0.05, lr=0.1)
+        >>> opt.descent
+        True
     """
 
-    _hyper = (*SAM._hyper, "descent")
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        descent: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.descent = check_bool("descent", descent)
-        super().__init__(params, base_optimizer, rho, **kwargs)
+    descent: bool
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"descent": (True, check_bool)}
 
     def _grads(self) -> list[Tensor | None]:
         return [w.grad for group in self.param_groups for w in group["params"]]

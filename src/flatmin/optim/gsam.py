@@ -18,12 +18,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin.optim.rules import add_scaled_, dot, sum_sq, wide_dtype
 from flatmin.optim.sam import SAM, GroupCheck, _nonneg
@@ -45,47 +42,27 @@ class GSAM(SAM):
     Costs one parameter-sized buffer (``g`` between the passes).
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM` (GSAM's ``ρ_max`` under ProportionalRho).
-        alpha: Weight α of the surrogate-gap direction, ``>= 0`` (the paper tunes 0.01–0.3; the
-            official example uses 0.4).
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+        alpha: Weight α ``>= 0`` of the surrogate-gap direction (the paper tunes 0.01–0.3; the
+            official example uses 0.4, the default). Every other argument is
+            :class:`~flatmin.optim.SAM`'s (``rho`` is GSAM's ``ρ_max`` under ProportionalRho).
 
     Raises:
         TypeError, ValueError: ``alpha`` is not a finite float ``>= 0`` (and SAM's own checks).
 
     References:
-        Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022,
-        arXiv:2203.08065.
+        Zhuang et al., ICLR 2022, arXiv:2203.08065 (GSAM, Algorithm 1).
 
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.1, lr=0.1)
-        >>> rho_sched = flatmin.optim.ProportionalRho(opt, rho_min=0.01)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> opt = flatmin.GSAM(model.parameters(), torch.optim.SGD, 0.05, alpha=0.1, lr=0.1)
+        >>> rho_sched = flatmin.optim.ProportionalRho(opt, rho_min=0.01)  # ρ_t ∝ lr_t
+        >>> opt.param_groups[0]["alpha"], opt.param_groups[0]["rho"]
+        (0.1, 0.05)
     """
 
     _group_defaults: ClassVar[dict[str, Any]] = {"alpha": 0.4}
     _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": _nonneg}
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        alpha: float = 0.4,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(params, base_optimizer, rho, alpha=alpha, **kwargs)
 
     def _on_first_pass(self) -> None:
         self._keep_first_grads()

@@ -23,14 +23,13 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from flatmin.optim._checks import check_int
+from flatmin.optim._checks import check_positive_int
 from flatmin.optim.rules import add_scaled_, dot, split_by_device_dtype, sum_sq, wide_dtype
 from flatmin.optim.sam import SAM, GroupCheck, _nonneg
 
@@ -58,12 +57,8 @@ class SAMEveryK(SAM):
     ``k = 1`` this is :class:`~flatmin.optim.SAM`.
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM`.
-        k: Take a SAM step every ``k`` steps (``k >= 1``).
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts (``p``, ``adaptive``, ...,
-            and the base optimizer's arguments such as ``lr``).
+        k: Take a SAM step every ``k`` steps (``k >= 1``, default 2). Every other argument is
+            :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError: ``k`` is not an int (and SAM's own checks).
@@ -76,29 +71,13 @@ class SAMEveryK(SAM):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.SAMEveryK(model.parameters(), torch.optim.SGD, k=5, rho=0.05, lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> losses = [opt.step(closure) for _ in range(5)]  # 1 SAM step, 4 plain steps
+        >>> opt = flatmin.SAMEveryK(model.parameters(), torch.optim.SGD, 0.05, k=5, lr=0.1)
+        >>> opt.is_sam_step  # steps 0, 5, 10, ... take two passes, the others one
+        True
     """
 
-    _hyper = (*SAM._hyper, "k")
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        k: int = 2,
-        **kwargs: Any,
-    ) -> None:
-        self.k = check_int("k", k, low=1)
-        super().__init__(params, base_optimizer, rho, **kwargs)
+    k: int
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"k": (2, check_positive_int)}
 
     @property
     def is_sam_step(self) -> bool:
@@ -150,12 +129,9 @@ class LookSAM(SAMEveryK):
     :class:`~flatmin.optim.SAM` (:class:`SAMEveryK`).
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM`.
-        k: Take a full SAM step every ``k`` steps (the paper uses 5).
-        alpha: Weight α of the reused direction (the paper uses 0.7).
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+        k: Take a full SAM step every ``k`` steps (default and paper: 5).
+        alpha: Weight α of the reused direction (default and paper: 0.7). Every other argument
+            is :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError: ``k`` is not an int or ``alpha`` not a float (and SAM's own checks).
@@ -168,33 +144,17 @@ class LookSAM(SAMEveryK):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=0.7, lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> losses = [opt.step(closure) for _ in range(5)]
+        >>> opt = flatmin.LookSAM(model.parameters(), torch.optim.SGD, 0.05, k=5, alpha=0.7, lr=0.1)
+        >>> opt.param_groups[0]["alpha"], opt.k
+        (0.7, 5)
     """
 
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"k": (5, check_positive_int)}
     _group_defaults: ClassVar[dict[str, Any]] = {"alpha": 0.7}
     _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": _nonneg}
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        k: int = 5,
-        alpha: float = 0.7,
-        **kwargs: Any,
-    ) -> None:
-        # ‖g‖² of the first pass, between first_step and second_step (a 0-d tensor).
-        self._g_sq: Tensor | None = None
-        self._first_params: list[Tensor] = []
-        super().__init__(params, base_optimizer, rho, k=k, alpha=alpha, **kwargs)
+    # ‖g‖² of the first pass and the tensors it had, between first_step and second_step.
+    _g_sq: Tensor | None = None
+    _first_params: Sequence[Tensor] = ()
 
     def _with_grad(self) -> list[Tensor]:
         return [w for group in self.param_groups for w in group["params"] if w.grad is not None]
@@ -222,7 +182,7 @@ class LookSAM(SAMEveryK):
     def _combine_(self) -> None:
         # Turn the stored g into the unit g_v / ‖g_v‖; the update itself is g_s.
         first, g_sq = self._first_params, self._g_sq
-        self._first_params, self._g_sq = [], None
+        self._first_params, self._g_sq = (), None
         params = [w for w in first if w.grad is not None]
         if not params or g_sq is None:
             return

@@ -21,14 +21,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
-from torch.optim import Optimizer
-
 from flatmin.optim.rules import PerturbGroup
-from flatmin.optim.sam import SAM
+from flatmin.optim.sam import SAM, Base, Params
 
 __all__ = ["MomentumSAM"]
 
@@ -62,30 +58,21 @@ class MomentumSAM(SAM):
 
     Example:
         >>> import torch, flatmin
-        >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1,
+        >>> model, x, y = torch.nn.Linear(3, 1), torch.randn(8, 3), torch.randn(8, 1)
+        >>> opt = flatmin.MomentumSAM(model.parameters(), torch.optim.SGD, 0.3, lr=0.1,
         ...                           momentum=0.9)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> losses = [opt.step(closure) for _ in range(3)]  # one pass each; w unperturbed after
+        >>> closure = flatmin.optim.per_sample_closure(opt, lambda i: (model(x) - y).square()[:, 0])
+        >>> per_sample = [opt.step(closure) for _ in range(3)]  # one pass each, at w − ρ m/‖m‖
+        >>> opt.perturbed  # the weights are w between steps
+        False
     """
 
     _lead_pass = False
     # The "gradients" of the ascent are the momentum buffers: never scratch space.
     _direction_is_scratch = False
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.3,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(params, base_optimizer, rho, **kwargs)
+    def __init__(self, params: Params, base_optimizer: Base, rho: float = 0.3, **kw: Any) -> None:
+        super().__init__(params, base_optimizer, rho, **kw)
         for i, group in enumerate(self.param_groups):
             if not (group.get("momentum", 0) > 0 or "betas" in group):
                 raise ValueError(

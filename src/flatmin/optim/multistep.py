@@ -20,14 +20,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
-from torch import Tensor
-from torch.optim import Optimizer
-
-from flatmin.optim._checks import check_int
-from flatmin.optim.sam import SAM
+from flatmin.optim._checks import check_positive_int
+from flatmin.optim.sam import SAM, GroupCheck
 
 __all__ = ["MultiStepSAM"]
 
@@ -45,11 +41,8 @@ class MultiStepSAM(SAM):
     ``first_step()`` and one forward/backward per ascent step, then ``second_step()``.
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: Radius of each ascent step (per group).
-        steps: Number ``n >= 1`` of ascent steps.
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+        steps: Number ``n >= 1`` of ascent steps (default 2); ``rho`` is the radius of each.
+            Every other argument is :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError, ValueError: ``steps`` is not an int ``>= 1`` (and SAM's own checks).
@@ -61,31 +54,17 @@ class MultiStepSAM(SAM):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.MultiStepSAM(model.parameters(), torch.optim.SGD, rho=0.025, steps=2,
-        ...                            lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)  # three passes
+        >>> opt = flatmin.MultiStepSAM(model.parameters(), torch.optim.SGD, 0.025, steps=2, lr=0.1)
+        >>> opt.steps  # step(closure) calls the closure steps + 1 = 3 times
+        2
     """
 
-    _hyper = (*SAM._hyper, "steps")
+    steps: int
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"steps": (2, check_positive_int)}
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        steps: int = 2,
-        **kwargs: Any,
-    ) -> None:
-        self.steps = check_int("steps", steps, low=1)
-        super().__init__(params, base_optimizer, rho, **kwargs)
-        self._ascent_steps = self.steps
+    @property
+    def _ascent_steps(self) -> int:  # type: ignore[override]
+        return self.steps
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__

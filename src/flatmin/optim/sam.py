@@ -33,6 +33,8 @@ from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup
 __all__ = ["SAM"]
 
 GroupCheck = Callable[[str, Any], Any]
+Params = Iterable[Tensor] | Iterable[dict[str, Any]] | None
+Base = type[Optimizer] | Optimizer
 
 
 def _check_p(name: str, p: Any) -> None:
@@ -141,8 +143,11 @@ class SAM(Optimizer):
         "adaptive": check_bool,
         "eta": _nonneg,
     }
-    #: Attributes saved in ``state_dict`` whose mismatch on load is an error.
-    _hyper: ClassVar[tuple[str, ...]] = ("eps", "max_grad_norm")
+    #: Structural options of the variant (``k``, ``steps``, ...): name → (default, check). They
+    #: become attributes, are saved in ``state_dict``, and a mismatch on load is an error.
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {}
+    #: Ascent steps per perturbing step (multi-step ascent: ``steps``).
+    _ascent_steps: int = 1
     #: The step starts with a pass at ``w`` (Momentum-SAM perturbs before its only pass).
     _lead_pass: ClassVar[bool] = True
     #: ``first_step`` may clear the gradients it ascended along (ESAM keeps them).
@@ -152,8 +157,8 @@ class SAM(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
+        params: Params,
+        base_optimizer: Base,
         rho: float = 0.05,
         *,
         p: float = 2,
@@ -173,6 +178,10 @@ class SAM(Optimizer):
             check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         if rule is not None and not isinstance(rule, PerturbationRule):
             raise TypeError(f"Invalid rule: {rule!r} (expected a flatmin.optim.rules rule)")
+        for name, (default, check) in self._options.items():
+            value = base_kwargs.pop(name, default)
+            check(name, value)
+            setattr(self, name, value)
         variant = {k: base_kwargs.pop(k, v) for k, v in self._group_defaults.items()}
         defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
         self._check_group(defaults)
@@ -206,7 +215,6 @@ class SAM(Optimizer):
         self.rule = rule or LpBall()
         #: Base steps taken (SAM and plain); a Python int, so deciding a branch costs no sync.
         self.steps_taken = 0
-        self._ascent_steps = 1
         # Backups of the weights perturbed by the last first_step, keyed by parameter.
         self._backup: dict[Tensor, Tensor] = {}
         # (ids of params, backups, uniform device/dtype) of the last first_step: _backups_for.
@@ -366,16 +374,21 @@ class SAM(Optimizer):
         # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
         return self.foreach is None or self.foreach
 
+    def _copy_(self, dst: list[Tensor], src: list[Tensor]) -> None:
+        """Bit-exact ``dst ← src`` (backups and restores), foreach unless ``foreach=False``."""
+        if not dst:
+            return
+        if self._use_foreach():
+            torch._foreach_copy_(dst, src)
+        else:
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
     def _save(self, params: list[Tensor]) -> bool:
         """Back up ``params`` before they move; returns whether they share one device/dtype."""
         if self._ascents_done == 0:
             backups, uniform = self._backups_for(params) if params else ([], True)
-            if params:
-                if self._use_foreach():
-                    torch._foreach_copy_(backups, params)
-                else:
-                    for buf, w in zip(backups, params):
-                        buf.copy_(w)
+            self._copy_(backups, params)
             self._perturbed = (params, backups)
             return uniform
         # A later ascent (multi-step): back up only tensors that have not moved yet.
@@ -438,12 +451,7 @@ class SAM(Optimizer):
         if not self.perturbed:
             raise RuntimeError("second_step()/restore() called before first_step()")
         params, backups = self._perturbed
-        if params:
-            if self._use_foreach():
-                torch._foreach_copy_(params, backups)
-            else:
-                for w, buf in zip(params, backups):
-                    w.copy_(buf)
+        self._copy_(params, backups)
         self._perturbed = ([], [])
         self._ascents_done = 0
 
@@ -476,14 +484,12 @@ class SAM(Optimizer):
         params, backups = self._perturbed
         with torch.no_grad():
             current = [w.detach().clone() for w in params]
-            for w, buf in zip(params, backups):
-                w.copy_(buf)
+            self._copy_(params, backups)
         try:
             yield
         finally:
             with torch.no_grad():
-                for w, cur in zip(params, current):
-                    w.copy_(cur)
+                self._copy_(params, current)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -632,9 +638,8 @@ class SAM(Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------
     def hyper_parameters(self) -> dict[str, Any]:
         """Constructor hyper-parameters a checkpoint must agree with (``k``, ``eps``, rule...)."""
-        out = {name: getattr(self, name) for name in self._hyper}
-        out["rule"] = repr(self.rule)
-        return out
+        names = ("eps", "max_grad_norm", *self._options)
+        return {**{name: getattr(self, name) for name in names}, "rule": repr(self.rule)}
 
     def state_dict(self) -> dict[str, Any]:
         """SAM's groups and state, the base optimizer's state, and the variant's section.

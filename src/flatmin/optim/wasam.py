@@ -19,14 +19,15 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin.optim._checks import check_bool
 from flatmin.optim.averaging import BufferPolicy, Mode, WeightAveraging
-from flatmin.optim.sam import SAM
+from flatmin.optim.sam import SAM, GroupCheck
 
 __all__ = ["WASAM"]
 
@@ -86,7 +87,8 @@ class WASAM(SAM):
         2
     """
 
-    _hyper = (*SAM._hyper, "average_on_step")
+    average_on_step: bool
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"average_on_step": (True, check_bool)}
 
     def __init__(
         self,
@@ -106,8 +108,6 @@ class WASAM(SAM):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
-        if not isinstance(average_on_step, bool):
-            raise TypeError(f"Invalid average_on_step: {average_on_step!r} (expected a bool)")
         if params is None and not isinstance(base_optimizer, Optimizer):
             params = model.parameters()
         averaging = WeightAveraging(
@@ -119,9 +119,8 @@ class WASAM(SAM):
             buffers=buffers,
             device=average_device,
         )
-        super().__init__(params, base_optimizer, rho=rho, **kw)
+        super().__init__(params, base_optimizer, rho, average_on_step=average_on_step, **kw)
         self.averaging = averaging
-        self.average_on_step = average_on_step
 
     def _after_base_step(self) -> None:
         # After the base step the weights are the restored, unperturbed ones: average those.

@@ -20,12 +20,11 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin.optim._checks import check_bool, check_real
 from flatmin.optim.sam import SAM, GroupCheck
@@ -54,12 +53,9 @@ class WSAM(SAM):
     (``g`` between the passes) and, decoupled, one temporary for ``g_s − g``.
 
     Args:
-        params: As for :class:`~flatmin.optim.SAM`.
-        base_optimizer: As for :class:`~flatmin.optim.SAM`.
-        rho: As for :class:`~flatmin.optim.SAM`.
         gamma: Sharpness weight ``γ ∈ [0, 1)`` (the paper uses 0.8–0.95; default 0.9).
         decouple: Apply the sharpness term outside the base optimizer (the paper's default).
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts.
+            Every other argument is :class:`~flatmin.optim.SAM`'s.
 
     Raises:
         TypeError, ValueError: ``gamma`` outside ``[0, 1)``, ``decouple`` not a bool (and SAM's
@@ -72,54 +68,39 @@ class WSAM(SAM):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.WSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9, lr=0.1)
-        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> opt = flatmin.WSAM(model.parameters(), torch.optim.SGD, 0.05, gamma=0.9, lr=0.1)
+        >>> opt.param_groups[0]["gamma"], opt.decouple
+        (0.9, True)
     """
 
+    decouple: bool
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"decouple": (True, check_bool)}
     _group_defaults: ClassVar[dict[str, Any]] = {"gamma": 0.9}
     _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "gamma": _check_gamma}
-    _hyper = (*SAM._hyper, "decouple")
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        *,
-        gamma: float = 0.9,
-        decouple: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.decouple = check_bool("decouple", decouple)
-        # The decoupled sharpness step waiting for the base step: (group, params, g_s − g, a).
-        self._sharpness: list[tuple[dict[str, Any], list[Tensor], list[Tensor], float]] = []
-        super().__init__(params, base_optimizer, rho, gamma=gamma, **kwargs)
+    # The decoupled sharpness step waiting for the base step: (group, params, g_s − g, a).
+    _sharpness: Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor], float]] = ()
 
     def _on_first_pass(self) -> None:
         self._keep_first_grads()
 
     @torch.no_grad()
     def _combine_(self) -> None:
+        pending = []
         for group, params, kept, grads in self._kept_by_group():
             a = group["gamma"] / (1.0 - group["gamma"])
             if not self.decouple:
                 # a g_s + (1 − a) g  ==  g_s + (1 − a)(g − g_s)
                 torch._foreach_lerp_(grads, kept, 1.0 - a)
                 continue
-            self._sharpness.append((group, params, list(torch._foreach_sub(grads, kept)), a))
+            pending.append((group, params, list(torch._foreach_sub(grads, kept)), a))
             torch._foreach_copy_(grads, kept)
+        self._sharpness = pending
 
     @torch.no_grad()
     def _after_base_step(self) -> None:
         for group, params, sharpness, a in self._sharpness:
             torch._foreach_add_(params, sharpness, alpha=-group["lr"] * a)
-        self._sharpness = []
+        self._sharpness = ()
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__
