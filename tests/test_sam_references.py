@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -329,6 +330,40 @@ def test_multistep_equals_optax_sam_opaque_mode(steps: int) -> None:
     opt = flatmin.MultiStepSAM(model.parameters(), torch.optim.SGD, rho, steps=steps, lr=LR,
                                momentum=MOM, weight_decay=WD)  # fmt: skip
     _run(opt, model, batches)
+    _close(model, ref, 1e-13)
+
+
+# -- ESAM ------------------------------------------------------------------------------------------
+def test_esam_equals_the_paper_update_with_both_swp_and_sds() -> None:
+    """Du et al. 2022, Alg. 1: drawn tensors (prob. β) move by ε̂/β and step with the gradient of
+    the ⌈γn⌉ samples whose loss rose most; the others keep the first-pass gradient."""
+    model, batches, rho, beta, gamma = _mlp(), _batches(6), 0.2, 0.5, 0.5
+    ref = Ref(model)
+    draws = torch.Generator().manual_seed(7)
+
+    def per_sample(w: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ws = dict(zip(ref.names, w))
+        return F.cross_entropy(functional_call(ref.model, ws, (x,)), y, reduction="none")
+
+    for x, y in batches:
+        g = ref.grad(ref.w, x, y)
+        mask = (torch.rand(len(ref.w), generator=draws) < beta).tolist()
+        e = [t / beta if m else torch.zeros_like(t) for t, m in zip(_sam_eps(g, rho), mask)]
+        w_adv = _add(ref.w, e)
+        rise = per_sample(w_adv, x, y) - per_sample(ref.w, x, y)
+        top = torch.topk(rise, math.ceil(gamma * len(y))).indices
+        g_plus = ref.grad(w_adv, x[top], y[top])
+        ref.sgd([gp if m else t for gp, t, m in zip(g_plus, g, mask)])
+    opt = flatmin.ESAM(model.parameters(), torch.optim.SGD, rho, beta=beta, gamma=gamma,
+                       generator=torch.Generator().manual_seed(7), lr=LR, momentum=MOM,
+                       weight_decay=WD)  # fmt: skip
+    for x, y in batches:
+
+        def losses(index: torch.Tensor | None, x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
+            xb, yb = (x, y) if index is None else (x[index], y[index])
+            return F.cross_entropy(model(xb), yb, reduction="none")
+
+        opt.step(flatmin.optim.per_sample_closure(opt, losses))
     _close(model, ref, 1e-13)
 
 

@@ -184,21 +184,21 @@ class ESAM(SAM):
         losses = _per_sample(first, "at w") if self.gamma < 1.0 else None
         if not drawn:  # nothing perturbed: a plain step with g, no second pass
             return None
-        index = None
-        if losses is not None:
-            n = losses.shape[0]
-            keep = max(1, math.ceil(self.gamma * n))
-            if keep < n:
-                with torch.no_grad():
-                    after = _per_sample(closure(), "at w + ε̂")
-                index = torch.topk(after - losses.detach(), keep, sorted=False).indices
-        # The undrawn tensors keep g: take their gradients away from the closure's zero_grad and
-        # turn their weight gradients off for this pass.
+        # The undrawn tensors keep g: take their gradients away from the closure's zero_grad
+        # (both calls below zero the gradients) and turn their weight gradients off.
         kept = [(w, w.grad) for w in undrawn]
         frozen = [w for w in undrawn if w.requires_grad]
         for w in undrawn:
             w.grad = None
         try:
+            index = None
+            if losses is not None:
+                n = losses.shape[0]
+                keep = max(1, math.ceil(self.gamma * n))
+                if keep < n:
+                    with torch.no_grad():
+                        after = _per_sample(closure(), "at w + ε̂")
+                    index = torch.topk(after - losses.detach(), keep, sorted=False).indices
             for w in frozen:
                 w.requires_grad_(False)
             with torch.enable_grad():
