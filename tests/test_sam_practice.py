@@ -584,7 +584,7 @@ def test_proportional_rho_load_state_dict_is_all_or_nothing():
     sched = ProportionalRho(opt, rho_min=0.01)
     before = sched.state_dict()
     bad = {**before, "rho_max": [0.2], "lr_min": [-1.0]}
-    with pytest.raises(ValueError, match="Invalid lr_min: -1.0"):
+    with pytest.raises(ValueError, match=r"Invalid lr_min: -1\.0"):
         sched.load_state_dict(bad)
     assert sched.state_dict() == before
     with pytest.raises(ValueError, match="missing"):

@@ -8,9 +8,22 @@ would use it, naming the value, instead of silently descending or turning the we
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["check_bool", "check_fraction", "check_int", "check_positive_int", "check_real"]
+__all__ = [
+    "GroupCheck",
+    "check_bool",
+    "check_fraction",
+    "check_int",
+    "check_nonneg",
+    "check_p",
+    "check_positive_int",
+    "check_real",
+]
+
+#: ``check(name, value)``: raises ``TypeError`` / ``ValueError`` naming the value.
+GroupCheck = Callable[[str, Any], Any]
 
 
 def check_real(
@@ -80,3 +93,17 @@ def check_positive_int(name: str, value: Any) -> int:
 def check_fraction(name: str, value: Any) -> float:
     """A float in ``(0, 1]``: a probability or a fraction of a batch."""
     return check_real(name, value, low=0.0, high=1.0, low_open=True)
+
+
+def check_nonneg(name: str, value: Any) -> float:
+    """A finite float ``>= 0`` (``rho``, ``eta``, ``alpha``, ...)."""
+    return check_real(name, value, low=0.0)
+
+
+def check_p(name: str, value: Any) -> float:
+    """The ℓp exponent: a float ``> 1`` or ``math.inf``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a float > 1 or math.inf)")
+    if math.isnan(value) or value <= 1:
+        raise ValueError(f"Invalid {name}: {value} (expected p > 1, or math.inf)")
+    return float(value)

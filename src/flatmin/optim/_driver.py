@@ -20,6 +20,7 @@ the perturbed point) are the optimizer's hooks; this sequence exists only here.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,7 +35,7 @@ from flatmin.optim.distributed import perturbation_pass
 if TYPE_CHECKING:
     from flatmin.optim.sam import SAM
 
-__all__ = ["StepResult", "run_step"]
+__all__ = ["StepResult", "remember_grad", "run_step", "warn_on_pending_grad"]
 
 
 class StepResult(NamedTuple):
@@ -102,7 +103,7 @@ def run_step(
     if optimizer.perturbed:
         raise RuntimeError("step(closure) called between first_step() and second_step()")
     optimizer._check_groups()  # before any pass: a bad value fails here and changes nothing
-    optimizer._warn_on_pending_grad()
+    warn_on_pending_grad(optimizer)
     amp = scaler if scaler is not None and scaler.is_enabled() else None
     rng = RNGState.capture() if same_rng else None
     ascents = optimizer._ascents_this_step()
@@ -130,7 +131,7 @@ def run_step(
                 return _skip(optimizer, loss, amp, update_scaler)
     except BaseException:
         optimizer._checked = False
-        optimizer._remember_grad()  # what the failed pass left is not the user's backward
+        remember_grad(optimizer)  # what the failed pass left is not the user's backward
         if optimizer.perturbed:
             optimizer.restore()  # never leave the caller's weights at w + ε̂
         raise
@@ -158,6 +159,43 @@ def _overflow(optimizer: SAM, scaler: torch.amp.GradScaler) -> bool:
     # The gradients are still non-finite, so unscale_ records the overflow for update().
     scaler.unscale_(optimizer)
     return True
+
+
+def remember_grad(optimizer: SAM) -> None:
+    """Note the gradient a step leaves, so the next step(closure) can tell a new one."""
+    optimizer._left_grad = next(
+        ((w, w.grad, w.grad._version) for g in optimizer.param_groups for w in g["params"]
+         if w.grad is not None),
+        None,
+    )  # fmt: skip
+
+
+def warn_on_pending_grad(optimizer: SAM) -> None:
+    """Warn once when ``step(closure)`` finds a gradient computed before it was called."""
+    if optimizer._pending_grad_warned:
+        return
+    found = None
+    if optimizer._left_grad is not None:
+        w, grad, version = optimizer._left_grad
+        if w.grad is not None and (w.grad is not grad or w.grad._version != version):
+            found = w.grad
+    else:
+        found = next(
+            (w.grad for g in optimizer.param_groups for w in g["params"] if w.grad is not None),
+            None,
+        )
+    # Only here, on the unusual path, a device sync: zeroed gradients are not a pass.
+    if found is not None and bool(found.ne(0).any()):
+        optimizer._pending_grad_warned = True
+        warnings.warn(
+            f"{type(optimizer).__name__}.step(closure) found gradients computed before it was "
+            "called. step(closure) runs every pass itself (the closure at w, then at the "
+            "perturbed point), so a backward() before it is an extra pass whose gradient is "
+            "added to the first (davda54/sam's usage). Remove that backward, or drive the "
+            "step by hand with first_step()/second_step(). (Warned once.)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _finish_plain(

@@ -1,9 +1,11 @@
-"""Validation of a SAM-family ``state_dict`` before anything is loaded (transactional loading).
+"""Validation of saved states before anything is loaded (transactional loading).
 
-:meth:`flatmin.optim.sam.SAM.load_state_dict` calls :func:`validate` first and loads only a state
-dict that passed, so a bad checkpoint changes nothing. Checked: the layout, the class and the
+:meth:`flatmin.optim.sam.SAM.load_state_dict` loads through :func:`load`, which runs
+:func:`validate` first, so a bad checkpoint changes nothing. Checked: the layout, the class and the
 hyper-parameters it was saved with, every param-group value of both sections, the group sizes,
-the counters and the variant's own state.
+the counters and the variant's own state. :func:`check_averaging` does the same for
+:class:`~flatmin.optim.averaging.WeightAveraging` (mode, settings, tensors, BN statistics,
+counters).
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
 if TYPE_CHECKING:
+    from flatmin.optim.averaging import WeightAveraging
     from flatmin.optim.sam import SAM
 
-__all__ = ["validate"]
+__all__ = ["check_averaging", "dump", "load", "validate"]
 
 
 def _section(name: str, key: str, section: Any, live_sizes: list[int]) -> list[dict[str, Any]]:
@@ -35,6 +42,20 @@ def _section(name: str, key: str, section: Any, live_sizes: list[int]) -> list[d
     if not isinstance(section["state"], Mapping):
         raise ValueError(f"Invalid {name} state_dict: {key!r} state is not a dict")
     return list(groups)
+
+
+def dump(optimizer: SAM, sam: dict[str, Any]) -> dict[str, Any]:
+    """The family's layout: SAM's own state dict, the base's, and the variant's section."""
+    return {
+        "sam": sam,
+        "base": optimizer.base_optimizer.state_dict(),
+        "variant": {
+            "type": type(optimizer).__name__,
+            "hyper": optimizer.hyper_parameters(),
+            "counters": {"steps_taken": optimizer.steps_taken},
+            "extra": optimizer._extra_state(),
+        },
+    }
 
 
 def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any] | None:
@@ -101,3 +122,82 @@ def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any]
         raise ValueError(f"Invalid {name} state_dict: 'extra' is not a dict")
     optimizer._check_extra_state(dict(extra))
     return dict(variant)
+
+
+def load(optimizer: SAM, state_dict: Any, *, legacy: bool) -> None:
+    """Validate ``state_dict``, then load it into ``optimizer`` (rolled back on any error)."""
+    variant = validate(optimizer, state_dict, legacy=legacy)
+    base = optimizer.base_optimizer
+    snapshot = (optimizer.param_groups, optimizer.state, base.param_groups, base.state,
+                optimizer.steps_taken)  # fmt: skip
+    try:
+        Optimizer.load_state_dict(optimizer, state_dict["sam"])  # torch's loader for SAM's part
+        base.load_state_dict(state_dict["base"])
+        # Both loads rebuild their group lists: share one again.
+        optimizer.param_groups = base.param_groups
+        if variant is not None:
+            optimizer.steps_taken = int(variant["counters"]["steps_taken"])
+            optimizer._load_extra_state(variant["extra"])
+    except BaseException:
+        (optimizer.param_groups, optimizer.state, base.param_groups, base.state,
+         optimizer.steps_taken) = snapshot  # fmt: skip
+        raise
+
+
+def _check_tensor(name: str, tensor: Any, shape: torch.Size) -> None:
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"Invalid state_dict tensor {name!r}: {type(tensor).__name__}")
+    if tensor.shape != shape:
+        found, expected = tuple(tensor.shape), tuple(shape)
+        raise ValueError(f"Invalid state_dict tensor {name!r}: shape {found} (expected {expected})")
+
+
+def check_averaging(averager: WeightAveraging, state_dict: Any) -> None:
+    """Raise if ``state_dict`` cannot be loaded into ``averager`` (see its ``check_state_dict``)."""
+    keys = {"mode", "count", "n_averaged", "shadow", "bn_stats"}
+    found = set(state_dict) if isinstance(state_dict, Mapping) else None
+    if found is None or not keys <= found <= keys | {"settings"}:
+        shown = sorted(found) if found is not None else type(state_dict).__name__
+        raise ValueError(f"Invalid WeightAveraging state_dict with keys {shown}")
+    if state_dict["mode"] != averager.mode:
+        raise ValueError(
+            f"Invalid state_dict mode: {state_dict['mode']!r} (this averager is {averager.mode!r})"
+        )
+    shadow = state_dict["shadow"]
+    if not isinstance(shadow, Mapping):
+        raise ValueError(f"Invalid state_dict shadow: {type(shadow).__name__} (expected a dict)")
+    missing = sorted(set(averager._shadow) - set(shadow))
+    unexpected = sorted(set(shadow) - set(averager._shadow))
+    if missing or unexpected:
+        raise ValueError(
+            f"Invalid state_dict tensors: missing {missing}, unexpected {unexpected} "
+            "(was it saved with the same model and buffer policy?)"
+        )
+    for name, tensor in shadow.items():
+        _check_tensor(name, tensor, averager._shadow[name].shape)
+    settings = state_dict.get("settings")
+    if settings is not None:
+        for key, value in averager._settings().items():
+            saved = settings.get(key) if isinstance(settings, Mapping) else None
+            if saved != value:
+                raise ValueError(
+                    f"Invalid state_dict: saved with {key}={saved!r} but this averager has "
+                    f"{key}={value!r}"
+                )
+    bn_stats = state_dict["bn_stats"]
+    if bn_stats is not None:
+        live = averager._bn_buffers()
+        if not isinstance(bn_stats, Mapping) or not set(bn_stats) <= set(live):
+            names = sorted(bn_stats) if isinstance(bn_stats, Mapping) else bn_stats
+            raise ValueError(f"Invalid state_dict bn_stats: {names!r} (not BN statistics)")
+        for name, tensor in bn_stats.items():
+            _check_tensor(name, tensor, live[name].shape)
+    count, n = state_dict["count"], state_dict["n_averaged"]
+    for name, value in (("count", count), ("n_averaged", n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Invalid state_dict {name}: {value!r} (expected an int >= 0)")
+    if n != averager._due_until(count):
+        raise ValueError(
+            f"Invalid state_dict counters: n_averaged={n} after count={count} (start="
+            f"{averager.start}, every={averager.every} give {averager._due_until(count)})"
+        )

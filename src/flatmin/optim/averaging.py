@@ -76,14 +76,6 @@ class _Group:
         return [t.to(device) for t in self.live]
 
 
-def _check_tensor(name: str, tensor: Any, shape: torch.Size) -> None:
-    if not isinstance(tensor, Tensor):
-        raise ValueError(f"Invalid state_dict tensor {name!r}: {type(tensor).__name__}")
-    if tensor.shape != shape:
-        found, expected = tuple(tensor.shape), tuple(shape)
-        raise ValueError(f"Invalid state_dict tensor {name!r}: shape {found} (expected {expected})")
-
-
 def _grouped(pairs: Iterable[tuple[Tensor, Tensor]]) -> list[_Group]:
     groups: dict[tuple[torch.device, torch.device, torch.dtype], _Group] = {}
     for shadow, live in pairs:
@@ -485,55 +477,9 @@ class WeightAveraging:
         Raises:
             ValueError: The first problem found, named.
         """
-        keys = {"mode", "count", "n_averaged", "shadow", "bn_stats"}
-        found = set(state_dict) if isinstance(state_dict, Mapping) else None
-        if found is None or not keys <= found <= keys | {"settings"}:
-            shown = sorted(found) if found is not None else type(state_dict).__name__
-            raise ValueError(f"Invalid WeightAveraging state_dict with keys {shown}")
-        if state_dict["mode"] != self.mode:
-            raise ValueError(
-                f"Invalid state_dict mode: {state_dict['mode']!r} (this averager is {self.mode!r})"
-            )
-        shadow = state_dict["shadow"]
-        if not isinstance(shadow, Mapping):
-            raise ValueError(
-                f"Invalid state_dict shadow: {type(shadow).__name__} (expected a dict)"
-            )
-        missing = sorted(set(self._shadow) - set(shadow))
-        unexpected = sorted(set(shadow) - set(self._shadow))
-        if missing or unexpected:
-            raise ValueError(
-                f"Invalid state_dict tensors: missing {missing}, unexpected {unexpected} "
-                "(was it saved with the same model and buffer policy?)"
-            )
-        for name, tensor in shadow.items():
-            _check_tensor(name, tensor, self._shadow[name].shape)
-        settings = state_dict.get("settings")
-        if settings is not None:
-            for key, value in self._settings().items():
-                saved = settings.get(key) if isinstance(settings, Mapping) else None
-                if saved != value:
-                    raise ValueError(
-                        f"Invalid state_dict: saved with {key}={saved!r} but this averager has "
-                        f"{key}={value!r}"
-                    )
-        bn_stats = state_dict["bn_stats"]
-        if bn_stats is not None:
-            live = self._bn_buffers()
-            if not isinstance(bn_stats, Mapping) or not set(bn_stats) <= set(live):
-                names = sorted(bn_stats) if isinstance(bn_stats, Mapping) else bn_stats
-                raise ValueError(f"Invalid state_dict bn_stats: {names!r} (not BN statistics)")
-            for name, tensor in bn_stats.items():
-                _check_tensor(name, tensor, live[name].shape)
-        count, n = state_dict["count"], state_dict["n_averaged"]
-        for name, value in (("count", count), ("n_averaged", n)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid state_dict {name}: {value!r} (expected an int >= 0)")
-        if n != self._due_until(count):
-            raise ValueError(
-                f"Invalid state_dict counters: n_averaged={n} after count={count} (start="
-                f"{self.start}, every={self.every} give {self._due_until(count)})"
-            )
+        from flatmin.optim._state import check_averaging
+
+        check_averaging(self, state_dict)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict` (same model structure, mode and settings): all or nothing.

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._checks import check_fraction
+from flatmin.optim._checks import GroupCheck, check_fraction
 from flatmin.optim.rules import PerturbationRule, RandomSubset
-from flatmin.optim.sam import SAM, Base, GroupCheck, Params
+from flatmin.optim.sam import SAM, Base, Params
 
 __all__ = ["ESAM", "per_sample_closure"]
 

@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from flatmin.optim._checks import check_real
+from flatmin.optim._checks import GroupCheck, check_nonneg, check_real
 from flatmin.optim.rules import PerturbGroup
-from flatmin.optim.sam import SAM, GroupCheck, _nonneg
+from flatmin.optim.sam import SAM
 
 __all__ = ["FriendlySAM"]
 
@@ -75,7 +75,7 @@ class FriendlySAM(SAM):
     _group_defaults: ClassVar[dict[str, Any]] = {"sigma": 1.0, "lmbda": 0.9}
     _group_checks: ClassVar[dict[str, GroupCheck]] = {
         **SAM._group_checks,
-        "sigma": _nonneg,
+        "sigma": check_nonneg,
         "lmbda": _check_lmbda,
     }
 

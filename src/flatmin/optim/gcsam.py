@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from flatmin.optim._checks import check_bool
-from flatmin.optim.sam import SAM, GroupCheck
+from flatmin.optim._checks import GroupCheck, check_bool
+from flatmin.optim.sam import SAM
 
 __all__ = ["GCSAM", "centralize_"]
 

@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from flatmin.optim.rules import add_scaled_, dot, sum_sq, wide_dtype
-from flatmin.optim.sam import SAM, GroupCheck, _nonneg
+from flatmin.optim._checks import GroupCheck, check_nonneg
+from flatmin.optim._vec import add_scaled_, dot, sum_sq, wide_dtype
+from flatmin.optim.sam import SAM
 
 __all__ = ["GSAM"]
 
@@ -62,7 +63,7 @@ class GSAM(SAM):
     """
 
     _group_defaults: ClassVar[dict[str, Any]] = {"alpha": 0.4}
-    _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": _nonneg}
+    _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": check_nonneg}
 
     def _on_first_pass(self) -> None:
         self._keep_first_grads()

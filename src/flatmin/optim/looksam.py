@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from flatmin.optim._checks import check_positive_int
-from flatmin.optim.rules import add_scaled_, dot, split_by_device_dtype, sum_sq, wide_dtype
-from flatmin.optim.sam import SAM, GroupCheck, _nonneg
+from flatmin.optim._checks import GroupCheck, check_nonneg, check_positive_int
+from flatmin.optim._vec import add_scaled_, dot, split_by_device_dtype, sum_sq, wide_dtype
+from flatmin.optim.sam import SAM
 
 __all__ = ["LookSAM", "SAMEveryK"]
 
@@ -151,7 +151,7 @@ class LookSAM(SAMEveryK):
 
     _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"k": (5, check_positive_int)}
     _group_defaults: ClassVar[dict[str, Any]] = {"alpha": 0.7}
-    _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": _nonneg}
+    _group_checks: ClassVar[dict[str, GroupCheck]] = {**SAM._group_checks, "alpha": check_nonneg}
     # ‖g‖² of the first pass and the tensors it had, between first_step and second_step.
     _g_sq: Tensor | None = None
     _first_params: Sequence[Tensor] = ()

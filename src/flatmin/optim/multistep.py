@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from flatmin.optim._checks import check_positive_int
-from flatmin.optim.sam import SAM, GroupCheck
+from flatmin.optim._checks import GroupCheck, check_positive_int
+from flatmin.optim.sam import SAM
 
 __all__ = ["MultiStepSAM"]
 

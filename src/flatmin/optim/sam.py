@@ -16,39 +16,28 @@ sequence from :mod:`flatmin.optim._driver`; a variant overrides a few policy hoo
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, overload
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from flatmin.optim import _state
-from flatmin.optim._checks import check_bool, check_real
+from flatmin.optim._backup import WeightBackup
+from flatmin.optim._checks import check_real
+from flatmin.optim._driver import remember_grad, run_step
+from flatmin.optim._policy import Policy
 from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup
 
 __all__ = ["SAM"]
 
-GroupCheck = Callable[[str, Any], Any]
 Params = Iterable[Tensor] | Iterable[dict[str, Any]] | None
 Base = type[Optimizer] | Optimizer
 
 
-def _check_p(name: str, p: Any) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"Invalid {name}: {p!r} (expected a float > 1 or math.inf)")
-    if math.isnan(p) or p <= 1:
-        raise ValueError(f"Invalid {name}: {p} (expected p > 1, or math.inf)")
-
-
-def _nonneg(name: str, value: Any) -> None:
-    check_real(name, value, low=0.0)
-
-
-class SAM(Optimizer):
+class SAM(Policy, Optimizer):
     r"""Sharpness-Aware Minimization around any base optimizer (SAM, ASAM, any ℓp ball).
 
     Update rule, with ``g`` the gradient over all param groups and 1/p + 1/q = 1:
@@ -79,13 +68,8 @@ class SAM(Optimizer):
     weights; ``step(closure, model=...)`` keeps them as the first pass left them
     (:func:`flatmin.optim.bn.frozen_bn_stats`). Every member of the family accepts ``model=``.
 
-    In real training (recipes in ``docs/sam_in_practice.md``): DDP works as is (``global`` mode)
-    or per replica (``step(closure, model=ddp_model, per_replica=True)``); gradient accumulation is
-    a closure over micro-batches (:func:`flatmin.optim.accumulation.accumulation_closure`); fp16
-    with a ``GradScaler`` goes through :func:`flatmin.optim.amp.sam_step_amp`; ``max_grad_norm``
-    clips the SAM gradient; ``same_rng=True`` gives both passes the same dropout masks;
-    :class:`flatmin.optim.rho_schedule.ProportionalRho` drives ``rho`` from the learning rate;
-    :func:`flatmin.optim.second_order.second_order_step` adds the second-order term.
+    DDP (global or ``per_replica``), gradient accumulation, fp16 (``amp.sam_step_amp``),
+    clipping, ``same_rng``, rho schedules and second-order SAM: ``docs/sam_in_practice.md``.
 
     Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
     at every step that uses them, so a scheduler that sets an invalid value fails at that step.
@@ -133,27 +117,6 @@ class SAM(Optimizer):
         ...     return loss
         >>> loss = opt.step(closure)
     """
-
-    # -- what a variant declares ---------------------------------------------------------------
-    #: Param-group keys of the variant, their defaults and their per-step checks.
-    _group_defaults: ClassVar[dict[str, Any]] = {}
-    _group_checks: ClassVar[dict[str, GroupCheck]] = {
-        "rho": _nonneg,
-        "p": _check_p,
-        "adaptive": check_bool,
-        "eta": _nonneg,
-    }
-    #: Structural options of the variant (``k``, ``steps``, ...): name → (default, check). They
-    #: become attributes, are saved in ``state_dict``, and a mismatch on load is an error.
-    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {}
-    #: Ascent steps per perturbing step (multi-step ascent: ``steps``).
-    _ascent_steps: int = 1
-    #: The step starts with a pass at ``w`` (Momentum-SAM perturbs before its only pass).
-    _lead_pass: ClassVar[bool] = True
-    #: ``first_step`` may clear the gradients it ascended along (ESAM keeps them).
-    _zero_grad_after_ascent: ClassVar[bool] = True
-    #: The ascent directions may be overwritten (not so for Momentum-SAM's momentum buffers).
-    _direction_is_scratch: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -215,38 +178,20 @@ class SAM(Optimizer):
         self.rule = rule or LpBall()
         #: Base steps taken (SAM and plain); a Python int, so deciding a branch costs no sync.
         self.steps_taken = 0
-        # Backups of the weights perturbed by the last first_step, keyed by parameter.
-        self._backup: dict[Tensor, Tensor] = {}
-        # (ids of params, backups, uniform device/dtype) of the last first_step: _backups_for.
-        self._plan: tuple[list[int], list[Tensor], bool] | None = None
-        # What the pending step moved, and where it saved the originals.
-        self._perturbed: tuple[list[Tensor], list[Tensor]] = ([], [])
+        # The weights the pending step moved, and their saved values.
+        self._backup = WeightBackup()
         self._ascents_done = 0
         # The selected groups (settings and masks, no gradients) of the last ascent.
         self.last_groups: list[PerturbGroup] = []
         self._plain_pending = False
         # The groups were validated for the step in progress (the driver checks them first).
         self._checked = False
-        # (param, its gradient, that gradient's version) left by the last step: _warn_on_pending.
+        # (param, its gradient, that gradient's version) left by the last step (see
+        # _driver.warn_on_pending_grad).
         self._left_grad: tuple[Tensor, Tensor, int] | None = None
         self._pending_grad_warned = False
-        # Copies of the first-pass gradient (_keep_first_grads), reused across steps.
-        self._kept: dict[Tensor, Tensor] = {}
-        self._kept_params: list[Tensor] = []
 
     # -- param groups ---------------------------------------------------------------------------
-    def _check_group(self, group: dict[str, Any]) -> None:
-        for key, check in self._group_checks.items():
-            if key not in group:
-                raise ValueError(f"Invalid param group: no {key!r} (keys {sorted(group)})")
-            check(key, group[key])
-
-    def _check_groups(self) -> None:
-        # Once per step: cheap scalar checks, so a scheduler's bad value fails here, by name.
-        for group in self.param_groups:
-            self._check_group(group)
-        self._checked = True
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to SAM and its base optimizer (they share the list).
 
@@ -259,145 +204,10 @@ class SAM(Optimizer):
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
-    # -- policy hooks: what a variant overrides -------------------------------------------------
-    def _takes_sam_step(self) -> bool:
-        """Whether this step perturbs (SAM every k: only every k-th)."""
-        return True
-
-    def _ascents_this_step(self) -> int:
-        return self._ascent_steps if self._takes_sam_step() else 0
-
-    def _ascent_groups(self) -> list[PerturbGroup]:
-        """The tensors to perturb and the directions to ascend along (default: their gradients)."""
-        # List comprehensions, not loops with branches: on an accelerator this Python is what a
-        # SAM step waits for, the kernels themselves are few.
-        groups = []
-        for group in self.param_groups:
-            params = [w for w in group["params"] if w.grad is not None]
-            grads = [w.grad for w in params]
-            groups.append(
-                PerturbGroup(
-                    params, grads, group["rho"], group["p"], group["adaptive"], group["eta"]
-                )
-            )
-        return groups
-
-    def _on_first_pass(self) -> None:
-        """Called with the gradient at ``w`` in ``.grad``, before the first ascent."""
-
-    def _perturbed_pass(self, closure: Callable[..., Any], first: Any) -> Any:
-        """The pass at the perturbed point (ESAM selects data here); ``first``: pass 1's value."""
-        with torch.enable_grad():
-            return closure()
-
-    def _combine_(self) -> None:
-        """Turn ``.grad`` (the gradient at ``w + ε̂``) into the descent gradient (GSAM, WSAM...)."""
-
-    def _adjust_plain_grad_(self) -> None:
-        """Change ``.grad`` before a base step without perturbation (LookSAM)."""
-
-    def _after_base_step(self) -> None:
-        """Called after every base step (WSAM's decoupled step, WASAM's averaging)."""
-
-    # -- services for the variants --------------------------------------------------------------
-    @torch.no_grad()
-    def _keep_first_grads(self) -> None:
-        """Copy the gradient at ``w`` into reused buffers (GSAM and WSAM compare it with g_s)."""
-        params = [w for g in self.param_groups for w in g["params"] if w.grad is not None]
-        bufs = []
-        for w in params:
-            buf = self._kept.get(w)
-            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-                buf = self._kept[w] = torch.empty_like(w)
-            bufs.append(buf)
-        if params:
-            torch._foreach_copy_(bufs, [w.grad for w in params if w.grad is not None])
-        self._kept_params = params
-
-    def _kept_by_group(
-        self,
-    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]:
-        """Per group: the parameters with both gradients, their ``g`` (kept) and ``g_s`` (.grad)."""
-        kept = set(map(id, self._kept_params))
-        self._kept_params = []
-        out = []
-        for group in self.param_groups:
-            params = [w for w in group["params"] if id(w) in kept and w.grad is not None]
-            if params:
-                grads = [w.grad for w in params if w.grad is not None]
-                out.append((group, params, [self._kept[w] for w in params], grads))
-        return out
-
-    def _extra_state(self) -> dict[str, Any]:
-        """Variant state for ``state_dict`` besides counters and per-parameter state."""
-        return {}
-
-    def _check_extra_state(self, extra: dict[str, Any]) -> None:
-        """Validate a saved :meth:`_extra_state` (raise, change nothing)."""
-        if extra:
-            raise ValueError(
-                f"Invalid {type(self).__name__} state_dict: unexpected {sorted(extra)}"
-            )
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        """Load a validated :meth:`_extra_state`."""
-
     # -- the two halves of a step ---------------------------------------------------------------
-    def _backups_for(self, params: list[Tensor]) -> tuple[list[Tensor], bool]:
-        """Backup buffers for ``params`` and whether they share one device and dtype.
-
-        Cached for the last set of parameters (compared by identity), so a step allocates
-        nothing and scans nothing per tensor once the set is stable.
-        """
-        ids = list(map(id, params))
-        cached = self._plan
-        if cached is not None and cached[0] == ids:
-            return cached[1], cached[2]
-        # A new set of tensors: check it once (a parameter's gradient layout is fixed by its
-        # module, e.g. Embedding(sparse=True)), then build and cache its buffers.
-        if any(w.grad is not None and w.grad.is_sparse for w in params):
-            raise RuntimeError(
-                "SAM does not support sparse gradients; use a dense embedding "
-                "(sparse=False) for the parameters that SAM perturbs"
-            )
-        backups = []
-        for w in params:
-            buf = self._backup.get(w)
-            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-                buf = self._backup[w] = torch.empty_like(w, memory_format=torch.preserve_format)
-            backups.append(buf)
-        uniform = len({(w.device, w.dtype) for w in params}) <= 1
-        self._plan = (ids, backups, uniform)
-        return backups, uniform
-
     def _use_foreach(self) -> bool:
         # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
         return self.foreach is None or self.foreach
-
-    def _copy_(self, dst: list[Tensor], src: list[Tensor]) -> None:
-        """Bit-exact ``dst ← src`` (backups and restores), foreach unless ``foreach=False``."""
-        if not dst:
-            return
-        if self._use_foreach():
-            torch._foreach_copy_(dst, src)
-        else:
-            for d, s in zip(dst, src):
-                d.copy_(s)
-
-    def _save(self, params: list[Tensor]) -> bool:
-        """Back up ``params`` before they move; returns whether they share one device/dtype."""
-        if self._ascents_done == 0:
-            backups, uniform = self._backups_for(params) if params else ([], True)
-            self._copy_(backups, params)
-            self._perturbed = (params, backups)
-            return uniform
-        # A later ascent (multi-step): back up only tensors that have not moved yet.
-        saved, backups = self._perturbed
-        known = set(map(id, saved))
-        new = [w for w in params if id(w) not in known]
-        if new:
-            self._perturbed = (saved + new, backups + [w.detach().clone() for w in new])
-        return len({(w.device, w.dtype) for w in params}) <= 1
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -424,7 +234,9 @@ class SAM(Optimizer):
             self._on_first_pass()
         groups = self.rule.select(self._ascent_groups())
         params = [w for g in groups for w in g.params]
-        uniform = self._save(params)
+        uniform = self._backup.save(
+            params, foreach=self._use_foreach(), extend=self._ascents_done > 0
+        )
         if params:
             self.rule.perturb_(
                 groups,
@@ -450,9 +262,7 @@ class SAM(Optimizer):
         """
         if not self.perturbed:
             raise RuntimeError("second_step()/restore() called before first_step()")
-        params, backups = self._perturbed
-        self._copy_(params, backups)
-        self._perturbed = ([], [])
+        self._backup.restore(foreach=self._use_foreach())
         self._ascents_done = 0
 
     @property
@@ -481,15 +291,8 @@ class SAM(Optimizer):
         if not self.perturbed:
             yield
             return
-        params, backups = self._perturbed
-        with torch.no_grad():
-            current = [w.detach().clone() for w in params]
-            self._copy_(params, backups)
-        try:
+        with self._backup.original(foreach=self._use_foreach()):
             yield
-        finally:
-            with torch.no_grad():
-                self._copy_(params, current)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -536,41 +339,7 @@ class SAM(Optimizer):
         self.steps_taken += 1
         # An LR scheduler attached to SAM tracks SAM.step(); a manual step counts too.
         self._opt_called = True
-        self._remember_grad()
-
-    def _remember_grad(self) -> None:
-        """Note the gradient a step leaves, so the next step(closure) can tell a new one."""
-        self._left_grad = next(
-            ((w, w.grad, w.grad._version) for g in self.param_groups for w in g["params"]
-             if w.grad is not None),
-            None,
-        )  # fmt: skip
-
-    def _warn_on_pending_grad(self) -> None:
-        """Warn once when ``step(closure)`` finds a gradient computed before it was called."""
-        if self._pending_grad_warned:
-            return
-        found = None
-        if self._left_grad is not None:
-            w, grad, version = self._left_grad
-            if w.grad is not None and (w.grad is not grad or w.grad._version != version):
-                found = w.grad
-        else:
-            found = next(
-                (w.grad for g in self.param_groups for w in g["params"] if w.grad is not None), None
-            )
-        # Only here, on the unusual path, a device sync: zeroed gradients are not a pass.
-        if found is not None and bool(found.ne(0).any()):
-            self._pending_grad_warned = True
-            warnings.warn(
-                f"{type(self).__name__}.step(closure) found gradients computed before it was "
-                "called. step(closure) runs every pass itself (the closure at w, then at the "
-                "perturbed point), so a backward() before it is an extra pass whose gradient is "
-                "added to the first (davda54/sam's usage). Remove that backward, or drive the "
-                "step by hand with first_step()/second_step(). (Warned once.)",
-                UserWarning,
-                stacklevel=3,
-            )
+        remember_grad(self)
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -631,8 +400,6 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.step() requires a closure that recomputes the loss and its "
                 "gradients (or call first_step()/second_step() yourself)"
             )
-        from flatmin.optim._driver import run_step
-
         return run_step(self, closure, model=model, same_rng=same_rng, per_replica=per_replica).loss
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -649,16 +416,7 @@ class SAM(Optimizer):
         """
         if self.perturbed:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
-        return {
-            "sam": super().state_dict(),
-            "base": self.base_optimizer.state_dict(),
-            "variant": {
-                "type": type(self).__name__,
-                "hyper": self.hyper_parameters(),
-                "counters": {"steps_taken": self.steps_taken},
-                "extra": self._extra_state(),
-            },
-        }
+        return _state.dump(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: all of it, or (on any error) nothing.
@@ -674,22 +432,8 @@ class SAM(Optimizer):
         """
         if self.perturbed:
             raise RuntimeError("load_state_dict() called between first_step() and second_step()")
-        variant = _state.validate(self, state_dict, legacy=type(self) is SAM)
-        snapshot = (self.param_groups, self.state, self.base_optimizer.param_groups,
-                    self.base_optimizer.state, self.steps_taken)  # fmt: skip
-        try:
-            super().load_state_dict(state_dict["sam"])
-            self.base_optimizer.load_state_dict(state_dict["base"])
-            # Both loads rebuild their group lists: share one again.
-            self.param_groups = self.base_optimizer.param_groups
-            if variant is not None:
-                self.steps_taken = int(variant["counters"]["steps_taken"])
-                self._load_extra_state(variant["extra"])
-        except BaseException:
-            (self.param_groups, self.state, self.base_optimizer.param_groups,
-             self.base_optimizer.state, self.steps_taken) = snapshot  # fmt: skip
-            raise
-        self._plan = None
+        _state.load(self, state_dict, legacy=type(self) is SAM)
+        self._backup.forget_plan()
         self._left_grad = None
 
     def __repr__(self) -> str:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin.optim._checks import check_bool
+from flatmin.optim._checks import GroupCheck, check_bool
 from flatmin.optim.averaging import BufferPolicy, Mode, WeightAveraging
-from flatmin.optim.sam import SAM, GroupCheck
+from flatmin.optim.sam import SAM
 
 __all__ = ["WASAM"]
 

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from flatmin.optim._checks import check_bool, check_real
-from flatmin.optim.sam import SAM, GroupCheck
+from flatmin.optim._checks import GroupCheck, check_bool, check_real
+from flatmin.optim.sam import SAM
 
 __all__ = ["WSAM"]
 
