@@ -21,6 +21,7 @@ the perturbed point) are the optimizer's hooks; this sequence exists only here.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -163,9 +164,10 @@ def _overflow(optimizer: SAM, scaler: torch.amp.GradScaler) -> bool:
 
 def remember_grad(optimizer: SAM) -> None:
     """Note the gradient a step leaves, so the next step(closure) can tell a new one."""
+    # A weak reference: the sentinel must not keep a gradient alive after zero_grad().
     optimizer._left_grad = next(
-        ((w, w.grad, w.grad._version) for g in optimizer.param_groups for w in g["params"]
-         if w.grad is not None),
+        ((w, weakref.ref(w.grad), w.grad._version) for g in optimizer.param_groups
+         for w in g["params"] if w.grad is not None),
         None,
     )  # fmt: skip
 
@@ -177,7 +179,7 @@ def warn_on_pending_grad(optimizer: SAM) -> None:
     found = None
     if optimizer._left_grad is not None:
         w, grad, version = optimizer._left_grad
-        if w.grad is not None and (w.grad is not grad or w.grad._version != version):
+        if w.grad is not None and (w.grad is not grad() or w.grad._version != version):
             found = w.grad
     else:
         found = next(

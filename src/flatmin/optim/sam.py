@@ -16,6 +16,7 @@ sequence from :mod:`flatmin.optim._driver`; a variant overrides a few policy hoo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, overload
@@ -188,7 +189,7 @@ class SAM(Policy, Optimizer):
         self._checked = False
         # (param, its gradient, that gradient's version) left by the last step (see
         # _driver.warn_on_pending_grad).
-        self._left_grad: tuple[Tensor, Tensor, int] | None = None
+        self._left_grad: tuple[Tensor, weakref.ref[Tensor], int] | None = None
         self._pending_grad_warned = False
 
     # -- param groups ---------------------------------------------------------------------------
