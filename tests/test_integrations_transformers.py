@@ -341,7 +341,8 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, examples):
     for name, t in fa["shadow"].items():
         assert torch.equal(t, fb["shadow"][name]), name
     saved = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=True)
-    assert set(saved) == {"sam", "base", "averaging"} and saved["base"]["state"]
+    assert set(saved) == {"sam", "base", "variant"} and saved["base"]["state"]
+    assert saved["variant"]["extra"]["averaging"]["n_averaged"] == 2  # WASAM's average is saved
 
 
 def test_restart_without_optimizer_state_would_differ(tmp_path, examples):
