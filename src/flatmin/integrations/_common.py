@@ -12,13 +12,13 @@ with the trainer's own scaler, unscale and update.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from flatmin.optim import ESAM, SAM, SAMEveryK
+from flatmin.optim._rng import RNGState
 
 __all__ = ["RNGSnapshot", "find_sam", "require_two_pass", "unscale_first_pass_"]
 
@@ -59,30 +59,8 @@ def require_two_pass(sam: SAM, where: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class RNGSnapshot:
-    """The global CPU generator and, when CUDA is initialised, every CUDA generator.
-
-    Restoring it before SAM's second pass gives that pass the dropout masks of the first
-    (one dropout key per step, as Foret et al.'s code does).
-    """
-
-    cpu: Tensor
-    cuda: tuple[Tensor, ...] | None
-
-    @classmethod
-    def capture(cls) -> RNGSnapshot:
-        """Snapshot the global generators now (CUDA only if it is already initialised)."""
-        cuda = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            cuda = tuple(torch.cuda.get_rng_state_all())
-        return cls(torch.random.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        """Put the global generators back to this snapshot."""
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(list(self.cuda))
+# One dropout key per SAM step: the snapshot the optimizers' own step driver uses.
+RNGSnapshot = RNGState
 
 
 @torch.no_grad()
