@@ -556,3 +556,45 @@ def test_cli_interrupted_or_nothing_completed(exc, rc, message, monkeypatch, cap
     argv = ["tune", "--task", "digits", "--method", "sam", "--out", str(tmp_path)]
     assert cli.main(argv) == rc
     assert message in capsys.readouterr().err
+
+
+# --- the benchmark's --tuner optuna ----------------------------------------------------------
+
+
+@pytest.mark.data
+def test_bench_with_the_optuna_tuner_uses_the_searched_values(tmp_path):
+    from flatmin.bench import BenchConfig, run_grid
+
+    cfg = BenchConfig(
+        out=tmp_path, tasks=("digits",), methods=("baseline", "sam", "samk"), seeds=(0,),
+        budget="quick", tune=True, tuner="optuna", tune_trials=2, tune_seeds=(100,), epochs=1,
+        progress=False,
+    )  # fmt: skip
+    summary = run_grid(cfg)
+    search = summary.searches[("digits", "sam")]
+    best = search.best.params["rho"]
+    assert summary.hypers[("digits", "sam")].rho == pytest.approx(best)
+    assert summary.hypers[("digits", "samk")].rho == pytest.approx(best)  # taken from SAM's
+    assert ("digits", "samk") not in summary.searches and not summary.tuning
+    assert (tmp_path / "tune" / "digits-sam" / "study.db").exists()
+    text = (tmp_path / "report.md").read_text()
+    assert "## Optuna searches" in text and "`--tuner optuna`" in text
+    # Resumed: the finished search is not run again and gives the same choice.
+    again = run_grid(cfg)
+    assert again.hypers == summary.hypers and again.ran == 0
+
+
+def test_bench_optuna_tuner_without_optuna_is_a_clear_error(monkeypatch, tmp_path):
+    from flatmin.bench import BenchConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a)
+    )
+    cfg = BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline", "sam"), seeds=(0,),
+                      tune=True, tuner="optuna")  # fmt: skip
+    with pytest.raises(ValueError, match=r"pip install 'flatmin\[tune\]'"):
+        cfg.validate()
+    with pytest.raises(ValueError, match="Invalid tuner: 'bayes'"):
+        BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline",), seeds=(0,),
+                    tuner="bayes").validate()  # fmt: skip
