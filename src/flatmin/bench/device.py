@@ -1,0 +1,140 @@
+"""Devices and numeric precision of benchmark runs, training and analysis.
+
+``--device`` names where a run computes: ``cpu``, ``cuda`` (the current CUDA device), ``cuda:N``,
+``mps``, or ``auto`` (CUDA when visible, else MPS, else the CPU). An accelerator that is not there
+is a :class:`DeviceUnavailableError` (a ``ValueError``: the CLI exits 2) naming what was asked
+and what this torch build sees.
+
+``--precision`` is the arithmetic of the forward and backward passes; parameters, optimizer state
+and averages stay float32 in every mode:
+
+* ``fp32`` — plain float32 (the benchmark's recorded results).
+* ``bf16`` — the forward pass under ``torch.autocast(device, dtype=torch.bfloat16)``; bf16 has
+  float32's exponent range, so no loss scaling is needed.
+* ``fp16`` — autocast to float16 with a ``torch.amp.GradScaler``; SAM goes through
+  :func:`flatmin.optim.amp.sam_step_amp`, which unscales each of its two passes and skips the
+  whole step when either overflows (Micikevicius et al. 2018, arXiv:1710.03740).
+
+A run's configuration (its hash) names the device *type* and the precision only when they are
+not the CPU / ``fp32`` defaults, so the records of CPU runs keep the hashes they always had.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+__all__ = [
+    "DEFAULT_DEVICE",
+    "DEFAULT_PRECISION",
+    "PRECISIONS",
+    "DeviceUnavailableError",
+    "autocast",
+    "check_precision",
+    "grad_scaler",
+    "resolve_device",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_DEVICE = "cpu"
+DEFAULT_PRECISION = "fp32"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceUnavailableError(ValueError):
+    """The requested device does not exist on this machine or in this torch build."""
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device that ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) stands for.
+
+    ``cuda`` without an index becomes the current CUDA device (``cuda:0`` unless changed), so a
+    run records which device it used.
+
+    Raises:
+        DeviceUnavailableError: CUDA or MPS is not available, or ``cuda:N`` is beyond the
+            visible devices.
+        ValueError: ``name`` is not a device name.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    text = str(name)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return resolve_device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(
+            f"Invalid device: {text!r} (expected auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch {torch.__version__} is built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
+            raise DeviceUnavailableError(f"Invalid device: {text!r} is not available ({why})")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= count:
+            raise DeviceUnavailableError(
+                f"Invalid device: {text!r} is not available ({count} CUDA device"
+                f"{'s' if count != 1 else ''} visible: cuda:0..cuda:{count - 1})"
+            )
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not _mps_available():
+            raise DeviceUnavailableError(
+                f"Invalid device: {text!r} is not available (torch.backends.mps.is_available() "
+                "is False: MPS needs Apple silicon and a torch built with MPS)"
+            )
+        return torch.device("mps")
+    raise ValueError(f"Invalid device: {text!r} (expected auto, cpu, cuda, cuda:N or mps)")
+
+
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if it is one of :data:`PRECISIONS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision: {precision!r} (expected one of {PRECISIONS})")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
+    """The context of a forward pass at ``precision``: ``nullcontext()`` for ``fp32``.
+
+    ``fp32`` enters no autocast region at all, so its arithmetic is exactly that of code that
+    never heard of autocast.
+
+    Example:
+        >>> with autocast(torch.device("cpu"), "bf16"):
+        ...     y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+        >>> y.dtype
+        torch.bfloat16
+    """
+    check_precision(precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A fresh ``torch.amp.GradScaler`` for ``fp16``; ``None`` for the other precisions."""
+    check_precision(precision)
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
