@@ -274,9 +274,10 @@ class TaskData:
                          test=_split_to(ds.test, device))  # fmt: skip
 
         def batches(old: Batches, split: Split) -> Batches:
+            indices = None if isinstance(split, NodeSplit) else old.indices
             return Batches(
                 split, old.batch_size, shuffle=old.shuffle, generator=old.generator,
-                drop_last=old.drop_last, indices=old.indices, device=device, shard=old.shard,
+                drop_last=old.drop_last, indices=indices, device=device, shard=old.shard,
             )  # fmt: skip
 
         return replace(
