@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from flatmin.bench import BenchConfig, Hyper, RunSpec, get_method, get_suite, train
+from flatmin.bench import BenchConfig, Hyper, RunSpec, get_method, get_suite, read_records, train
 from flatmin.bench.device import (
     PRECISIONS,
     DeviceUnavailableError,
@@ -305,6 +305,28 @@ def test_cli_bf16_run_records_its_precision(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["precision"] == "bf16" and metrics["status"] == "ok"
     assert metrics["device"] == str(resolve_device("auto"))
+
+
+def test_cli_bench_and_sharpness_at_a_precision(tmp_path, capsys):
+    argv = ["bench", "--tasks", "digits", "--methods", "baseline", "--seeds", "1", "--epochs", "1",
+            "--jobs", "1", "--no-progress", "--device", "cpu", "--precision", "bf16",
+            "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert main(argv) == 0
+    (rec,) = read_records(tmp_path / "bench" / "results.jsonl")
+    assert rec["precision"] == "bf16" and rec["device"] == "cpu"
+    spec = RunSpec("digits", "baseline", 0, "full", epochs=1, precision="bf16")  # quick suite
+    assert rec["hash"] == spec.config_hash()
+    out = tmp_path / "run"
+    argv = ["train", "--task", "digits", "--method", "sam", "--epochs", "1", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    argv = ["sharpness", str(out / "checkpoint.pt"), "--max-batches", "1", "--hessian-iters", "3",
+            "--trace-samples", "2", "--precision", "bf16", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["settings"]["precision"] == "bf16" and printed["settings"]["device"] == "cpu"
+    assert math.isfinite(printed["worst_case_sharpness"]["mean"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -129,12 +129,11 @@ class Batches:
 
     def sharded(self, rank: int, world: int) -> Batches:
         """The same stream (same generator object, same order) yielding only shard ``rank``."""
-        out = Batches(
+        return Batches(
             self.split, self.batch_size, shuffle=self.shuffle, generator=self.generator,
             drop_last=self.drop_last, indices=self.indices, device=self.device,
             shard=(rank, world),
         )  # fmt: skip
-        return out
 
     @property
     def num_samples(self) -> int:
