@@ -4,7 +4,7 @@ Budgets were sized on one CPU thread: a ``quick`` run takes at most about 10 s, 
 about 20-60 s (``docs/data.md`` has the measured one-epoch times). The exception is
 ``fashion-mnist-full``, the GPU-size task (all 55k training images, a WRN-16-4): its ``full``
 budget is sized for one GPU (the ``gpu`` suite), its ``quick`` budget is a one-epoch smoke run on
-a 256-image subset.
+a 128-image subset.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ for _task in (
     Task(
         "fashion-mnist-full", "vision", "fashion-mnist", "WRN-16-4", _wrn16_4,
         quick=Recipe("sgd", lr=0.1, weight_decay=5e-4, batch_size=128, epochs=1,
-                     train_subset=256, val_subset=256, test_subset=256),
+                     train_subset=128, val_subset=128, test_subset=128),
         full=Recipe("sgd", lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10),
         description="Fashion-MNIST, all 55k/5k/10k (train/validation/test), WRN-16-4 (GPU)",
     ),
