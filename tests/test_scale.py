@@ -22,11 +22,12 @@ from flatmin.bench.device import (
     PRECISIONS,
     DeviceUnavailableError,
     autocast,
+    check_support,
     grad_scaler,
     resolve_device,
 )
 from flatmin.bench.methods import BuildContext
-from flatmin.bench.train import _scheduler, check_support, per_sample_losses
+from flatmin.bench.train import _scheduler, per_sample_losses
 from flatmin.cli import PRECISIONS as CLI_PRECISIONS
 from flatmin.cli import main
 from flatmin.data import IGNORE_INDEX

@@ -447,8 +447,8 @@ def _rank_device(args: argparse.Namespace, local_rank: int | None) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from flatmin import bench
     from flatmin.bench.checkpoint import STATE_FILE, CheckpointError, load_training_state
+    from flatmin.bench.device import check_support
     from flatmin.bench.distributed import init_distributed, torchrun_env
-    from flatmin.bench.train import check_support
     from flatmin.tasks import get_task
 
     if args.fsdp:

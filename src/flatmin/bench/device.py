@@ -21,9 +21,19 @@ not the CPU / ``fp32`` defaults, so the records of CPU runs keep the hashes they
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from flatmin.bench.methods import BuildContext, get_method
+from flatmin.optim.amp import sam_step_amp
+from flatmin.optim.sam import SAM
+
+if TYPE_CHECKING:  # train imports this module
+    from flatmin.bench.train import RunSpec
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -32,8 +42,10 @@ __all__ = [
     "DeviceUnavailableError",
     "autocast",
     "check_precision",
+    "check_support",
     "grad_scaler",
     "resolve_device",
+    "scaled_step",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -138,3 +150,53 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     """A fresh ``torch.amp.GradScaler`` for ``fp16``; ``None`` for the other precisions."""
     check_precision(precision)
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def check_support(spec: RunSpec, world_size: int = 1) -> None:
+    """Refuse a method/precision/process combination the training loop cannot run.
+
+    fp16 loss scaling goes through :func:`flatmin.optim.amp.sam_step_amp` for SAM (and ASAM)
+    and ``GradScaler.step`` for plain optimizers; the SAM variants that skip or reshape the
+    second pass (every-k, LookSAM, ESAM) have no fp16 recipe yet. ESAM's per-sample passes run
+    the bare model, so they would not be synchronised across processes.
+
+    Raises:
+        ValueError: an unsupported combination (the message says what works instead).
+    """
+    method = get_method(spec.method)
+    trajectory = get_method(method.trajectory)
+    if world_size > 1 and method.per_sample:
+        raise ValueError(
+            f"Invalid method for several processes: {spec.method!r} (its per-sample passes are "
+            "not synchronised by DDP; run it in one process)"
+        )
+    if spec.precision != "fp16" or trajectory.build is None:
+        return
+    probe = nn.Linear(1, 1)
+    hyper = trajectory.resolve(spec.hyper)
+    opt = trajectory.build(BuildContext(probe, torch.optim.SGD, {"lr": 0.1}, hyper, 1, 0))
+    if method.per_sample or (hasattr(opt, "first_step") and type(opt) is not SAM):
+        raise ValueError(
+            f"Invalid precision: 'fp16' for method {spec.method!r} (fp16 loss scaling supports "
+            "the plain optimizers and SAM/ASAM; use --precision bf16, which needs no scaler)"
+        )
+
+
+def scaled_step(
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    closure: Callable[[], torch.Tensor],
+    net: nn.Module,
+    *,
+    per_replica: bool = False,
+) -> torch.Tensor:
+    """One fp16 step: SAM's two scaled passes, or a plain optimizer's ``GradScaler`` step.
+
+    ``closure`` runs the forward under autocast and ``scaler.scale(loss).backward()``.
+    """
+    if isinstance(opt, SAM):
+        return sam_step_amp(opt, scaler, closure, model=net, per_replica=per_replica).loss
+    loss = closure()
+    scaler.step(opt)
+    scaler.update()
+    return loss

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flatmin._proc import interrupt_on_signals
-from flatmin.bench.device import check_precision, resolve_device
+from flatmin.bench.device import check_precision, check_support, resolve_device
 from flatmin.bench.execute import exclusive_output, run_specs
 from flatmin.bench.methods import Hyper, get_method
 from flatmin.bench.plan import (
@@ -44,7 +44,7 @@ from flatmin.bench.plan import (
 )
 from flatmin.bench.store import latest_by_hash, read_records
 from flatmin.bench.suites import Suite
-from flatmin.bench.train import RunSpec, average_key, check_support
+from flatmin.bench.train import RunSpec, average_key
 from flatmin.data import Dataset, load_dataset
 from flatmin.tasks import BUDGETS, Task, get_task
 

@@ -61,15 +61,15 @@ from flatmin.bench.device import (
     DEFAULT_PRECISION,
     autocast,
     check_precision,
+    check_support,
     grad_scaler,
+    scaled_step,
 )
 from flatmin.bench.distributed import DistContext, all_reduce_sum
 from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_method, start_epoch
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
-from flatmin.optim.amp import sam_step_amp
 from flatmin.optim.averaging import WeightAveraging
-from flatmin.optim.sam import SAM
 from flatmin.tasks import Recipe, Task, TaskData, correct_counts, get_task
 from flatmin.tasks import correct_fn as _registry_correct_fn
 
@@ -80,7 +80,6 @@ __all__ = [
     "RunSpec",
     "TrainResult",
     "average_key",
-    "check_support",
     "evaluate",
     "evaluate_counts",
     "per_sample_losses",
@@ -420,36 +419,6 @@ class _Setup:
     dist: DistContext | None = None
 
 
-def check_support(spec: RunSpec, world_size: int = 1) -> None:
-    """Refuse a method/precision/process combination the training loop cannot run.
-
-    fp16 loss scaling goes through :func:`flatmin.optim.amp.sam_step_amp` for SAM (and ASAM)
-    and ``GradScaler.step`` for plain optimizers; the SAM variants that skip or reshape the
-    second pass (every-k, LookSAM, ESAM) have no fp16 recipe yet. ESAM's per-sample passes run
-    the bare model, so they would not be synchronised across processes.
-
-    Raises:
-        ValueError: an unsupported combination (the message says what works instead).
-    """
-    method = get_method(spec.method)
-    trajectory = get_method(method.trajectory)
-    if world_size > 1 and method.per_sample:
-        raise ValueError(
-            f"Invalid method for several processes: {spec.method!r} (its per-sample passes are "
-            "not synchronised by DDP; run it in one process)"
-        )
-    if spec.precision != "fp16" or trajectory.build is None:
-        return
-    probe = nn.Linear(1, 1)
-    hyper = trajectory.resolve(spec.hyper)
-    opt = trajectory.build(BuildContext(probe, torch.optim.SGD, {"lr": 0.1}, hyper, 1, 0))
-    if method.per_sample or (hasattr(opt, "first_step") and type(opt) is not SAM):
-        raise ValueError(
-            f"Invalid precision: 'fp16' for method {spec.method!r} (fp16 loss scaling supports "
-            "the plain optimizers and SAM/ASAM; use --precision bf16, which needs no scaler)"
-        )
-
-
 def _fit(
     spec: RunSpec,
     method: Method,
@@ -537,7 +506,7 @@ def _fit(
                 # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
                 # pass (model=net); plain optimizers run it once.
                 if scaler is not None:
-                    loss = _scaled_step(opt, scaler, closure, net, sam_kw)
+                    loss = scaled_step(opt, scaler, closure, net, **sam_kw)
                 elif hasattr(opt, "first_step"):
                     loss = step_fn(closure, model=net, **sam_kw)
                 else:
@@ -606,22 +575,6 @@ def _fit(
             with avg.swap():
                 averages[s] = _final_counts(model, data)
     return _Fit(status, reason, step, curves, final, averages, model, averagers, data)
-
-
-def _scaled_step(
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    closure: Callable[[], torch.Tensor],
-    net: nn.Module,
-    sam_kw: dict[str, bool],
-) -> torch.Tensor:
-    """One fp16 step: SAM's two scaled passes, or a plain optimizer's ``GradScaler`` step."""
-    if isinstance(opt, SAM):
-        return sam_step_amp(opt, scaler, closure, model=net, **sam_kw).loss
-    loss = closure()
-    scaler.step(opt)
-    scaler.update()
-    return loss
 
 
 def _metrics(counts: dict[str, Counts]) -> dict[str, float | None]:
