@@ -2,9 +2,13 @@
 
 Every subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 Exit codes: 0 success, 1 a run or check failed (or a result is not finite), 2 bad arguments
-(argparse's convention), 130 / 143 interrupted by SIGINT / SIGTERM. Every error is one line
-``flatmin <cmd>: error: ...`` on stderr, never a traceback (``flatmin --debug <cmd>`` shows one
-for unexpected errors).
+(argparse's convention; also a ``--device`` this machine does not have), 130 / 143 interrupted by
+SIGINT / SIGTERM. Every error is one line ``flatmin <cmd>: error: ...`` on stderr, never a
+traceback (``flatmin --debug <cmd>`` shows one for unexpected errors).
+
+``bench``, ``train``, ``landscape`` and ``sharpness`` take ``--device`` and ``--precision``
+(:mod:`flatmin.bench.device`); ``train`` also runs as several processes under ``torchrun``
+(:mod:`flatmin.bench.distributed`) and resumes an interrupted run with ``--resume``.
 """
 
 from __future__ import annotations
@@ -89,6 +93,20 @@ def _real(
 
 
 _THREADS = _int_at_least(1)
+# flatmin.bench.device.PRECISIONS, spelled out so that building the parser does not import torch.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _add_scale_options(p: argparse.ArgumentParser, *, defaults: str) -> None:
+    p.add_argument(
+        "--device", metavar="DEVICE",
+        help=f"auto, cpu, cuda, cuda:N or mps (auto: an accelerator when present; default: "
+        f"{defaults})",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=PRECISIONS,
+        help=f"fp32; bf16 autocast; fp16 autocast with loss scaling (default: {defaults})",
+    )  # fmt: skip
 
 
 def _out_dir_problem(option: str, path: Path) -> str | None:
@@ -264,13 +282,19 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--report-only", action=flag, default=False, help="only rewrite the report from OUT"
     )
+    _add_scale_options(p, defaults="the suite's: cpu and fp32 for quick and full")
     p.set_defaults(handler=_cmd_bench)
 
     t = sub.add_parser(
         "train",
         help="train one run and save a checkpoint (final and averaged weights)",
+        description="Train one run. Under torchrun (torchrun --standalone --nproc_per_node N "
+        "--no-python flatmin train ...) the N processes train one model with DDP, each on 1/N "
+        "of every batch; rank 0 writes OUT. After every epoch OUT/train_state.pt holds the "
+        "training state: --resume continues an interrupted run from it, bit for bit.",
         epilog="Exit codes: 0 ok; 1 the run hit a non-finite loss or the output could not be "
-        "written; 2 bad arguments; 130/143 interrupted (the previous checkpoint is kept).",
+        "written; 2 bad arguments (an unavailable --device, a --resume state of another run); "
+        "130/143 interrupted (the previous checkpoint and the last epoch's state are kept).",
     )
     t.add_argument("--task", required=True)
     t.add_argument("--method", required=True)
@@ -288,6 +312,21 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     t.add_argument("--epochs", type=_int_at_least(1), metavar="N", help="override the epoch budget")
     t.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
     t.add_argument("--progress", action=flag, default=True, help="progress bar on stderr")
+    _add_scale_options(t, defaults="cpu, fp32")
+    t.add_argument(
+        "--sam-mode", choices=("global", "per-replica"), default="global",
+        help="under torchrun: perturb with the all-reduced gradient (global, = one process on "
+        "the whole batch) or each process's own (per-replica, m-sharpness)",
+    )  # fmt: skip
+    t.add_argument(
+        "--fsdp", action=flag, default=False,
+        help="shard the model with FSDP2 (not available yet: the optimizers do not handle "
+        "DTensor parameters)",
+    )  # fmt: skip
+    t.add_argument(
+        "--resume", action=flag, default=False,
+        help="continue from OUT/train_state.pt (the last finished epoch) to the same result",
+    )  # fmt: skip
     t.set_defaults(handler=_cmd_train)
 
     weights = ("auto", "final", "averaged")
@@ -305,6 +344,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     la.add_argument("--max-batches", type=_int_at_least(1), default=4, metavar="N")
     la.add_argument("--seed", type=_seed, default=0, help="seed of the random directions")
     la.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
+    _add_scale_options(la, defaults="cpu, fp32")
     la.set_defaults(handler=_cmd_landscape)
 
     sh = sub.add_parser(
@@ -321,6 +361,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     sh.add_argument("--seed", type=_seed, default=0)
     sh.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads")
     sh.add_argument("--out", metavar="FILE", help="also write the JSON here")
+    _add_scale_options(sh, defaults="cpu, fp32")
     sh.set_defaults(handler=_cmd_sharpness)
 
 
@@ -347,6 +388,13 @@ def _error(args: argparse.Namespace, message: object, code: int = 2) -> int:
     return code
 
 
+def _device(name: str | None) -> Any:
+    """``--device`` resolved (``None``: the CPU); ``ValueError`` if it is not there."""
+    from flatmin.bench.device import resolve_device
+
+    return resolve_device(name or "cpu")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from flatmin import bench
     from flatmin.bench.execute import OutputLockedError
@@ -355,6 +403,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     tune_seeds = None if args.tune_seeds is None else tuple(range(100, 100 + args.tune_seeds))
     try:
         suite = bench.get_suite(args.suite)
+        device = str(_device(args.device or suite.device))
         cfg = bench.BenchConfig.from_suite(
             suite, Path(args.out or f"runs/{suite.name}"),
             tasks=tuple(args.tasks) if args.tasks else None,
@@ -364,7 +413,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             ablation_task=args.ablation_task,
             analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
-            progress=args.progress, run=not args.report_only,
+            progress=args.progress, run=not args.report_only, device=device,
+            precision=args.precision,
         )  # fmt: skip
         cfg.validate()
     except ValueError as exc:
@@ -407,15 +457,46 @@ def _check_method_options(method: str, **given: float | None) -> None:
             )
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
+def _rank_device(args: argparse.Namespace, local_rank: int | None) -> Any:
+    """``--device`` for this process: under torchrun, ``cuda``/``auto`` mean ``cuda:LOCAL_RANK``."""
+    from flatmin.bench.device import resolve_device
 
+    name = args.device or "cpu"
+    if local_rank is None:
+        return resolve_device(name)
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device
+    if args.device not in ("cuda", "auto"):
+        raise ValueError(
+            f"Invalid --device: {args.device!r} under torchrun (each process takes "
+            "cuda:LOCAL_RANK: pass --device cuda)"
+        )
+    return resolve_device(f"cuda:{local_rank}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from flatmin import bench
-    from flatmin._io import atomic_write_text, finite_json
-    from flatmin.bench.checkpoint import save_checkpoint
+    from flatmin.bench.checkpoint import STATE_FILE, CheckpointError, load_training_state
+    from flatmin.bench.device import check_support
+    from flatmin.bench.distributed import init_distributed, torchrun_env
     from flatmin.tasks import get_task
 
+    if args.fsdp:
+        return _error(
+            args, "--fsdp is not available yet: flatmin's optimizers and averages do not handle "
+            "FSDP2's DTensor parameters (issue 14, item 3); train with DDP: torchrun ... flatmin "
+            "train without --fsdp",
+        )  # fmt: skip
     try:
+        env = torchrun_env()
+        world = 1 if env is None else env[1]
+        if args.sam_mode != "global" and world == 1:
+            raise ValueError(
+                f"Invalid --sam-mode: {args.sam_mode!r} needs several processes (run under "
+                "torchrun --nproc_per_node N with N > 1)"
+            )
+        device = _rank_device(args, None if world == 1 or env is None else env[2])
         task = get_task(args.task)
         _check_method_options(
             args.method, rho=args.rho, start=args.start, swa_lr=args.swa_lr, alpha=args.alpha
@@ -423,20 +504,98 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = bench.RunSpec(
             args.task, args.method, args.seed, args.budget,
             bench.Hyper(rho=args.rho, start=args.start, swa_lr=args.swa_lr, alpha=args.alpha),
-            args.epochs,
+            args.epochs, device=str(device), precision=args.precision or "fp32",
         )  # fmt: skip
         spec.config(task)  # validates the budget and the epoch override
+        check_support(spec, world)
     except ValueError as exc:
         return _error(args, exc)
     out = Path(args.out)
     problem = _out_dir_problem("--out", out)
     if problem:
         return _error(args, problem)
+    state_path = out / STATE_FILE
+    state = None
+    if args.resume:
+        try:
+            state = _resume_state(args, spec, task, world, load_training_state(state_path))
+        except FileNotFoundError:
+            if _finished(out, spec.config_hash(task)):
+                print(f"{args.task} {args.method} seed {args.seed}: already finished in {out}")
+                return 0
+            print(
+                f"{_prog(args)}: note: no {STATE_FILE} in {str(out)!r}: training from epoch 1",
+                file=sys.stderr,
+            )
+        except (CheckpointError, ValueError) as exc:
+            return _error(args, f"Invalid --resume: {exc}")
+
+    dist = init_distributed(device, args.sam_mode)
+    try:
+        return _train_and_write(args, spec, task, dist, state, out)
+    finally:
+        if dist is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _resume_state(
+    args: argparse.Namespace, spec: Any, task: Any, world: int, state: dict[str, Any]
+) -> dict[str, Any]:
+    """The loaded state if it is this run's (same configuration, same number of processes)."""
+    expected = spec.config_hash(task)
+    if state.get("hash") != expected:
+        raise ValueError(
+            f"{args.out}/train_state.pt is the state of another run (hash {state.get('hash')!r}, "
+            f"this command's is {expected!r}: task, method, seed, budget, hyper-parameters, "
+            "epochs, device type and precision must be the same)"
+        )
+    if state.get("world_size") != world:
+        raise ValueError(
+            f"{args.out}/train_state.pt was saved by {state.get('world_size')} processes, this "
+            f"run has {world} (the per-process batches would differ)"
+        )
+    fit = state["fit"]
+    fold = f", fold {state['fold'] + 1}" if task.folds else ""
+    print(
+        f"{_prog(args)}: resuming after epoch {fit['epoch']}{fold} from {args.out}/train_state.pt",
+        file=sys.stderr,
+    )
+    return state
+
+
+def _finished(out: Path, config_hash: str) -> bool:
+    """Whether ``out`` holds the checkpoint and metrics of the run ``config_hash``."""
+    import json
+
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metrics.get("hash") == config_hash and (out / "checkpoint.pt").is_file()
+
+
+def _train_and_write(
+    args: argparse.Namespace, spec: Any, task: Any, dist: Any, state: dict[str, Any] | None,
+    out: Path,
+) -> int:  # fmt: skip
+    """Train (resuming from ``state``), then write checkpoint and metrics (rank 0 only)."""
+    import json
+
+    from flatmin import bench
+    from flatmin._io import atomic_write_text, finite_json
+    from flatmin.bench.checkpoint import STATE_FILE, save_checkpoint, save_training_state
+
+    main_rank = dist is None or dist.rank == 0
+    state_path = out / STATE_FILE
     bar = None
-    if args.progress:
+    if args.progress and main_rank:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"{args.task} {args.method} s{args.seed}", unit="ep")
+        if state is not None:
+            bar.update(state["fit"]["epoch"])
 
     def on_epoch(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         if bar is not None:
@@ -444,27 +603,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix_str(f"val {100 * metrics['val_acc']:.2f}%")
 
+    def on_state(training_state: dict[str, Any]) -> None:
+        save_training_state(state_path, training_state)
+
     try:
+        if main_rank:
+            out.mkdir(parents=True, exist_ok=True)
         with _torch_threads(args.threads):
-            result = bench.train(spec, task=task, on_epoch=on_epoch)
+            result = bench.train(
+                spec, task=task, on_epoch=on_epoch, dist=dist, resume=state,
+                on_state=on_state if main_rank else None,
+            )  # fmt: skip
+    except OSError as exc:
+        return _error(args, f"could not write the training state into {str(out)!r}: {exc}", 1)
     finally:
         if bar is not None:
             bar.close()
+    if not main_rank:
+        return 0
     rec = result.record
     try:
         # Each file is replaced atomically: a failure here (disk full) keeps the previous one.
-        out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out / "checkpoint.pt", result)
         text = json.dumps(finite_json(rec)[0], indent=1, sort_keys=True, allow_nan=False)
         atomic_write_text(out / "metrics.json", text)
+        state_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
     except OSError as exc:
         return _error(args, f"could not write the results into {str(out)!r}: {exc}", 1)
     if rec["status"] != "ok":
         return _error(args, f"{args.task} {args.method} seed {args.seed}: {rec['reason']}", 1)
     final = rec["final"]
+    where = ""
+    if (rec["device"], rec["precision"], rec["world_size"]) != ("cpu", "fp32", 1):
+        where = f" on {rec['device']} {rec['precision']} x{rec['world_size']}"
     print(
         f"{args.task} {args.method} seed {args.seed}: test {100 * final['test_acc']:.2f}%, "
-        f"train {100 * final['train_acc']:.2f}%, {rec['wall_time']:.1f} s -> {out}/checkpoint.pt"
+        f"train {100 * final['train_acc']:.2f}%, {rec['wall_time']:.1f} s{where} -> "
+        f"{out}/checkpoint.pt"
     )
     return 0
 
@@ -472,7 +647,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_checkpoints(args: argparse.Namespace, paths: Sequence[str]) -> list[Any]:
     from flatmin.bench.checkpoint import load_checkpoint
 
-    return [load_checkpoint(c, task=args.task, weights=args.weights) for c in paths]
+    device = _device(args.device)
+    return [load_checkpoint(c, task=args.task, weights=args.weights, device=device) for c in paths]
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
@@ -489,7 +665,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     try:
         cfg = LandscapeConfig(
             points=args.points, distance=args.distance, max_batches=args.max_batches,
-            seed=args.seed,
+            seed=args.seed, precision=args.precision or "fp32",
         )  # fmt: skip
         ckpts = _load_checkpoints(args, args.checkpoints)
     except (ValueError, FileNotFoundError) as exc:
@@ -578,6 +754,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         cfg = SharpnessConfig(
             rho=args.rho, adaptive_rho=args.adaptive_rho, max_batches=args.max_batches,
             hessian_iters=args.hessian_iters, trace_samples=args.trace_samples, seed=args.seed,
+            precision=args.precision or "fp32",
         )  # fmt: skip
         (ckpt,) = _load_checkpoints(args, [args.checkpoint])
     except (ValueError, FileNotFoundError) as exc:

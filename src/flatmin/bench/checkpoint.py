@@ -11,6 +11,12 @@ on load, so one flipped bit in the file is an error instead of silently differen
 file is written atomically (temporary file, ``fsync``, rename), so a run that dies while saving
 (disk full, a signal) leaves the previous checkpoint intact. Version-1 files (no digest) still
 load, with a warning.
+
+Training states (``flatmin train --resume``): after every epoch ``flatmin train`` replaces
+``OUT/train_state.pt`` with the complete state of the run (:func:`flatmin.bench.train.train`'s
+``on_state``; format ``flatmin-train-state/1``), written and checked the same way; a resumed run
+ends with the same weights, bit for bit, as an uninterrupted one, and the file is removed once the
+run's checkpoint and metrics are written.
 """
 
 from __future__ import annotations
@@ -30,19 +36,23 @@ from torch import nn
 
 from flatmin._io import atomic_write_bytes
 from flatmin.bench.methods import Hyper
-from flatmin.bench.train import RunSpec, TrainResult
+from flatmin.bench.train import STATE_FORMAT, RunSpec, TrainResult
 from flatmin.tasks import Task, TaskData, get_task
 
 __all__ = [
     "FORMAT",
+    "STATE_FILE",
     "CheckpointError",
     "LoadedCheckpoint",
     "load_checkpoint",
+    "load_training_state",
     "payload_digest",
     "save_checkpoint",
+    "save_training_state",
 ]
 
 FORMAT = "flatmin-checkpoint/2"
+STATE_FILE = "train_state.pt"
 _FORMAT_V1 = "flatmin-checkpoint/1"
 WEIGHTS = ("auto", "final", "averaged")
 # Key → expected type(s) of a loadable payload ("averaged" may also be None).
@@ -110,12 +120,44 @@ def save_checkpoint(path: str | os.PathLike[str], result: TrainResult) -> None:
             else None
         ),
     }
+    _write(path, payload)
+
+
+def _write(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     payload["sha256"] = payload_digest(payload)
     # Serialised in memory first (benchmark models are small): torch.save straight into the file
     # would turn a failed write (disk full) into an opaque RuntimeError instead of an OSError.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
+
+
+def save_training_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Save a training state (``train(on_state=...)``) atomically, with its digest.
+
+    Raises:
+        OSError: the file could not be written (an existing ``path`` is then unchanged).
+    """
+    _write(path, dict(state))
+
+
+def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify a state written by :func:`save_training_state` (for ``train(resume=)``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: not a readable, intact training state (see :func:`load_checkpoint`).
+    """
+    name = os.fspath(path)
+    payload = _torch_load(Path(path))
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != STATE_FORMAT:
+        raise CheckpointError(
+            f"Invalid training state: {name!r} is not a flatmin training state (format {fmt!r}, "
+            f"expected {STATE_FORMAT!r})"
+        )
+    _check_digest(payload, name)
+    return payload
 
 
 @dataclass
@@ -141,8 +183,8 @@ class LoadedCheckpoint:
     final_model: nn.Module | None = None
 
 
-def _read_payload(path: Path) -> dict[str, Any]:
-    """Load, check the format, the digest and the keys; :class:`CheckpointError` otherwise."""
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with every failure as one clear error."""
     name = os.fspath(path)
     if path.is_dir():
         raise CheckpointError(f"Invalid checkpoint: {name!r} is a directory (expected a file)")
@@ -169,6 +211,27 @@ def _read_payload(path: Path) -> dict[str, Any]:
             f"Invalid checkpoint: {name!r} cannot be read (empty, truncated or not a checkpoint: "
             f"{type(exc).__name__}{': ' + detail if detail else ''})"
         ) from None
+    return payload
+
+
+def _check_digest(payload: dict[str, Any], name: str) -> None:
+    stored = payload.get("sha256")
+    try:
+        actual = payload_digest(payload)
+    except TypeError as exc:
+        raise CheckpointError(f"Invalid checkpoint: {name!r}: {exc}") from None
+    if stored != actual:
+        raise CheckpointError(
+            f"Corrupt checkpoint: {name!r}: the sha256 of its content is {actual}, the "
+            f"recorded one {stored!r} (the file was damaged or edited; recreate it with "
+            "flatmin train)"
+        )
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """Load, check the format, the digest and the keys; :class:`CheckpointError` otherwise."""
+    name = os.fspath(path)
+    payload = _torch_load(path)
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt not in (FORMAT, _FORMAT_V1):
         raise CheckpointError(
@@ -176,17 +239,7 @@ def _read_payload(path: Path) -> dict[str, Any]:
             f"expected {FORMAT!r})"
         )
     if fmt == FORMAT:
-        stored = payload.get("sha256")
-        try:
-            actual = payload_digest(payload)
-        except TypeError as exc:
-            raise CheckpointError(f"Invalid checkpoint: {name!r}: {exc}") from None
-        if stored != actual:
-            raise CheckpointError(
-                f"Corrupt checkpoint: {name!r}: the sha256 of its content is {actual}, the "
-                f"recorded one {stored!r} (the file was damaged or edited; recreate it with "
-                "flatmin train)"
-            )
+        _check_digest(payload, name)
     else:
         warnings.warn(
             f"{name}: a {_FORMAT_V1} checkpoint has no checksum; its integrity is not checked",
@@ -211,7 +264,11 @@ def _load_weights(model: nn.Module, state: dict[str, Any], name: str) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, task: str | None = None, weights: str = "auto"
+    path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    weights: str = "auto",
+    device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
     """Rebuild the model of a checkpoint on its task's data.
 
@@ -221,6 +278,7 @@ def load_checkpoint(
             same dataset and model, e.g. a label-noise variant).
         weights: ``"auto"`` (the averaged weights when present — what the method reports — else
             the final ones), ``"final"`` or ``"averaged"``.
+        device: where the models and the task's batches go (an existing device).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -249,7 +307,7 @@ def load_checkpoint(
         own.name, payload["method"], payload["seed"], payload["budget"], hyper,
         payload["epochs"],
     )  # fmt: skip
-    data = chosen.load(spec.budget, seed=spec.seed)
+    data = chosen.load(spec.budget, seed=spec.seed).to(device)
     averaged = payload["averaged"]
     if weights == "averaged" and averaged is None:
         raise ValueError(f"Invalid weights: 'averaged' ({payload['method']} run has no average)")

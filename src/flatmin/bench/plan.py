@@ -85,6 +85,16 @@ class Grid(Protocol):
         """The budget of ``task``'s runs."""
         ...
 
+    @property
+    def device(self) -> str:
+        """Where the runs compute."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """The runs' precision."""
+        ...
+
 
 @dataclass(frozen=True)
 class TuneChoice:
@@ -273,7 +283,7 @@ def plan_tuning(
                 for seed in cfg.tune_seeds:
                     spec = RunSpec(
                         task, traj_name, seed, cfg.budget_of(task), traj_hyper, cfg.epochs,
-                        stage="tune",
+                        stage="tune", device=cfg.device, precision=cfg.precision,
                     )  # fmt: skip
                     rec = need(spec)
                     complete &= rec is not None
@@ -343,11 +353,15 @@ def plan_eval(
     budget_of: Any,
     epochs: int | None = None,
     stage: str = "eval",
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[tuple[str, str, int], RunSpec]:
     """The trajectory run that gives each ``(task, method, seed)`` its result.
 
     Views of one trajectory at the same hyper-parameters map to the same spec (baseline and swa;
-    sam and wasam when WASAM chose SAM's rho), so it is trained once.
+    sam and wasam when WASAM chose SAM's rho), so it is trained once. Every spec runs on
+    ``device`` at ``precision``.
     """
     out = {}
     for task in tasks:
@@ -356,6 +370,7 @@ def plan_eval(
                 m = get_method(name)
                 traj, hyper = eval_trajectory(m, hypers.get((task, name), m.resolve()))
                 out[(task, name, seed)] = RunSpec(
-                    task, traj, seed, budget_of(task), hyper, epochs, stage=stage
-                )
+                    task, traj, seed, budget_of(task), hyper, epochs, stage=stage,
+                    device=device, precision=precision,
+                )  # fmt: skip
     return out

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flatmin._proc import interrupt_on_signals
+from flatmin.bench.device import check_precision, check_support, resolve_device
 from flatmin.bench.execute import exclusive_output, run_specs
 from flatmin.bench.methods import Hyper, get_method
 from flatmin.bench.plan import (
@@ -127,6 +128,9 @@ class BenchConfig:
         report: write the report after the grid.
         run: train the missing runs (``False``: only rewrite the report from what is recorded).
         suite: the suite's name, for the report.
+        device: where every run computes (``"auto"``, ``"cpu"``, ``"cuda:0"``...); with
+            ``jobs > 1`` the workers share it (each its own CUDA context).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for every run.
     """
 
     out: Path
@@ -153,6 +157,8 @@ class BenchConfig:
     report: bool = True
     run: bool = True
     suite: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @classmethod
     def from_suite(cls, suite: Suite, out: str | os.PathLike[str], **overrides: Any) -> BenchConfig:
@@ -164,7 +170,7 @@ class BenchConfig:
             tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
             extra_methods=dict(suite.extra_methods), variants=suite.variants,
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
-            jobs=suite.jobs, suite=suite.name,
+            jobs=suite.jobs, suite=suite.name, device=suite.device, precision=suite.precision,
         )  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -232,6 +238,11 @@ class BenchConfig:
         for table in self.hypers.values():
             for name, hyper in table.items():
                 eval_trajectory(get_method(name), get_method(name).resolve(hyper))
+        check_precision(self.precision)
+        resolve_device(self.device)  # DeviceUnavailableError (a ValueError) if it is not there
+        for name in self.tasks:
+            for method in self.methods_of(name):
+                check_support(RunSpec(name, method, 0, precision=self.precision))
 
 
 @dataclass
@@ -314,6 +325,7 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     """
     look = resolver or RegistryResolver()
     cfg.validate(look)
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
     with exclusive_output(cfg.out) if cfg.run else nullcontext(), interrupt_on_signals():
         return _run_grid(cfg, look)
 
@@ -392,9 +404,11 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     # -- 2. evaluation ------------------------------------------------------------------------
     eval_specs: dict[tuple[str, str, int], RunSpec] = {}
     for task in cfg.tasks:
-        eval_specs.update(
-            plan_eval([task], cfg.methods_of(task), cfg.seeds, hypers, cfg.budget_of, cfg.epochs)
-        )
+        planned = plan_eval(
+            [task], cfg.methods_of(task), cfg.seeds, hypers, cfg.budget_of, cfg.epochs,
+            device=cfg.device, precision=cfg.precision,
+        )  # fmt: skip
+        eval_specs.update(planned)
     found = run(list(eval_specs.values()), "benchmark")
 
     # -- 3. budget ablation -------------------------------------------------------------------
@@ -406,8 +420,9 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
         for factor in cfg.ablation_factors:
             epochs = max(1, round(factor * base_epochs))
             for (t, name, seed), spec in plan_eval(
-                [at], methods, cfg.seeds, hypers, cfg.budget_of, epochs
-            ).items():
+                [at], methods, cfg.seeds, hypers, cfg.budget_of, epochs, device=cfg.device,
+                precision=cfg.precision,
+            ).items():  # fmt: skip
                 ablation[(t, name, seed, factor)] = spec
         found = run(list(ablation.values()), "budget ablation")
 
@@ -509,4 +524,6 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "jobs": cfg.jobs,
         "threads": cfg.threads,
+        "device": cfg.device,
+        "precision": cfg.precision,
     }

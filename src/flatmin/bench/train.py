@@ -26,6 +26,19 @@ counts (correct, samples, summed loss) over the folds, so the reported accuracy 
 sample of the dataset, each tested exactly once.
 
 A non-finite training loss ends the run with ``status="failed"`` and the reason.
+
+Scale (:mod:`flatmin.bench.device`, :mod:`flatmin.bench.distributed`): ``spec.device`` and
+``spec.precision`` place the run on an accelerator (data moved once, forward passes under
+autocast, fp16 with a ``GradScaler``) — the defaults ``cpu`` / ``fp32`` run exactly the plain
+float32 loop. The training loop never waits for the device: the epoch's loss and accuracy are
+accumulated on the device and read once per epoch, where the non-finite check also happens (the
+first non-finite step is reported as before). Under ``torchrun`` (``dist``) the model is wrapped
+in DDP and each rank trains on its shard of every batch.
+
+Resume (``flatmin train --resume``): ``on_state`` receives the complete training state after
+every epoch (weights, optimizer with the base's state, schedule, averages, the batch-order
+generator, the loss scale, finished folds) and ``train(resume=state)`` continues from it to the
+same final weights, bit for bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -43,12 +56,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flatmin.bench.device import (
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    autocast,
+    check_precision,
+    check_support,
+    grad_scaler,
+    scaled_step,
+)
+from flatmin.bench.distributed import DistContext, all_reduce_sum
 from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_method, start_epoch
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
 from flatmin.optim.sam import SAM
-from flatmin.tasks import Recipe, Task, TaskData, get_task
+from flatmin.tasks import Recipe, Task, TaskData, correct_counts, get_task
+from flatmin.tasks import correct_fn as _registry_correct_fn
 
 __all__ = [
     "Counts",
@@ -65,6 +89,8 @@ __all__ = [
 
 SCHEMA = 2
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+StateCallback = Callable[[dict[str, Any]], None]
+STATE_FORMAT = "flatmin-train-state/1"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,6 +115,9 @@ class RunSpec:
         hyper: the method's hyper-parameters (``None`` fields: the method's defaults).
         epochs: override the recipe's epoch budget (``None``: the recipe's).
         stage: ``"eval"`` (a result), ``"tune"`` (a validation-grid run) or ``"ablation"``.
+        device: where the run computes (``"cpu"``, ``"cuda:0"``, ``"mps"``; resolve ``auto``
+            with :func:`flatmin.bench.device.resolve_device` first).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`flatmin.bench.device`).
     """
 
     task: str
@@ -98,6 +127,17 @@ class RunSpec:
     hyper: Hyper = field(default_factory=Hyper)
     epochs: int | None = None
     stage: str = "eval"
+    device: str = DEFAULT_DEVICE
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"Invalid device: {self.device!r} (expected cpu, cuda, cuda:N or mps)"
+            ) from None
 
     def resolved(self) -> RunSpec:
         """The spec with the method's defaults filled in (what the hash is computed over)."""
@@ -119,10 +159,14 @@ class RunSpec:
         return ()
 
     def config(self, task: Task | None = None) -> dict[str, Any]:
-        """Everything that determines the run's result, as plain JSON values."""
+        """Everything that determines the run's result, as plain JSON values.
+
+        The device type (not its index) and the precision appear only when they differ from
+        the CPU / ``fp32`` defaults, so CPU float32 runs keep their earlier hashes.
+        """
         spec = self.resolved()
         task = task or get_task(self.task)
-        return {
+        config = {
             "task": spec.task,
             "method": spec.method,
             "seed": spec.seed,
@@ -133,6 +177,12 @@ class RunSpec:
             "folds": task.folds,
             "average_starts": [average_key(s) for s in spec.starts()],
         }
+        device_type = torch.device(spec.device).type
+        if device_type != DEFAULT_DEVICE:
+            config["device"] = device_type
+        if spec.precision != DEFAULT_PRECISION:
+            config["precision"] = spec.precision
+        return config
 
     def config_hash(self, task: Task | None = None) -> str:
         """First 16 hex digits of the SHA-256 of :meth:`config` (sorted-key JSON)."""
@@ -221,8 +271,8 @@ class TrainResult:
 
 def _graph_subset(g: GraphBatch, index: torch.Tensor) -> GraphBatch:
     """The graphs ``index`` of a merged batch, as a new batch (graph ``j`` is ``index[j]``)."""
-    new_id = torch.full((g.num_graphs,), -1, dtype=torch.long)
-    new_id[index] = torch.arange(index.numel())
+    new_id = torch.full((g.num_graphs,), -1, dtype=torch.long, device=g.batch.device)
+    new_id[index] = torch.arange(index.numel(), device=g.batch.device)
     node_graph = new_id[g.batch]
     keep = node_graph >= 0
     renumber = torch.cumsum(keep.long(), 0) - 1
@@ -230,9 +280,52 @@ def _graph_subset(g: GraphBatch, index: torch.Tensor) -> GraphBatch:
     return GraphBatch(g.x[keep], renumber[edges], node_graph[keep], int(index.numel()))
 
 
+class PerSampleLosses:
+    """ESAM's per-sample cross-entropy of one batch (see :func:`per_sample_losses`).
+
+    The labelled samples are found only when needed — node classification alone has unlabelled
+    targets — so building one per step costs no host sync.
+    """
+
+    def __init__(
+        self, model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
+    ) -> None:
+        self.model, self.inputs, self.targets, self.outputs = model, inputs, targets, outputs
+        self.node_level = isinstance(inputs, GraphBatch) and targets.numel() != inputs.num_graphs
+        self._labelled: torch.Tensor | None = None
+
+    @property
+    def labelled(self) -> torch.Tensor:
+        """Indices of the labelled targets (the samples)."""
+        if self._labelled is None:
+            self._labelled = torch.nonzero(self.targets != IGNORE_INDEX).flatten()
+        return self._labelled
+
+    def losses(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses of the whole batch's outputs ``out``."""
+        if not self.node_level:  # every image, document or graph is labelled
+            return F.cross_entropy(out, self.targets, reduction="none")
+        rows = self.labelled
+        return F.cross_entropy(out[rows], self.targets[rows], reduction="none")
+
+    def __call__(self, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            out = self.model(self.inputs)
+            self.outputs.append(out.detach())
+            return self.losses(out)
+        rows = self.labelled[index]
+        if self.node_level:
+            out = self.model(self.inputs)[rows]
+        elif isinstance(self.inputs, GraphBatch):
+            out = self.model(_graph_subset(self.inputs, rows))
+        else:
+            out = self.model(self.inputs[rows])
+        return F.cross_entropy(out, self.targets[rows], reduction="none")
+
+
 def per_sample_losses(
     model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
-) -> Callable[[torch.Tensor | None], torch.Tensor]:
+) -> PerSampleLosses:
     """ESAM's ``loss_fn(index)``: per-sample cross-entropy of the batch or of samples ``index``.
 
     Samples are the labelled targets: images or documents (a sub-batch is sliced), graphs (a
@@ -240,24 +333,7 @@ def per_sample_losses(
     whole graph is run and the selected nodes' losses kept). The outputs of the whole-batch call
     are appended to ``outputs`` (for the running train accuracy).
     """
-    labelled = torch.nonzero(targets != IGNORE_INDEX).flatten()
-    node_level = isinstance(inputs, GraphBatch) and targets.numel() != inputs.num_graphs
-
-    def loss_fn(index: torch.Tensor | None) -> torch.Tensor:
-        if index is None:
-            out = model(inputs)
-            outputs.append(out.detach())
-            return F.cross_entropy(out[labelled], targets[labelled], reduction="none")
-        rows = labelled[index]
-        if node_level:
-            out = model(inputs)[rows]
-        elif isinstance(inputs, GraphBatch):
-            out = model(_graph_subset(inputs, rows))
-        else:
-            out = model(inputs[rows])
-        return F.cross_entropy(out, targets[rows], reduction="none")
-
-    return loss_fn
+    return PerSampleLosses(model, inputs, targets, outputs)
 
 
 def _versions() -> dict[str, str]:
@@ -301,6 +377,31 @@ class _Fit:
     averagers: dict[float, WeightAveraging]
     data: TaskData
 
+    def summary(self) -> dict[str, Any]:
+        """What a finished fold contributes to the record, as plain values (resume states)."""
+
+        def plain(counts: dict[str, Counts]) -> dict[str, list[float | int]]:
+            return {k: [c.loss, c.correct, c.n] for k, c in counts.items()}
+
+        return {
+            "status": self.status, "reason": self.reason, "steps": self.steps,
+            "curves": self.curves, "final": plain(self.final),
+            "averages": {average_key(s): plain(c) for s, c in self.averages.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def restore(cls, summary: dict[str, Any], data: TaskData, starts: tuple[float, ...]) -> _Fit:
+        """A finished fold from its :meth:`summary` (no model: only its counts are reported)."""
+
+        def counts(plain: dict[str, list[Any]]) -> dict[str, Counts]:
+            return {k: Counts(float(v[0]), int(v[1]), int(v[2])) for k, v in plain.items()}
+
+        averages = {s: counts(summary["averages"][average_key(s)]) for s in starts}
+        return cls(
+            summary["status"], summary["reason"], summary["steps"], summary["curves"],
+            counts(summary["final"]), averages, nn.Module(), {}, data,
+        )  # fmt: skip
+
 
 _SPLITS = ("test", "val", "train", "train_clean", "noise_memorised")
 _ACC_KEY = {
@@ -321,12 +422,12 @@ def _eval_splits(data: TaskData) -> Iterator[tuple[str, Batches]]:
     clean = train.clean_targets
     if clean is None:
         return
-    bs = data.train_eval.batch_size
-    yield "train_clean", Batches(replace(train, targets=clean), bs)
+    bs, device = data.train_eval.batch_size, data.train_eval.device
+    yield "train_clean", Batches(replace(train, targets=clean), bs, device=device)
     # Accuracy w.r.t. the *noisy* label on the flipped samples only (the others are ignored):
     # the fraction of the label noise that the model reproduces, i.e. has memorised.
     flipped = torch.where(train.targets != clean, train.targets, IGNORE_INDEX)
-    yield "noise_memorised", Batches(replace(train, targets=flipped), bs)
+    yield "noise_memorised", Batches(replace(train, targets=flipped), bs, device=device)
 
 
 def _final_counts(model: nn.Module, data: TaskData) -> dict[str, Counts]:
@@ -336,6 +437,15 @@ def _final_counts(model: nn.Module, data: TaskData) -> dict[str, Counts]:
     }
 
 
+@dataclass
+class _Setup:
+    """How a run executes: device and precision (from the spec) and the process group."""
+
+    device: torch.device
+    precision: str
+    dist: DistContext | None = None
+
+
 def _fit(
     spec: RunSpec,
     method: Method,
@@ -343,6 +453,9 @@ def _fit(
     starts: tuple[float, ...],
     eval_val: bool,
     on_epoch: EpochCallback | None,
+    setup: _Setup,
+    resume: dict[str, Any] | None = None,
+    on_state: StateCallback | None = None,
 ) -> _Fit:
     """Train one model on ``data`` and evaluate its final weights and averages."""
     recipe = data.recipe
@@ -361,7 +474,6 @@ def _fit(
     averagers = {
         s: WeightAveraging(model, mode="swa", start=start_epoch(s, epochs)) for s in starts
     }
-    step_kw: dict[str, Any] = {"model": model} if isinstance(opt, SAM) else {}
     loss_fn, correct_fn = data.loss_fn, data.correct_fn
     curves: dict[str, list[float]] = {
         k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -370,51 +482,99 @@ def _fit(
     # SAM's step takes model=; mypy knows only torch.optim.Optimizer.step.
     step_fn: Callable[..., Any] = opt.step
 
-    for epoch in range(1, epochs + 1):
+    # -- scale: device, precision, processes (the defaults leave the plain fp32 loop) ----------
+    device, dist = setup.device, setup.dist
+    scaler = grad_scaler(device, setup.precision)
+    generator = data.train.generator
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        for s, avg in averagers.items():
+            avg.load_state_dict(resume["averagers"][average_key(s)])
+        if generator is not None:
+            generator.set_state(resume["generator"])
+        if scaler is not None:
+            scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"])
+        curves, step, first_epoch = resume["curves"], resume["step"], resume["epoch"] + 1
+    net = model if dist is None else dist.wrap(model)
+    sam_kw = {"per_replica": True} if dist is not None and dist.per_replica else {}
+    # The SAM family freezes BN statistics in its extra passes (model=) and, under DDP, may
+    # perturb per replica; a plain optimizer takes only the closure.
+    step_kw: dict[str, Any] = {"model": net, **sam_kw} if isinstance(opt, SAM) else {}
+    # The registry's accuracy has a device-side twin; a task's own correct_fn syncs each step.
+    counts = correct_counts if correct_fn is _registry_correct_fn else correct_fn
+
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         # Accumulated on the device and read once per epoch: no host sync per step.
-        run_loss = torch.zeros((), dtype=torch.float64)
-        run_correct, run_count = 0, 0
+        run_loss = torch.zeros((), dtype=torch.float64, device=device)
+        run_correct = torch.zeros((), dtype=torch.int64, device=device)
+        run_count = torch.zeros((), dtype=torch.int64, device=device)
+        losses: list[torch.Tensor] = []
         for inputs, targets in data.train:
             outputs: list[torch.Tensor] = []
-            labelled = torch.nonzero(targets != IGNORE_INDEX).flatten()
-            subset = per_sample_losses(model, inputs, targets, outputs)
+            subset = per_sample_losses(net, inputs, targets, outputs)
 
             def closure(
                 index: torch.Tensor | None = None,
                 inputs: Any = inputs,
                 targets: torch.Tensor = targets,
                 outputs: list = outputs,
-                labelled: torch.Tensor = labelled,
-                subset: Callable = subset,
+                subset: PerSampleLosses = subset,
             ) -> torch.Tensor:
                 # The closure contract of every optimizer: zero, forward, backward, return the
                 # per-sample losses (ESAM selects data with them and calls closure(index)).
                 opt.zero_grad(set_to_none=True)
                 if index is not None:
-                    losses = subset(index)
-                    losses.mean().backward()
+                    with autocast(device, setup.precision):
+                        losses = subset(index)
+                    mean = losses.mean()
+                    (mean if scaler is None else scaler.scale(mean)).backward()
                     return losses.detach()
-                out = model(inputs)
-                if torch.is_grad_enabled():  # ESAM's selection pass runs without gradients
-                    loss_fn(out, targets).backward()
+                with autocast(device, setup.precision):  # fp32: no autocast at all
+                    out = net(inputs)
+                    loss = loss_fn(out, targets) if torch.is_grad_enabled() else None
+                if loss is not None:  # ESAM's selection pass runs without gradients
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                 outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                return F.cross_entropy(out.detach()[labelled], targets[labelled], reduction="none")
+                return subset.losses(out.detach())
 
-            # One call for every method; SAM's family keeps the BN statistics of the first pass.
-            loss = step_fn(closure, **step_kw).mean()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                status = "failed"
-                reason = f"non-finite training loss {loss_value} at epoch {epoch}, step {step + 1}"
-                break
+            # One call for every method; SAM's family keeps the BN statistics of the first pass
+            # (model=net); fp16 goes through the GradScaler recipe.
+            if scaler is not None:
+                loss = scaled_step(opt, scaler, closure, net, **sam_kw)
+            else:
+                loss = step_fn(closure, **step_kw)
+            loss = loss.detach().mean()
+            losses.append(loss)
             sched.step()
             step += 1
-            c, n = correct_fn(outputs[0], targets)
-            run_loss += loss_value * n
-            run_correct, run_count = run_correct + c, run_count + n
-        if status != "ok":
+            c, n = counts(outputs[0], targets)
+            run_loss += loss.double() * n
+            run_correct += c
+            run_count += n
+        # Once per epoch: sum over the processes, then the non-finite check (the first
+        # non-finite step ends the run, reported as if it had been checked at that step).
+        per_step = torch.stack(losses).double()
+        if dist is not None:
+            sums = torch.stack([run_loss, run_correct.double(), run_count.double()])
+            totals = all_reduce_sum(torch.cat([per_step, sums]))
+            per_step = totals[: len(losses)] / dist.world_size
+            run_loss, run_correct, run_count = totals[len(losses) :].unbind()
+        bad = torch.nonzero(~torch.isfinite(per_step)).flatten()
+        if bad.numel():
+            first = int(bad[0])
+            step += first - len(losses)
+            status = "failed"
+            reason = (
+                f"non-finite training loss {float(per_step[first])} at epoch {epoch}, "
+                f"step {step + 1}"
+            )
             break
+        count, correct = int(run_count), int(run_correct)
 
         # One snapshot per epoch from each average's start; the schedule is untouched.
         for avg in averagers.values():
@@ -422,14 +582,23 @@ def _fit(
         metrics = {
             "epoch": epoch,
             "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(run_loss) / max(1, run_count),
-            "train_acc": run_correct / max(1, run_count),
+            "train_loss": float(run_loss) / max(1, count),
+            "train_acc": correct / max(1, count),
         }
         if eval_val:
             val = evaluate_counts(model, data.val, loss_fn, correct_fn)
             metrics.update(val_loss=val.mean_loss, val_acc=val.acc)
         for k, v in metrics.items():
             curves[k].append(float(v))
+        if on_state is not None:
+            on_state({
+                "epoch": epoch, "step": step, "curves": curves, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "averagers": {average_key(s): a.state_dict() for s, a in averagers.items()},
+                "generator": None if generator is None else generator.get_state(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+            })  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch, epochs, metrics)
 
@@ -481,11 +650,14 @@ def train(
     dataset: Dataset | None = None,
     on_epoch: EpochCallback | None = None,
     eval_val: bool | None = None,
+    dist: DistContext | None = None,
+    resume: dict[str, Any] | None = None,
+    on_state: StateCallback | None = None,
 ) -> TrainResult:
     """Train one run of the benchmark and return its record.
 
     Args:
-        spec: the run.
+        spec: the run (its ``device`` must exist: resolve ``auto`` first).
         task: the task record (default: ``get_task(spec.task)``; tests pass their own).
         dataset: an already loaded dataset of the task (reused across runs of one process).
         on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
@@ -494,26 +666,74 @@ def train(
             ``val_acc``.
         eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
             tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
+        dist: this process's place in a ``torchrun`` group (``None``: one process).
+        resume: a state passed to ``on_state`` by an earlier, interrupted call with the same spec
+            (and number of processes): training continues after its epoch.
+        on_state: ``on_state(state)`` after every epoch with the complete training state (its
+            tensors are the live ones: save it before returning).
 
     Returns:
         A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
         loss, with ``record["reason"]``).
+
+    Raises:
+        ValueError: an unsupported method/precision/processes combination
+            (:func:`check_support`), or a ``resume`` state of another run.
     """
     spec = spec.resolved()
     task = task or get_task(spec.task)
     method = get_method(spec.method)
+    world = 1 if dist is None else dist.world_size
+    check_support(spec, world)
+    setup = _Setup(torch.device(spec.device), spec.precision, dist)
     if eval_val is None:
         eval_val = spec.stage == "eval"
     t0 = time.perf_counter()
     starts = spec.starts()
+    config_hash = spec.config_hash(task)
 
     folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
     fits: list[_Fit] = []
-    for fold in folds:
+
+    def load(fold: int | None) -> TaskData:
         data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
         if spec.epochs is not None:
             data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
-        fit = _fit(spec, method, data, starts, eval_val, on_epoch)
+        data = data.to(setup.device)
+        if dist is not None:
+            data = replace(data, train=data.train.sharded(dist.rank, dist.world_size))
+        return data
+
+    first_fold, elapsed = 0, 0.0
+    if resume is not None:
+        if resume.get("format") != STATE_FORMAT or resume.get("hash") != config_hash:
+            raise ValueError(
+                f"Invalid resume state: it belongs to run {resume.get('hash')!r} "
+                f"({resume.get('format')}), not to this run {config_hash!r} ({STATE_FORMAT})"
+            )
+        if resume["world_size"] != world:
+            raise ValueError(
+                f"Invalid resume state: saved by {resume['world_size']} processes, resumed by "
+                f"{world} (the per-process batches and BatchNorm statistics would differ)"
+            )
+        first_fold, elapsed = resume["fold"], resume["elapsed"]
+        for done, fold in zip(resume["done"], folds, strict=False):
+            fits.append(_Fit.restore(done, load(fold), starts))
+    for index in range(first_fold, len(folds)):
+
+        def fold_state(fit_state: dict[str, Any], index: int = index) -> None:
+            assert on_state is not None
+            on_state({
+                "format": STATE_FORMAT, "hash": config_hash, "world_size": world,
+                "fold": index, "done": [f.summary() for f in fits], "fit": fit_state,
+                "elapsed": elapsed + time.perf_counter() - t0,
+            })  # fmt: skip
+
+        fit = _fit(
+            spec, method, load(folds[index]), starts, eval_val, on_epoch, setup,
+            resume=resume["fit"] if resume is not None and index == first_fold else None,
+            on_state=fold_state if on_state is not None else None,
+        )  # fmt: skip
         fits.append(fit)
         if fit.status != "ok":
             break
@@ -524,7 +744,7 @@ def train(
     record: dict[str, Any] = {
         "schema": SCHEMA,
         **spec.config(task),
-        "hash": spec.config_hash(task),
+        "hash": config_hash,
         "domain": task.domain,
         "model": task.model,
         "status": status,
@@ -557,8 +777,16 @@ def train(
         record["final"] = final
         if method.keeps_averages and method.is_trajectory:
             record["averages"] = averages
-    record["wall_time"] = time.perf_counter() - t0
+    record["wall_time"] = elapsed + time.perf_counter() - t0
     record["versions"] = _versions()
+    # Where it ran (outside the hash for the CPU / fp32 / one-process defaults).
+    record["device"] = str(setup.device)
+    record["precision"] = spec.precision
+    record["world_size"] = world
+    if dist is not None:
+        record["sam_mode"] = dist.sam_mode
+    if setup.device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(setup.device)
     # Curves feed the figures only: 7 significant digits keep results.jsonl small.
     record["curves"] = _mean_curves(fits) if status == "ok" else last.curves
     return TrainResult(

@@ -9,6 +9,15 @@
 
 Shuffling uses an explicit ``torch.Generator`` owned by the stream: each pass draws the next
 permutation, so a stream built with the same seed replays the same sequence of epochs.
+
+Accelerators: a stream with ``device`` yields its batches there. Splits already on that device
+(:meth:`flatmin.tasks.TaskData.to` moves small datasets once) are sliced in place — the pass's
+order is moved once per pass, never per batch; graph batches are merged on the host and copied.
+
+Several processes (``shard=(rank, world)``): every process draws the same permutation and forms
+the same global batches as an unsharded stream; each yields the ``rank``-th strided slice of
+every batch (``batch[rank::world]``, the assignment of ``torch.utils.data.DistributedSampler``),
+so the ``world`` shards of a step are exactly the unsharded batch.
 """
 
 from __future__ import annotations
@@ -65,12 +74,20 @@ class Batches:
         generator: source of the permutations (required when ``shuffle``).
         drop_last: drop a final incomplete batch (keeps BatchNorm away from tiny batches).
         indices: optional subset of sample indices to iterate (e.g. a quick-budget subset).
+        device: move each batch there (``None``: leave the tensors where they are).
+        shard: ``(rank, world)``: yield only this process's share of every batch (see the module
+            docstring); ``batch_size`` stays the global batch size and must be a multiple of
+            ``world``.
+
+    Raises:
+        ValueError: a bad ``batch_size`` or ``shard``, or a shard of a node-classification split.
     """
 
     def __init__(
         self, split: Split, batch_size: int, *, shuffle: bool = False,
         generator: torch.Generator | None = None, drop_last: bool = False,
-        indices: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None, device: torch.device | str | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1)")
@@ -85,6 +102,38 @@ class Batches:
         self.drop_last = drop_last
         n = len(split) if not isinstance(split, NodeSplit) else 1
         self.indices = torch.arange(n) if indices is None else indices
+        self.device = None if device is None else torch.device(device)
+        self.shard = shard
+        if shard is not None:
+            self._check_shard(shard)
+
+    def _check_shard(self, shard: tuple[int, int]) -> None:
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"Invalid shard: {shard} (expected (rank, world), 0 <= rank < world)")
+        if isinstance(self.split, NodeSplit):
+            raise ValueError(
+                "Invalid shard: a node-classification split is one graph (one batch per pass); "
+                "it cannot be divided between processes"
+            )
+        sizes = {self.batch_size} if len(self) > 0 else set()
+        tail = self.indices.numel() % self.batch_size
+        if tail and not self.drop_last:
+            sizes.add(tail)
+        uneven = sorted(b for b in sizes if b % world)
+        if uneven:
+            raise ValueError(
+                f"Invalid shard: {world} processes cannot share batches of {uneven[0]} samples "
+                "equally (the mean of the shards' losses must be the batch's mean loss)"
+            )
+
+    def sharded(self, rank: int, world: int) -> Batches:
+        """The same stream (same generator object, same order) yielding only shard ``rank``."""
+        return Batches(
+            self.split, self.batch_size, shuffle=self.shuffle, generator=self.generator,
+            drop_last=self.drop_last, indices=self.indices, device=self.device,
+            shard=(rank, world),
+        )  # fmt: skip
 
     @property
     def num_samples(self) -> int:
@@ -98,20 +147,33 @@ class Batches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | GraphBatch, torch.Tensor]]:
+        if self.device is None:
+            yield from self._batches()
+            return
+        for inputs, targets in self._batches():
+            yield inputs.to(self.device), targets.to(self.device)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor | GraphBatch, torch.Tensor]]:
         split = self.split
         if isinstance(split, NodeSplit):
             g = split.graph
             n = g.num_nodes
-            yield GraphBatch(g.x, g.edge_index, torch.zeros(n, dtype=torch.long), 1), split.targets
+            batch = torch.zeros(n, dtype=torch.long, device=g.x.device)
+            yield GraphBatch(g.x, g.edge_index, batch, 1), split.targets
             return
         order = self.indices
         if self.shuffle:
             order = order[torch.randperm(order.numel(), generator=self.generator)]
+        if isinstance(split, TensorSplit) and split.targets.device != order.device:
+            order = order.to(split.targets.device)  # once per pass, not once per batch
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.shard is not None:
+                idx = idx[self.shard[0] :: self.shard[1]]
             if isinstance(split, TensorSplit):
                 yield split.inputs[idx], split.targets[idx]
             elif isinstance(split, GraphSplit):
-                yield collate_graphs([split.graphs[i] for i in idx.tolist()]), split.targets[idx]
+                targets = split.targets[idx.to(split.targets.device)]
+                yield collate_graphs([split.graphs[i] for i in idx.tolist()]), targets
             else:  # pragma: no cover - Split is a closed union
                 raise TypeError(f"Invalid split type: {type(split).__name__}")

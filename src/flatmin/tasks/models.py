@@ -2,6 +2,8 @@
 
 * :class:`ResNetCNN` — a BatchNorm ResNet (He et al. 2016, arXiv 1512.03385) for 8×8 / 28×28 grey
   images.
+* :class:`WideResNet` — WRN-d-k (Zagoruyko & Komodakis 2016, arXiv 1605.07146), the GPU-size
+  vision model (WRN-16-4: 2.7M parameters).
 * :class:`BagOfEmbeddings` — mean of token embeddings + MLP (Joulin et al. 2016, arXiv 1607.01759).
 * :class:`TransformerClassifier` — a pre-LN transformer encoder with masked mean pooling
   (Vaswani et al. 2017, arXiv 1706.03762).
@@ -31,6 +33,7 @@ __all__ = [
     "NodeGCN",
     "ResNetCNN",
     "TransformerClassifier",
+    "WideResNet",
 ]
 
 
@@ -91,6 +94,80 @@ class ResNetCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(N, C, H, W)`` images to ``(N, num_classes)`` logits."""
         h = self.stages(self.stem(x))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3×3, BN-ReLU-conv3×3, plus the shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        # A 1×1 projection where the shape changes (applied to the pre-activated input, as in
+        # the authors' code); the identity otherwise.
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-``depth``-``width``: three groups of ``(depth − 4) / 6`` pre-activation blocks.
+
+    Stem conv (16 channels) → groups of widths ``16k, 32k, 64k`` (stride 1, 2, 2) → BN-ReLU →
+    global average pool → FC. No dropout (see the module docstring); convolutions are
+    initialised with He-normal (fan-out) weights as in the reference implementation.
+
+    Args:
+        num_classes: output logits.
+        depth: total depth ``6n + 4`` (16, 22, 28, 40).
+        width: widening factor ``k``.
+        in_channels: image channels.
+
+    Raises:
+        ValueError: ``depth`` is not ``6n + 4`` with ``n >= 1``, or ``width < 1``.
+
+    Example:
+        >>> net = WideResNet(10, depth=16, width=4)
+        >>> net(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self, num_classes: int, *, depth: int = 16, width: int = 4, in_channels: int = 1
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"Invalid depth: {depth} (expected 6n + 4 with n >= 1: 10, 16, 22...)")
+        if width < 1:
+            raise ValueError(f"Invalid width: {width} (expected >= 1)")
+        n = (depth - 4) // 6
+        self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        c = 16
+        for i, c_out in enumerate((16 * width, 32 * width, 64 * width)):
+            for j in range(n):
+                blocks.append(_WideBlock(c, c_out, 2 if (i > 0 and j == 0) else 1))
+                c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(N, C, H, W)`` images to ``(N, num_classes)`` logits."""
+        h = F.relu(self.bn(self.blocks(self.stem(x))))
         return self.fc(h.mean(dim=(2, 3)))
 
 

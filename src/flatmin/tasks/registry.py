@@ -51,6 +51,7 @@ __all__ = [
     "Recipe",
     "Task",
     "TaskData",
+    "correct_counts",
     "correct_fn",
     "cross_validation_split",
     "get_task",
@@ -164,6 +165,44 @@ def correct_fn(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
     return int(correct), int(mask.sum())
 
 
+def correct_counts(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`correct_fn` as two int64 tensors on the outputs' device (no host sync).
+
+    A prediction never equals :data:`~flatmin.data.IGNORE_INDEX`, so unlabelled targets never
+    count as correct and no boolean indexing (which would sync an accelerator) is needed.
+    """
+    mask = targets != IGNORE_INDEX
+    return (outputs.argmax(dim=-1) == targets).sum(), mask.sum()
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 0
+
+
+def _split_to(split: Split, device: torch.device) -> Split:
+    """``split`` with its tensors on ``device`` (graph-classification graphs stay on the host)."""
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.inputs.to(device), split.targets.to(device),
+                           move(split.clean_targets))  # fmt: skip
+    if isinstance(split, NodeSplit):
+        graph = replace(split.graph, x=split.graph.x.to(device),
+                        edge_index=split.graph.edge_index.to(device))  # fmt: skip
+        return NodeSplit(graph, split.targets.to(device), move(split.clean_targets))
+    return replace(split, targets=split.targets.to(device), clean_targets=move(split.clean_targets))
+
+
 @dataclass(frozen=True)
 class TaskData:
     """A task materialised for one budget and seed.
@@ -193,6 +232,7 @@ class TaskData:
     test: Batches
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default=loss_fn)
     correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]] = field(default=correct_fn)
+    device: torch.device = field(default=torch.device("cpu"))
 
     @property
     def num_classes(self) -> int:
@@ -202,12 +242,49 @@ class TaskData:
     def make_model(self, seed: int | None = None) -> nn.Module:
         """Build the task's model with parameters initialised from ``seed`` (default: run seed).
 
-        Initialisation runs under ``torch.random.fork_rng`` so the caller's global RNG state is
-        left untouched and the same seed always gives the same weights.
+        Initialisation runs on the CPU under ``torch.random.fork_rng``, so the caller's global RNG
+        state is left untouched and the same seed gives the same weights on every device; the
+        model is then moved to :attr:`device`.
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed if seed is None else seed)
-            return self.task.build_model(self.dataset)
+            model = self.task.build_model(self.dataset)
+        return model if self.device.type == "cpu" else model.to(self.device)
+
+    def to(self, device: torch.device | str, *, resident: bool | None = None) -> TaskData:
+        """The same data with its batches delivered on ``device`` (and models built there).
+
+        The splits are copied to ``device`` once (``resident``; default: when the dataset takes
+        at most half of the device's free memory, always off CUDA), so a step slices batches on
+        the device with no host copy; otherwise each batch is copied when it is drawn. The
+        training stream keeps its generator (a CPU generator: the batch order is the same on
+        every device). On the CPU (or the current device) this returns ``self``.
+        """
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if resident is None:
+            resident = True
+            if device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0]
+                resident = _nbytes(self.dataset) <= free // 2
+        ds = self.dataset
+        if resident:
+            ds = replace(ds, train=_split_to(ds.train, device), val=_split_to(ds.val, device),
+                         test=_split_to(ds.test, device))  # fmt: skip
+
+        def batches(old: Batches, split: Split) -> Batches:
+            indices = None if isinstance(split, NodeSplit) else old.indices
+            return Batches(
+                split, old.batch_size, shuffle=old.shuffle, generator=old.generator,
+                drop_last=old.drop_last, indices=indices, device=device, shard=old.shard,
+            )  # fmt: skip
+
+        return replace(
+            self, dataset=ds, device=device, train=batches(self.train, ds.train),
+            train_eval=batches(self.train_eval, ds.train), val=batches(self.val, ds.val),
+            test=batches(self.test, ds.test),
+        )  # fmt: skip
 
 
 def _subset_split(split: Split, n: int | None) -> Split:
