@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -11,7 +12,16 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import check_real
-from flatmin.optim._vec import add_scaled_, split_by_device_dtype, sum_pow_q
+from flatmin.optim._vec import (
+    Key,
+    add_scaled_,
+    global_sum,
+    is_sharded,
+    local_shards,
+    reduction_keys,
+    split_by_device_dtype,
+    sum_pow_q,
+)
 
 __all__ = ["Fisher", "LpBall", "PerturbGroup", "PerturbationRule", "dual_exponent"]
 
@@ -60,6 +70,18 @@ def _by_p(groups: Sequence[PerturbGroup]) -> dict[float, list[PerturbGroup]]:
         if group.params:
             balls[float(group.p)].append(group)
     return balls
+
+
+def _local(ball: list[PerturbGroup], uniform: bool) -> tuple[list[PerturbGroup], list[Key] | None]:
+    """The groups on their local shards and the reduction key per tensor (``None``: plain)."""
+    if not any(is_sharded(g.params, uniform=uniform) for g in ball):
+        return ball, None
+    local, keys = [], []
+    for group in ball:
+        params, grads = local_shards(group.params, group.grads)
+        keys += reduction_keys(group.params)
+        local.append(dataclasses.replace(group, params=params, grads=grads))
+    return local, keys
 
 
 def _safe(denom: Tensor, eps: float) -> Tensor:
@@ -116,7 +138,7 @@ class PerturbationRule:
             q = dual_exponent(p)
             dtype = _norm_dtype(ball)
             scaled: list[tuple[list[Tensor], list[Tensor | None]]] = []
-            total: Tensor | None = None
+            terms: list[Tensor] = []
             for group in ball:
                 hs, ts = [], []
                 for w, g in zip(group.params, group.grads):
@@ -125,9 +147,10 @@ class PerturbationRule:
                     hs.append(h)
                     ts.append(t)
                     if not math.isinf(p):
-                        term = h.to(dtype).abs().pow(q).sum()
-                        total = term if total is None else total + term.to(total.device)
+                        terms.append(h.to(dtype).abs().pow(q).sum())
                 scaled.append((hs, ts))
+            # Σ over all tensors (for sharded tensors: of every shard, reduced over the mesh).
+            total = global_sum(terms)
             # (‖h‖_q^q)^(1/p); for p = inf the exponent is 0 and ε = ρ sign(h).
             denom = None if total is None else _safe(total.pow(1.0 / p) + eps, eps)
             for group, (hs, ts) in zip(ball, scaled):
@@ -177,6 +200,9 @@ class PerturbationRule:
     ) -> None:
         q = dual_exponent(p)
         dtype = _norm_dtype(ball, uniform)
+        # DTensors: the same kernel on the local shards (the scales are elementwise), and the
+        # norm's partial sums reduced over the mesh.
+        ball, keys = _local(ball, uniform)
         hs_per_group: list[list[Tensor]] = []
         for group in ball:
             t = self.scales_foreach(group.params, group.grads, group)
@@ -187,7 +213,8 @@ class PerturbationRule:
             inv = None
         else:
             all_hs = [h for hs in hs_per_group for h in hs]
-            inv = 1.0 / _safe(sum_pow_q(all_hs, q, dtype, uniform).pow(1.0 / p) + eps, eps)
+            total = sum_pow_q(all_hs, q, dtype, uniform, keys)
+            inv = 1.0 / _safe(total.pow(1.0 / p) + eps, eps)
         for group, hs in zip(ball, hs_per_group):
             params, grads = group.params, group.grads
             if group.mask is not None:
