@@ -46,6 +46,7 @@ BALLS: dict[str, dict[str, Any]] = {
     "fisher": {"rule": "fisher"},
     "sam_on": {"rule": "sam_on"},
     "clip": {"max_grad_norm": 0.05},
+    "compile": {"compile": {"backend": "eager"}},  # DTensors keep the kernels
 }
 # ESAM's data selection (gamma < 1) picks the sharpest samples of each rank's own batch, as under
 # DDP: that is not single-process ESAM on the whole batch, so the equivalence runs SWP only.

@@ -50,6 +50,8 @@ from flatmin.optim.rules._formula import (
     LpBall,
     PerturbationRule,
     PerturbGroup,
+    add_perturbation_,
+    compile_perturbation,
     dual_exponent,
 )
 from flatmin.optim.rules._selection import RandomSubset, Subset, normalization_parameters, sam_on
@@ -61,6 +63,8 @@ __all__ = [
     "PerturbationRule",
     "RandomSubset",
     "Subset",
+    "add_perturbation_",
+    "compile_perturbation",
     "dual_exponent",
     "normalization_parameters",
     "sam_on",
