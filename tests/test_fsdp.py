@@ -199,6 +199,39 @@ def _reductions(rank: int) -> dict[str, Any]:
     }
 
 
+def _by_hand(rank: int) -> dict[str, Any]:
+    """first_step / unperturbed / second_step, and the restore after a failing pass."""
+    batch = _mine(_batches(1)[0], rank)
+    models = [_shard(_model()) for _ in range(2)]
+    opts = [flatmin.SAM(m.parameters(), torch.optim.SGD, 0.1, lr=0.1) for m in models]
+    opts[0].step(Closure(opts[0], models[0], *batch))
+    before = _flat(models[1])
+    closure = Closure(opts[1], models[1], *batch)
+    closure()
+    opts[1].first_step(zero_grad=True)
+    perturbed = _flat(models[1])
+    with opts[1].unperturbed():
+        inside = _flat(models[1])
+    after_block = _flat(models[1])
+    closure()
+    opts[1].second_step(zero_grad=True)
+    failing = Closure(opts[1], models[1], *batch)
+    failing.fail_at = 2  # the pass at w + ε̂ raises: the weights must come back bit-exactly
+    before_failure = _flat(models[1])
+    try:
+        opts[1].step(failing)
+        raised = False
+    except FloatingPointError:
+        raised = True
+    return {
+        "moved": not torch.equal(perturbed, before),
+        "unperturbed_inside": torch.equal(inside, before),
+        "perturbed_after": torch.equal(after_block, perturbed),
+        "by_hand_equals_step": torch.equal(_flat(models[0]), before_failure),
+        "restored_after_error": raised and torch.equal(_flat(models[1]), before_failure),
+    }
+
+
 def _averaging(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("swa", "ema"):
@@ -272,7 +305,7 @@ def _checkpoint(rank: int, out_dir: str) -> dict[str, Any]:
     result = {"uninterrupted": _snapshot(model, opt, wa)}
     # Per-rank files of DTensor state dicts (same world size).
     model, opt, wa = _make_resumable(rank)
-    saved = torch.load(f"{out_dir}/shard{rank}.pt", weights_only=False)
+    saved = torch.load(f"{out_dir}/shard{rank}.pt")  # weights_only: DTensors are allowed
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     wa.load_state_dict(saved["avg"])
@@ -302,6 +335,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {
             "family": _family(rank),
             "reductions": _reductions(rank),
+            "by_hand": _by_hand(rank),
             "averaging": _averaging(rank),
             "checkpoint": _checkpoint(rank, out_dir),
         }
@@ -387,6 +421,17 @@ def test_sharded_reductions_are_global_and_identical_on_every_rank(fsdp) -> None
 
 def test_a_dtensor_beside_a_plain_tensor_is_an_error_not_a_wrong_update(fsdp) -> None:
     assert "Cannot combine a sharded (DTensor)" in fsdp[0]["reductions"]["mixed_error"]
+
+
+def test_by_hand_steps_unperturbed_and_restore_after_an_error_under_fsdp(fsdp) -> None:
+    for rank in range(WORLD):
+        assert fsdp[rank]["by_hand"] == {
+            "moved": True,
+            "unperturbed_inside": True,
+            "perturbed_after": True,
+            "by_hand_equals_step": True,
+            "restored_after_error": True,
+        }
 
 
 # -- averaging ------------------------------------------------------------------------------------

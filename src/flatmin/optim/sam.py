@@ -69,8 +69,10 @@ class SAM(Policy, Optimizer):
     weights; ``step(closure, model=...)`` keeps them as the first pass left them
     (:func:`flatmin.optim.bn.frozen_bn_stats`). Every member of the family accepts ``model=``.
 
-    DDP (global or ``per_replica``), gradient accumulation, fp16 (``amp.sam_step_amp``),
-    clipping, ``same_rng``, rho schedules and second-order SAM: ``docs/sam_in_practice.md``.
+    DDP (global or ``per_replica``), FSDP2 (``fully_shard``: DTensor parameters, ``ε̂``'s norm
+    global over the shards; ``docs/fsdp.md``), gradient accumulation, fp16
+    (``amp.sam_step_amp``), clipping, ``same_rng``, rho schedules and second-order SAM:
+    ``docs/sam_in_practice.md``.
 
     Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
     at every step that uses them, so a scheduler that sets an invalid value fails at that step.
