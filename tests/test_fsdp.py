@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import flatmin
+from flatmin._io import FileLock
 from flatmin.optim import _vec
 from flatmin.optim.rules import Fisher, sam_on
 from test_sam_family import IDS, MEMBERS, Closure, Member, _build
@@ -351,9 +352,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+def fsdp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    if hasattr(request.config, "workerinput"):
+        # pytest-xdist: the workers of one session share the parent of their base temp, so the
+        # job runs once (the first worker to get here) instead of once per worker.
+        out = tmp_path_factory.getbasetemp().parent / "fsdp"
+        out.mkdir(exist_ok=True)
+    else:
+        out = tmp_path_factory.mktemp("fsdp")
+    with FileLock(out / "lock", blocking=True):
+        if not (out / f"rank{WORLD - 1}.pt").exists():
+            mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
