@@ -205,15 +205,21 @@ def sum_pow_q(
 def _sum_pow_q_sharded(
     hs: list[Tensor], q: float, dtype: torch.dtype, uniform: bool, keys: Sequence[Key]
 ) -> Tensor:
-    groups = [list(range(len(hs)))] if uniform else _index_by_device_dtype(hs)
     partials: dict[Key, Tensor] = {}
-    for idx in groups:
-        per_tensor = torch.stack(torch._foreach_norm([hs[i] for i in idx], q, dtype=dtype)).pow(q)
-        for key in dict.fromkeys(keys[i] for i in idx):
-            mine = [j for j, i in enumerate(idx) if keys[i] == key]
-            s = per_tensor.sum() if len(mine) == len(idx) else per_tensor[mine].sum()
-            partials[key] = s if key not in partials else partials[key] + s.to(partials[key])
+    for idx in [list(range(len(hs)))] if uniform else _index_by_device_dtype(hs):
+        norms = torch._foreach_norm([hs[i] for i in idx], q, dtype=dtype)
+        _add_by_key(partials, torch.stack(norms).pow(q), [keys[i] for i in idx])
     return _all_reduce(partials)
+
+
+def _add_by_key(partials: dict[Key, Tensor], per_tensor: Tensor, keys: Sequence[Key]) -> None:
+    """Add the entries of ``per_tensor`` (one per tensor) into ``partials`` by their key."""
+    for key in dict.fromkeys(keys):
+        if len(keys) == 1 or all(k == key for k in keys):
+            s = per_tensor.sum()
+        else:
+            s = per_tensor[[j for j, k in enumerate(keys) if k == key]].sum()
+        partials[key] = s if key not in partials else partials[key] + s.to(partials[key])
 
 
 def sum_sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -230,14 +236,14 @@ def sum_sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 def dot(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """Σ_i ⟨a_i, b_i⟩ as a 0-d tensor on the first tensor's device (no host sync)."""
     if is_sharded(a):
-        keys = reduction_keys(a)
         la, lb = local_shards(a, b)
         device = la[0].device
-        per = [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)).to(device)
-               for x, y in zip(la, lb)]  # fmt: skip
+        per_tensor = torch.stack(
+            [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)).to(device)
+             for x, y in zip(la, lb)]
+        )  # fmt: skip
         partials: dict[Key, Tensor] = {}
-        for key, value in zip(keys, per):
-            partials[key] = value if key not in partials else partials[key] + value
+        _add_by_key(partials, per_tensor, reduction_keys(a))
         return _all_reduce(partials)
     device = a[0].device
     return torch.stack(
