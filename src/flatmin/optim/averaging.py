@@ -427,7 +427,8 @@ class WeightAveraging:
         Distributed: when ``torch.distributed`` is initialized with more than one process, the
         per-rank statistics are all-reduced, weighted by each rank's number of batches, so every
         rank ends with the statistics a single process would compute over all ranks' batches.
-        Every rank must call it.
+        Every rank must call it; under FSDP2 every rank must also run the same number of batches
+        (each sharded forward pass is a collective: use ``max_batches``).
 
         Args:
             loader: Any iterable of batches (a ``DataLoader``, a list, ...).
