@@ -2,8 +2,9 @@
 
 Restoring copies the saved values back (bit-exact; never ``w − ε̂``, which rounds). Buffers are
 cached per parameter and the last set of parameters is remembered by identity, so a step with a
-stable set allocates nothing and scans nothing per tensor. A sharded (DTensor) path would copy
-local shards here as well; nothing else in the family touches the backup.
+stable set allocates nothing and scans nothing per tensor. Sharded (DTensor) weights are saved
+as DTensors of the same layout and copied shard by shard (:func:`flatmin.optim._vec.copy_`);
+nothing else in the family touches the backup.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from flatmin.optim import _vec
+
 __all__ = ["WeightBackup"]
 
 
-def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool, uniform: bool = False) -> None:
     """Bit-exact ``dst ← src``, with one ``_foreach_copy_`` or a per-tensor loop."""
     if not dst:
         return
     if foreach:
-        torch._foreach_copy_(dst, src)
+        _vec.copy_(dst, src, uniform=uniform)
     else:
         for d, s in zip(dst, src):
             d.copy_(s)
@@ -37,6 +40,8 @@ class WeightBackup:
         self._plan: tuple[list[int], list[Tensor], bool] | None = None
         #: The moved tensors and their saved values (empty when nothing is saved).
         self.saved: tuple[list[Tensor], list[Tensor]] = ([], [])
+        # The saved tensors share one device, dtype and kind (plain / DTensor).
+        self._uniform = False
 
     def _buffers_for(self, params: list[Tensor]) -> tuple[list[Tensor], bool]:
         ids = list(map(id, params))
@@ -56,7 +61,7 @@ class WeightBackup:
             if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
                 buf = self._buffers[w] = torch.empty_like(w, memory_format=torch.preserve_format)
             buffers.append(buf)
-        uniform = len({(w.device, w.dtype) for w in params}) <= 1
+        uniform = _vec.uniform_layout(params)
         self._plan = (ids, buffers, uniform)
         return buffers, uniform
 
@@ -71,20 +76,22 @@ class WeightBackup:
         """
         if not extend:
             buffers, uniform = self._buffers_for(params) if params else ([], True)
-            copy_(buffers, params, foreach)
+            copy_(buffers, params, foreach, uniform)
             self.saved = (params, buffers)
+            self._uniform = uniform
             return uniform
         saved, buffers = self.saved
         known = set(map(id, saved))
         new = [w for w in params if id(w) not in known]
         if new:
             self.saved = (saved + new, buffers + [w.detach().clone() for w in new])
-        return len({(w.device, w.dtype) for w in params}) <= 1
+            self._uniform = _vec.uniform_layout(self.saved[0])
+        return _vec.uniform_layout(params)
 
     def restore(self, *, foreach: bool) -> None:
         """Copy the saved values back and forget them."""
         params, buffers = self.saved
-        copy_(params, buffers, foreach)
+        copy_(params, buffers, foreach, self._uniform)
         self.saved = ([], [])
 
     @contextmanager
@@ -93,12 +100,12 @@ class WeightBackup:
         params, buffers = self.saved
         with torch.no_grad():
             current = [w.detach().clone() for w in params]
-            copy_(params, buffers, foreach)
+            copy_(params, buffers, foreach, self._uniform)
         try:
             yield
         finally:
             with torch.no_grad():
-                copy_(params, current, foreach)
+                copy_(params, current, foreach, self._uniform)
 
     def forget_plan(self) -> None:
         """Drop the cached parameter set (after a load: the groups are new objects)."""

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from flatmin.optim import _vec
 from flatmin.optim._checks import GroupCheck, check_bool, check_nonneg, check_p
 from flatmin.optim.rules import PerturbGroup
 
@@ -123,7 +124,7 @@ class Policy:
                 buf = kept[w] = torch.empty_like(w)
             bufs.append(buf)
         if params:
-            torch._foreach_copy_(bufs, [w.grad for w in params if w.grad is not None])
+            _vec.copy_(bufs, [w.grad for w in params if w.grad is not None])
         self._kept_params = params
 
     def _kept_by_group(

@@ -19,6 +19,12 @@ by name. This works for modules that ``copy.deepcopy`` rejects (legacy
 ``torch.nn.utils.weight_norm`` after a forward pass, parametrized modules) and for wrappers:
 a ``DistributedDataParallel`` / ``DataParallel`` model is averaged through its ``.module``.
 
+Under FSDP2 (``fully_shard``) the parameters are DTensors and so are their averages: each rank
+keeps the shards of its own parameters (no gather, the memory of the parameters is divided as
+theirs is), the updates run on the local shards (:mod:`flatmin.optim._vec`), ``state_dict()``
+holds DTensors for ``torch.distributed.checkpoint``, and ``averaged_state_dict(full=True)``
+gathers a full, plain state dict.
+
 References:
     Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization",
     UAI 2018, arXiv:1803.05407. Polyak & Juditsky, "Acceleration of Stochastic Approximation by
@@ -36,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatmin.optim._vec import copy_, foreach, is_sharded, uniform_layout
 from flatmin.optim.bn import ForwardFn, recompute_bn_stats
 
 __all__ = ["WeightAveraging", "unwrap_model"]
@@ -63,12 +70,14 @@ def _is_averageable(t: Tensor) -> bool:
 class _Group:
     """Shadow tensors and their live sources on one (shadow device, live device, dtype)."""
 
-    __slots__ = ("live", "same_device", "shadow")
+    __slots__ = ("live", "same_device", "shadow", "uniform")
 
     def __init__(self, same_device: bool) -> None:
         self.shadow: list[Tensor] = []
         self.live: list[Tensor] = []
         self.same_device = same_device
+        # One kind (all plain / all DTensors): the kernels decide with one look (see _vec).
+        self.uniform = False
 
     def sources(self, device: torch.device) -> list[Tensor]:
         if self.same_device:
@@ -85,6 +94,8 @@ def _grouped(pairs: Iterable[tuple[Tensor, Tensor]]) -> list[_Group]:
             group = groups[key] = _Group(shadow.device == live.device)
         group.shadow.append(shadow)
         group.live.append(live)
+    for group in groups.values():
+        group.uniform = uniform_layout(group.shadow)
     return list(groups.values())
 
 
@@ -286,9 +297,10 @@ class WeightAveraging:
             sources = group.sources(group.shadow[0].device)
             if self.foreach:
                 if n == 0:
-                    torch._foreach_copy_(group.shadow, sources)
+                    copy_(group.shadow, sources, uniform=group.uniform)
                 else:
-                    torch._foreach_lerp_(group.shadow, sources, weight)
+                    foreach(torch._foreach_lerp_, group.shadow, sources, weight,
+                            uniform=group.uniform)  # fmt: skip
             else:
                 for shadow, src in zip(group.shadow, sources):
                     if n == 0:
@@ -298,7 +310,7 @@ class WeightAveraging:
         for group in self._copy_groups:
             sources = group.sources(group.shadow[0].device)
             if self.foreach:
-                torch._foreach_copy_(group.shadow, sources)
+                copy_(group.shadow, sources, uniform=group.uniform)
             else:
                 for shadow, src in zip(group.shadow, sources):
                     shadow.copy_(src)
@@ -353,13 +365,19 @@ class WeightAveraging:
                     live[name].copy_(saved)
             self._swapped = False
 
-    def averaged_state_dict(self) -> dict[str, Any]:
+    def averaged_state_dict(self, *, full: bool = False) -> dict[str, Any]:
         """Export the averaged model as a plain ``state_dict`` of the (unwrapped) model.
 
         Keys are those of ``model.state_dict()`` (tied weights appear under each of their names),
         so it loads with ``load_state_dict`` into a fresh copy of the model. Tensors are copies
         (on ``device`` when given); entries the averager does not track are copied from the live
         model.
+
+        Args:
+            full: Gather sharded (FSDP2 / DTensor) entries into full plain tensors, on every rank
+                (a collective: every rank must call it). Without it they stay DTensors, as the
+                sharded model's own ``state_dict()`` has them (for ``torch.distributed.checkpoint``
+                or the sharded model's ``load_state_dict``).
 
         Raises:
             RuntimeError: Nothing has been averaged yet.
@@ -376,8 +394,10 @@ class WeightAveraging:
                 out[key] = value
                 continue
             name = canonical.get(id(value), by_id.get(id(value)))
-            src = averages.get(name, value) if name is not None else value
-            out[key] = src.detach().to(self.device or src.device, copy=True)
+            src = (averages.get(name, value) if name is not None else value).detach()
+            if full and is_sharded([src]):
+                src = src.full_tensor()  # type: ignore[attr-defined]
+            out[key] = src.to(self.device or src.device, copy=True)
         metadata = getattr(live_sd, "_metadata", None)
         if metadata is not None:
             out._metadata = metadata  # type: ignore[attr-defined]
@@ -407,7 +427,8 @@ class WeightAveraging:
         Distributed: when ``torch.distributed`` is initialized with more than one process, the
         per-rank statistics are all-reduced, weighted by each rank's number of batches, so every
         rank ends with the statistics a single process would compute over all ranks' batches.
-        Every rank must call it.
+        Every rank must call it; under FSDP2 every rank must also run the same number of batches
+        (each sharded forward pass is a collective: use ``max_batches``).
 
         Args:
             loader: Any iterable of batches (a ``DataLoader``, a list, ...).

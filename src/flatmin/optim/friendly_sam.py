@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from flatmin.optim._checks import GroupCheck, check_nonneg, check_real
+from flatmin.optim._vec import foreach
 from flatmin.optim.rules import PerturbGroup
 from flatmin.optim.sam import SAM
 
@@ -94,8 +95,8 @@ class FriendlySAM(SAM):
                 grads = [pg.grads[i] for i in ready]
                 ms = [self.state[pg.params[i]][_M_KEY] for i in ready]
                 # d = g − σ m with the old m; then m ← λ m + (1 − λ) g (the plain gradient).
-                d = torch._foreach_sub(grads, ms, alpha=group["sigma"])
-                torch._foreach_lerp_(ms, grads, 1.0 - group["lmbda"])
+                d = foreach(torch._foreach_sub, grads, ms, alpha=group["sigma"])
+                foreach(torch._foreach_lerp_, ms, grads, 1.0 - group["lmbda"])
                 for i, di in zip(ready, d):
                     directions[i] = di
             pg.grads = directions

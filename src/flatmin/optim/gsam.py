@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from flatmin.optim._checks import GroupCheck, check_nonneg
-from flatmin.optim._vec import add_scaled_, dot, sum_sq, wide_dtype
+from flatmin.optim._vec import add_scaled_, dot, foreach, sum_sq, wide_dtype
 from flatmin.optim.sam import SAM
 
 __all__ = ["GSAM"]
@@ -81,4 +81,4 @@ class GSAM(SAM):
         add_scaled_(g, g_s, -c)
         for group, _, kept, grads in parts:
             if group["alpha"] != 0.0:
-                torch._foreach_add_(grads, kept, alpha=-group["alpha"])
+                foreach(torch._foreach_add_, grads, kept, alpha=-group["alpha"])

@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import GroupCheck, check_nonneg, check_positive_int
-from flatmin.optim._vec import add_scaled_, dot, split_by_device_dtype, sum_sq, wide_dtype
+from flatmin.optim._vec import (
+    add_scaled_,
+    copy_,
+    dot,
+    foreach,
+    split_by_device_dtype,
+    sum_sq,
+    wide_dtype,
+)
 from flatmin.optim.sam import SAM
 
 __all__ = ["LookSAM", "SAMEveryK"]
@@ -175,7 +183,7 @@ class LookSAM(SAMEveryK):
         self._first_params = params
         if params:
             grads = [w.grad for w in params if w.grad is not None]
-            torch._foreach_copy_(self._buffers(params), grads)
+            copy_(self._buffers(params), grads)
             self._g_sq = sum_sq(grads, wide_dtype(params))
 
     @torch.no_grad()
@@ -192,11 +200,11 @@ class LookSAM(SAMEveryK):
         # g_v = g_s − c·g with c = g·g_s/‖g‖² (c = 0 when g = 0, so g_v = g_s).
         c = dot(bufs, g_s, dtype) / (g_sq + self.eps)
         for bs, ss in split_by_device_dtype(bufs, g_s):
-            torch._foreach_mul_(bs, (-c).to(device=bs[0].device, dtype=bs[0].dtype))
-            torch._foreach_add_(bs, ss)
+            foreach(torch._foreach_mul_, bs, (-c).to(device=bs[0].device, dtype=bs[0].dtype))
+            foreach(torch._foreach_add_, bs, ss)
         inv = 1.0 / (sum_sq(bufs, dtype).sqrt() + self.eps)
         for bs, _ in split_by_device_dtype(bufs, g_s):
-            torch._foreach_mul_(bs, inv.to(device=bs[0].device, dtype=bs[0].dtype))
+            foreach(torch._foreach_mul_, bs, inv.to(device=bs[0].device, dtype=bs[0].dtype))
 
     @torch.no_grad()
     def _adjust_plain_grad_(self) -> None:

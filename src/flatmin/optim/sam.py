@@ -17,7 +17,7 @@ sequence from :mod:`flatmin.optim._driver`; a variant overrides a few policy hoo
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, overload
 
@@ -30,7 +30,7 @@ from flatmin.optim._backup import WeightBackup
 from flatmin.optim._checks import check_real
 from flatmin.optim._driver import remember_grad, run_step
 from flatmin.optim._policy import Policy
-from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup
+from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup, compile_perturbation
 
 __all__ = ["SAM"]
 
@@ -69,8 +69,10 @@ class SAM(Policy, Optimizer):
     weights; ``step(closure, model=...)`` keeps them as the first pass left them
     (:func:`flatmin.optim.bn.frozen_bn_stats`). Every member of the family accepts ``model=``.
 
-    DDP (global or ``per_replica``), gradient accumulation, fp16 (``amp.sam_step_amp``),
-    clipping, ``same_rng``, rho schedules and second-order SAM: ``docs/sam_in_practice.md``.
+    DDP (global or ``per_replica``), FSDP2 (``fully_shard``: DTensor parameters, ``ε̂``'s norm
+    global over the shards; ``docs/fsdp.md``), gradient accumulation, fp16
+    (``amp.sam_step_amp``), clipping, ``same_rng``, rho schedules and second-order SAM:
+    ``docs/sam_in_practice.md``.
 
     Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
     at every step that uses them, so a scheduler that sets an invalid value fails at that step.
@@ -94,6 +96,11 @@ class SAM(Policy, Optimizer):
             changes nothing: ``ε̂`` is invariant to rescaling ``g``.
         rule: The perturbation rule (default :class:`~flatmin.optim.rules.LpBall`, which reads
             ``p``, ``adaptive``, ``eta`` from the groups).
+        compile: Run the perturbation through ``torch.compile``: the rule's reference form,
+            fused by the compiler (:func:`~flatmin.optim.rules.compile_perturbation`; equal to
+            the reference to 1e-6 in float32). ``True`` for inductor's defaults, or a dict of
+            ``torch.compile`` arguments (``{"mode": "max-autotune-no-cudagraphs"}``). The first
+            step compiles. DTensor parameters and ESAM's random subsets keep the kernels.
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
@@ -132,8 +139,11 @@ class SAM(Policy, Optimizer):
         foreach: bool | None = None,
         max_grad_norm: float | None = None,
         rule: PerturbationRule | None = None,
+        compile: bool | Mapping[str, Any] = False,
         **base_kwargs: Any,
     ) -> None:
+        if not isinstance(compile, (bool, Mapping)):
+            raise TypeError(f"Invalid compile: {compile!r} (expected a bool or a dict)")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"Invalid eps: {eps!r} (expected a float >= 0)")
         if foreach is not None and not isinstance(foreach, bool):
@@ -177,6 +187,9 @@ class SAM(Policy, Optimizer):
         self.foreach = foreach
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.rule = rule or LpBall()
+        self._compiled = (
+            None if compile is False else compile_perturbation({} if compile is True else compile)
+        )
         #: Base steps taken (SAM and plain); a Python int, so deciding a branch costs no sync.
         self.steps_taken = 0
         # The weights the pending step moved, and their saved values.
@@ -246,6 +259,7 @@ class SAM(Policy, Optimizer):
                 uniform=uniform,
                 # zero_grad: the directions are dropped next, so they can be scratch space.
                 consume_grads=zero_grad and self._direction_is_scratch,
+                compiled=self._compiled,
             )
         for group in groups:  # keep the selection (tensors, settings, masks), not the gradients
             group.grads = []

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import GroupCheck, check_bool, check_real
+from flatmin.optim._vec import copy_, foreach
 from flatmin.optim.sam import SAM
 
 __all__ = ["WSAM"]
@@ -90,16 +91,16 @@ class WSAM(SAM):
             a = group["gamma"] / (1.0 - group["gamma"])
             if not self.decouple:
                 # a g_s + (1 − a) g  ==  g_s + (1 − a)(g − g_s)
-                torch._foreach_lerp_(grads, kept, 1.0 - a)
+                foreach(torch._foreach_lerp_, grads, kept, 1.0 - a)
                 continue
-            pending.append((group, params, list(torch._foreach_sub(grads, kept)), a))
-            torch._foreach_copy_(grads, kept)
+            pending.append((group, params, list(foreach(torch._foreach_sub, grads, kept)), a))
+            copy_(grads, kept)
         self._sharpness = pending
 
     @torch.no_grad()
     def _after_base_step(self) -> None:
         for group, params, sharpness, a in self._sharpness:
-            torch._foreach_add_(params, sharpness, alpha=-group["lr"] * a)
+            foreach(torch._foreach_add_, params, sharpness, alpha=-group["lr"] * a)
         self._sharpness = ()
 
     def __repr__(self) -> str:

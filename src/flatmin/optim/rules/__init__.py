@@ -25,16 +25,20 @@ Every rule has three forms of the same formula: :meth:`PerturbationRule.perturba
 with plain differentiable ops (the single-tensor reference, and what second-order SAM,
 ``analysis.sam_gradients`` and ``analysis.sharpness`` differentiate or evaluate), and the in-place
 kernels of :meth:`PerturbationRule.perturb_`: the reference applied in place (``foreach=False``)
-or a ``torch._foreach_*`` kernel (the default) that must agree with it in float64.
+or a ``torch._foreach_*`` kernel (the default) that must agree with it in float64. A third way to
+run the reference is :func:`compile_perturbation` (``SAM(compile=True)``): the same formula
+through ``torch.compile``, fused by the compiler (equal to the reference to 1e-6 in float32).
 
 Cost of the foreach kernel (p = 2, no scale, the common case): the norm reads ``g`` once and
 ``w ← w + s·g`` is one fused ``addcmul`` on CPU (``_foreach_mul`` + ``_foreach_add_`` on
 accelerators, which keeps the multi-tensor fast path); the scale ``s = ρ/‖g‖`` stays a 0-d tensor,
 so there is no host sync.
 
-Distributed note: every global reduction (the norm here, the dot products of the variants) goes
-through :mod:`flatmin.optim._vec`, the one place where a sharded (DTensor) path would reduce its
-local partial sums across the mesh.
+Sharded parameters (FSDP2, DTensors): the kernel runs on the local shards (a rule's scale ``T`` is
+elementwise, so it does not care), and the norm is the sum of every rank's partial sums,
+all-reduced over the mesh by :mod:`flatmin.optim._vec`, the one place that knows the layout; the
+reference form sums its terms with :func:`flatmin.optim._vec.global_sum`. Every rank computes the
+same global norm; nothing is gathered.
 
 References:
     Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
@@ -50,6 +54,8 @@ from flatmin.optim.rules._formula import (
     LpBall,
     PerturbationRule,
     PerturbGroup,
+    add_perturbation_,
+    compile_perturbation,
     dual_exponent,
 )
 from flatmin.optim.rules._selection import RandomSubset, Subset, normalization_parameters, sam_on
@@ -61,6 +67,8 @@ __all__ = [
     "PerturbationRule",
     "RandomSubset",
     "Subset",
+    "add_perturbation_",
+    "compile_perturbation",
     "dual_exponent",
     "normalization_parameters",
     "sam_on",
