@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 
+from flatmin._io import FileLock
 from flatmin.bench import BenchConfig, RunSpec, read_records, run_grid
+from flatmin.bench.execute import LOCK
 from flatmin.cli import main
 from test_bench_support import TASKS, ToyResolver
+from test_faults import _all_gone, _descendants
 
 TESTS = Path(__file__).parent
 NO_RAY = "Ray is not installed (pip install 'flatmin[ray]'; CI installs it with the test extra)"
@@ -129,6 +135,87 @@ def test_the_validation_grid_runs_on_ray_with_the_same_choices(ray, tmp_path):
     on_ray = run_grid(_cfg(tmp_path / "ray", executor="ray", **kw), resolver=ToyResolver())
     assert on_ray.hypers == local.hypers and on_ray.ran == local.ran > 6
     assert _by_hash(tmp_path / "ray") == _by_hash(tmp_path / "local")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_the_cli_runs_on_an_existing_cluster_and_leaves_it_running(ray, tmp_path):
+    """``--ray-address``: the runs are tasks of the running instance (this module's)."""
+    address = ray.get_runtime_context().gcs_address
+    exe = Path(sys.executable).with_name("flatmin")
+    argv = [str(exe), "bench", "--tasks", "digits", "--methods", "baseline", "--seeds", "2",
+            "--epochs", "1", "--no-progress", "--executor", "ray", "--ray-address", address,
+            "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours, theirs = set(), set()  # commands under this process's Ray instance / under the CLI
+    while proc.poll() is None:
+        mine = _descendants(os.getpid())
+        cli = _descendants(proc.pid)
+        ours |= {_cmdline(p).strip() for p in mine - cli - {proc.pid}}
+        theirs |= {_cmdline(p).strip() for p in cli}
+        time.sleep(0.05)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "ray::flatmin-bench-run" in ours  # a run's task, on this module's instance
+    assert not any("raylet" in c or "gcs_server" in c for c in theirs)  # no instance of its own
+    assert [r["status"] for r in read_records(tmp_path / "results.jsonl")] == ["ok", "ok"]
+    assert ray.is_initialized() and ray.get(ray.put(7)) == 7  # the cluster is still up
+
+
+# -- signals ------------------------------------------------------------------------------------
+
+_BENCH = ["bench", "--tasks", "digits", "--methods", "baseline", "swa", "sam", "--seeds", "3",
+          "--epochs", "2", "--no-progress", "--executor", "ray"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_ray_grid_keeping_results_and_its_local_ray_instance_goes(
+    tmp_path, sig, code
+):
+    pytest.importorskip("ray", reason=NO_RAY)
+    exe = Path(sys.executable).with_name("flatmin")
+    proc = subprocess.Popen([str(exe), *_BENCH, "--out", str(tmp_path)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    results = tmp_path / "results.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not results.exists() or not results.read_text():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        family = _descendants(proc.pid)  # the Ray instance: GCS, raylet, agents, workers
+        assert any("raylet" in _cmdline(p) for p in family), family
+        kept = results.read_text()
+        if sig == signal.SIGINT:  # Ctrl-C in a terminal: the whole process group gets it
+            os.killpg(proc.pid, sig)
+        else:  # docker stop, Slurm, kill: the driver only
+            os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert _all_gone(family, timeout=30) == set()
+    assert "Traceback" not in err
+    name = signal.Signals(sig).name
+    assert f"flatmin bench: interrupted by {name}; finished runs are kept" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every record is whole and well-formed
+        records = read_records(results)
+    assert results.read_text().startswith(kept) and len(records) < 6
+    assert all(r["status"] == "ok" for r in records)
+    with FileLock(tmp_path / LOCK):  # released
+        pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 # -- options -------------------------------------------------------------------------------------

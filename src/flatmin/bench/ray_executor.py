@@ -37,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from flatmin._proc import Interrupted
 from flatmin.bench.execute import _Bars, _error_record, _execute
 from flatmin.bench.store import append_record
 from flatmin.bench.train import RunSpec
@@ -178,7 +179,54 @@ def run_on_ray(
             tasks cancelled.
     """
     ray = import_ray()
-    _connect(ray, cfg)
+    with _signals_seen() as seen:
+        try:
+            _connect(ray, cfg)
+            _run(ray, specs, cfg, resolver, results, bars)
+        except KeyboardInterrupt as exc:
+            if seen and not isinstance(exc, Interrupted):
+                raise Interrupted(seen[-1]) from None
+            raise
+
+
+@contextlib.contextmanager
+def _signals_seen() -> Iterator[list[int]]:
+    """The SIGINT/SIGTERM received in the block, seen as they reach the installed handlers.
+
+    Ray's blocking calls (``ray.init``, ``ray.wait``, ``ray.get``) run the signal handlers but
+    replace the exception they raise (an :class:`~flatmin._proc.Interrupted` that carries the
+    signal) by a bare ``KeyboardInterrupt``; what is seen here restores it.
+    """
+    seen: list[int] = []
+    previous: dict[int, Any] = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(s)
+        if not callable(handler):  # SIG_DFL / SIG_IGN / not installed from Python
+            continue
+
+        def remember(signum: int, frame: Any, handler: Callable[..., Any] = handler) -> Any:
+            seen.append(signum)
+            return handler(signum, frame)
+
+        try:
+            previous[s] = signal.signal(s, remember)
+        except ValueError:  # not the main thread
+            break
+    try:
+        yield seen
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(
+    ray: ModuleType,
+    specs: Sequence[RunSpec],
+    cfg: BenchConfig,
+    resolver: Resolver,
+    results: Path,
+    bars: _Bars,
+) -> None:
     datasets: dict[str, Any] = {}  # dataset name -> object ref
     for spec in specs:
         task = resolver.task(spec.task)
