@@ -155,14 +155,21 @@ def _run_task(
     progress: Any,
 ) -> dict[str, Any]:
     """The body of a run's Ray task (``dataset`` arrives from the object store)."""
-    notify: Callable[[int, int, float], None] | None = None
-    if progress is not None:
-        progress.put.remote(("start", run_id))
+    if progress is None:
+        return _execute(spec, _Loaded(resolver, dataset), threads, None)
+    import ray  # in a Ray worker
 
-        def notify(epoch: int, epochs: int, acc: float) -> None:
-            progress.put.remote(("epoch", run_id, epoch, epochs, acc))
+    progress.put.remote(("start", run_id))
 
-    return _execute(spec, _Loaded(resolver, dataset), threads, notify)
+    def notify(epoch: int, epochs: int, acc: float) -> None:
+        progress.put.remote(("epoch", run_id, epoch, epochs, acc))
+
+    record = _execute(spec, _Loaded(resolver, dataset), threads, notify)
+    # The actor runs one caller's messages in order: once this one is in, all are, so the
+    # driver takes them before it sees the record (the run's bar is never skipped).
+    with contextlib.suppress(ray.exceptions.RayError):  # the bars are not worth a run
+        ray.get(progress.put.remote(("end", run_id)))
+    return record
 
 
 def run_on_ray(
@@ -251,7 +258,7 @@ def _run(
             if kind == "start":
                 started[run_id] = time.perf_counter()
                 bars.start(run_id, specs[run_id])
-            else:
+            elif kind == "epoch":
                 bars.epoch(run_id, *rest)
 
     def collect(refs: Sequence[Any]) -> None:
@@ -274,8 +281,8 @@ def _run(
             pending[ref], started[run_id] = run_id, time.perf_counter()
         while pending:
             ray.wait(list(pending), num_returns=1, timeout=_POLL)
-            show_progress()
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            show_progress()  # after the wait: every message of a ready task is in
             collect(ready)
     except BaseException:
         with contextlib.suppress(Exception):  # keep what finished before the interruption
