@@ -35,16 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatmin.optim import SAM
+import flatmin
+from flatmin import SAM
 from flatmin.optim.bn import frozen_bn_stats
-from flatmin.optim.esam import ESAM
-from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.tasks.models import ResNetCNN
-
-try:
-    from flatmin.optim.wasam import WASAM
-except ImportError:  # pragma: no cover - older trees
-    WASAM = None  # type: ignore[assignment,misc]
 
 try:
     from pytorch_optimizer import SAM as PeerSAM
@@ -220,18 +214,34 @@ def run_workload(
         notes.append("pytorch-optimizer not installed: that peer is skipped")
     add("loop SAM (davda54)", lambda m: LoopSAM(m.parameters(), sgd, rho=RHO, **BASE_KW), "sam")
     if work.variants:
-        add("SAMEveryK k=5", lambda m: SAMEveryK(m.parameters(), sgd, k=5, rho=RHO, **BASE_KW),
+        add("SAMEveryK k=5",
+            lambda m: flatmin.SAMEveryK(m.parameters(), sgd, k=5, rho=RHO, **BASE_KW),
             "closure")  # fmt: skip
         add("LookSAM k=5 a=0.7",
-            lambda m: LookSAM(m.parameters(), sgd, k=5, alpha=0.7, rho=RHO, **BASE_KW),
+            lambda m: flatmin.LookSAM(m.parameters(), sgd, k=5, alpha=0.7, rho=RHO, **BASE_KW),
             "closure")  # fmt: skip
         add("ESAM b=0.6 g=0.5",
-            lambda m: ESAM(m.parameters(), sgd, beta=0.6, gamma=0.5, rho=RHO, **BASE_KW),
+            lambda m: flatmin.ESAM(m.parameters(), sgd, beta=0.6, gamma=0.5, rho=RHO, **BASE_KW),
             "esam")  # fmt: skip
-        if WASAM is not None:
-            add("WASAM", lambda m: WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
-        else:
-            notes.append("flatmin.optim.wasam.WASAM not found: skipped")
+        add("WASAM", lambda m: flatmin.WASAM(m, sgd, rho=RHO, **BASE_KW), "closure")
+        add("GSAM a=0.1", lambda m: flatmin.GSAM(m.parameters(), sgd, RHO, alpha=0.1, **BASE_KW),
+            "closure")  # fmt: skip
+        add("WSAM g=0.9", lambda m: flatmin.WSAM(m.parameters(), sgd, RHO, gamma=0.9, **BASE_KW),
+            "closure")  # fmt: skip
+        add(
+            "FriendlySAM",
+            lambda m: flatmin.FriendlySAM(m.parameters(), sgd, RHO, **BASE_KW),
+            "closure",
+        )
+        add("GCSAM", lambda m: flatmin.GCSAM(m.parameters(), sgd, RHO, **BASE_KW), "closure")
+        add(
+            "MomentumSAM",
+            lambda m: flatmin.MomentumSAM(m.parameters(), sgd, RHO, **BASE_KW),
+            "closure",
+        )
+        add("MultiStepSAM n=2",
+            lambda m: flatmin.MultiStepSAM(m.parameters(), sgd, RHO / 2, steps=2, **BASE_KW),
+            "closure")  # fmt: skip
 
     def one_step(c: Contender, model: nn.Module) -> None:
         opt = c.opt
@@ -271,8 +281,14 @@ def run_workload(
         elif c.kind == "esam":
 
             def per_sample(index: torch.Tensor | None = None) -> torch.Tensor:
+                # ESAM's closure: per-sample losses, an optional sample index, no backward
+                # under no_grad (its selection pass).
+                opt.zero_grad()
                 xb, yb = (x, y) if index is None else (x[index], y[index])
-                return F.cross_entropy(model(xb), yb, reduction="none")
+                losses = F.cross_entropy(model(xb), yb, reduction="none")
+                if torch.is_grad_enabled():
+                    losses.mean().backward()
+                return losses
 
             opt.step(per_sample, model=model)
         else:

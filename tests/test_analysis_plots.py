@@ -54,3 +54,28 @@ def test_plots_return_figures_and_draw_the_data():
     with pytest.raises(ValueError, match="Invalid metric"):
         plot_paths({"a": _path()}, dataset="train", metric="acc")
     plt.close("all")
+
+
+def test_losses_spanning_decades_get_a_log_axis_and_the_legend_stays_off_the_data():
+    import matplotlib.pyplot as plt
+
+    t = np.linspace(-0.5, 1.5, 9)
+    wide = PathResult(
+        kind="interpolation", coords=t,
+        loss={"train": 0.1 + (t - 0.5) ** 2},  # 0.1 .. 1.1: one decade
+        error={"train": np.zeros(9)},
+    )  # fmt: skip
+    assert plot_path(wide).axes[0].get_yscale() == "linear"
+    huge = PathResult(kind="interpolation", coords=t, loss={"train": 10.0 ** (4 * np.abs(t - 0.5))},
+                      error={"train": np.zeros(9)})  # 1 .. 1e4  # fmt: skip
+    fig = plot_path(huge)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    # The legend is anchored below the axes (outside the plotting area), not over the curves.
+    legend = ax.get_legend()
+    fig.canvas.draw()
+    assert legend.get_window_extent().y1 <= ax.get_window_extent().y0
+    assert plot_paths({"a": huge}, dataset="train").axes[0].get_yscale() == "log"
+    assert plot_paths({"a": wide}, dataset="train").axes[0].get_yscale() == "linear"
+    assert plot_paths({"a": huge}, dataset="train", logy=False).axes[0].get_yscale() == "linear"
+    plt.close("all")

@@ -462,6 +462,71 @@ def test_load_state_dict_checks() -> None:
         wa.load_state_dict({"shadow": {}})
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _corrupt(sd: dict, path: tuple, value) -> dict:
+    bad = copy.deepcopy(sd)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (("count",), -1, r"count: -1"),
+        (("count",), 2.5, r"count: 2\.5"),
+        (("n_averaged",), 7, r"n_averaged=7 after count=5"),
+        (("n_averaged",), True, r"n_averaged: True"),
+        (("settings", "start"), 1, r"start=1"),
+        (("settings", "every"), 3, r"every=3"),
+        (("shadow", "3.weight"), torch.zeros(2, 2), r"'3\.weight': shape \(2, 2\)"),
+        (("shadow", "0.bias"), [1.0], r"'0\.bias'"),
+        (("bn_stats", "9.running_mean"), torch.zeros(6), r"not BN statistics"),
+        (("bn_stats", "1.running_var"), torch.zeros(3), r"'1\.running_var': shape \(3,\)"),
+    ],
+)
+def test_load_state_dict_validates_everything_first_and_changes_nothing(path, value, match) -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wa = WeightAveraging(model, start=2, every=2)
+    for batch in data(5):
+        sgd_step(model, opt, batch)
+        wa.update()
+    wa.update_bn([x for x, _ in data(2)])
+    saved = copy.deepcopy(wa.state_dict())
+    assert (saved["count"], saved["n_averaged"]) == (5, 2)
+
+    target = WeightAveraging(make_mlp(seed=3), start=2, every=2)
+    for _ in range(3):
+        target.update()
+    target.update_bn([x for x, _ in data(1)])
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(_corrupt(saved, path, value))
+    assert _same(before, target.state_dict())
+    target.load_state_dict(saved)  # the intact one loads
+    assert _same(saved, target.state_dict())
+
+
+def test_a_state_dict_without_settings_from_flatmin_0_1_still_loads() -> None:
+    model = make_mlp()
+    wa = WeightAveraging(model)
+    wa.update()
+    legacy = {k: v for k, v in wa.state_dict().items() if k != "settings"}
+    fresh = WeightAveraging(make_mlp(seed=2))
+    fresh.load_state_dict(legacy)
+    assert fresh.n_averaged == 1
+
+
 # -- wrappers, options and errors ------------------------------------------------------------------
 
 

@@ -382,7 +382,7 @@ def test_fixed_hypers_ablation_and_variants(tmp_path):
     cfg = _cfg(
         tmp_path, tasks=("toy-a", "toy-b"), methods=("baseline", "swa", "sam", "wasam"),
         seeds=(0, 1), hypers={"toy-a": {"sam": Hyper(rho=0.2), "wasam": Hyper(rho=0.2, start=0.9)}},
-        variants=("samk",), variant_tasks=("toy-a",), ablation_task="toy-a",
+        extra_methods={"toy-a": ("samk",)}, variants=("samk",), ablation_task="toy-a",
         ablation_factors=(0.5, 2.0), epochs=2,
     )  # fmt: skip
     summary = run_grid(cfg, resolver=ToyResolver())
@@ -533,3 +533,32 @@ def test_suites_cover_the_protocol():
     assert get_suite("full").tune and get_suite("full").seeds >= 3
     with pytest.raises(ValueError, match="known: quick, full"):
         get_suite("medium")
+
+
+def test_flatness_study_reproduces_the_runs_and_is_resumed(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam", "wasam"),
+               seeds=(0,), analysis_task="toy-a", epochs=3)  # fmt: skip
+    summary = run_grid(cfg, resolver=ToyResolver())
+    study = summary.flatness
+    assert study["methods"] == ["baseline", "swa", "sam", "wasam"]
+    for m, rep in study["reproduced"].items():
+        assert rep["recorded_final_test_acc"] == rep["retrained_final_test_acc"], m
+    for m in study["methods"]:
+        for split in ("train", "test"):
+            v = study["measures"][m][split]
+            assert v["lambda_max"] > 0 and v["trace"] > 0 and v["worst_case_sharpness"] >= 0
+        assert (tmp_path / "checkpoints" / f"{m}.pt").stat().st_size > 0
+    assert set(study["interpolations"]) == {"baseline→swa", "baseline→sam", "baseline→wasam"}
+    line = study["interpolations"]["baseline→sam"]
+    assert line["coords"][0] == -0.5 and line["coords"][-1] == 1.5
+    assert min(abs(c) for c in line["coords"]) < 1e-12  # the path passes through both ends
+    assert min(abs(c - 1) for c in line["coords"]) < 1e-12
+    text = (tmp_path / "report.md").read_text()
+    assert "## Flatness of the solutions" in text and "reproduced the recorded runs" in text
+    for name in ("flatness_rays.png", "flatness_interpolation.png", "flatness_spectrum.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    stamp = (tmp_path / "flatness.json").stat().st_mtime_ns
+    again = run_grid(cfg, resolver=ToyResolver())
+    assert again.ran == 0 and again.flatness == study
+    assert (tmp_path / "flatness.json").stat().st_mtime_ns == stamp  # loaded, not recomputed

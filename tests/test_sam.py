@@ -517,7 +517,7 @@ def test_accelerator_kernel_paths_match_reference(monkeypatch, fused, zero_grad)
     With ``zero_grad=False`` the gradients must survive first_step untouched; with ``True`` the
     accelerator path may use them as scratch space.
     """
-    from flatmin.optim import _perturb
+    from flatmin.optim import _vec as _perturb
 
     monkeypatch.setattr(_perturb, "_fused_addcmul", lambda device: fused)
     models = [_Odd(), _Odd()]

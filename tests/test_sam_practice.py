@@ -577,3 +577,15 @@ def test_lightning_automatic_optimization_with_sam():
             opt.step(_closure_for(ref, opt, xb, yb))
     for p, q in zip(module.net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
+
+
+def test_proportional_rho_load_state_dict_is_all_or_nothing():
+    opt = SAM(_mlp().parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    sched = ProportionalRho(opt, rho_min=0.01)
+    before = sched.state_dict()
+    bad = {**before, "rho_max": [0.2], "lr_min": [-1.0]}
+    with pytest.raises(ValueError, match=r"Invalid lr_min: -1\.0"):
+        sched.load_state_dict(bad)
+    assert sched.state_dict() == before
+    with pytest.raises(ValueError, match="missing"):
+        sched.load_state_dict({"rho_max": [0.2]})

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from flatmin.optim import SAM
-from flatmin.optim._perturb import PerturbGroup, perturb_foreach_, perturb_single_tensor_
-from flatmin.optim.esam import ESAM
+from flatmin.optim.esam import ESAM, per_sample_closure
 from flatmin.optim.looksam import LookSAM, SAMEveryK
+from flatmin.optim.rules import LpBall, PerturbGroup
 
 
 def _bn_model(dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -174,14 +174,14 @@ def test_looksam_resume_continues_in_lockstep():
     _assert_same_model(model_a, model_b)
 
 
-def _per_sample(model, x, y, calls=None):
-    def loss_fn(index=None):
+def _per_sample(opt, model, x, y, calls=None):
+    def losses(index=None):
         if calls is not None:
             calls.append("all" if index is None else len(index))
         xb, yb = (x, y) if index is None else (x[index], y[index])
         return nn.functional.cross_entropy(model(xb), yb, reduction="none")
 
-    return loss_fn
+    return per_sample_closure(opt, losses)
 
 
 def test_esam_with_beta_gamma_one_is_sam():
@@ -192,9 +192,9 @@ def test_esam_with_beta_gamma_one_is_sam():
     _train_closure(sam, model_a, batches)
     for x, y in batches:
         calls: list = []
-        loss = esam.step(_per_sample(model_b, x, y, calls), model=model_b)
+        loss = esam.step(_per_sample(esam, model_b, x, y, calls), model=model_b)
         assert calls == ["all", "all"]
-        assert loss.ndim == 0 and not loss.requires_grad
+        assert loss.shape == (16,) and not loss.requires_grad  # the per-sample losses at w
     _assert_same_model(model_a, model_b)
 
 
@@ -206,7 +206,7 @@ def test_esam_data_selection_uses_the_sharpest_samples():
     rho, lr, gamma = 0.3, 0.1, 0.25
     opt = ESAM(model.parameters(), torch.optim.SGD, beta=1.0, gamma=gamma, rho=rho, lr=lr)
     calls: list = []
-    opt.step(_per_sample(model, x, y, calls))
+    opt.step(_per_sample(opt, model, x, y, calls))
     assert calls == ["all", "all", 4]
     # Reference by hand with torch.func: per-sample losses at w and at w + ε̂.
     params = dict(ref.named_parameters())
@@ -242,7 +242,7 @@ def test_esam_weight_perturbation_moves_the_drawn_tensors_only():
         theta = torch.cat(list(ws))
         return (0.5 * theta @ a @ theta - b @ theta).reshape(1)
 
-    opt.step(loss_fn)
+    opt.step(per_sample_closure(opt, loss_fn))
     g = a @ theta0 - b
     e = torch.where(mask, rho * g / g.norm() / beta, torch.zeros_like(g))
     g_plus = a @ (theta0 + e) - b
@@ -258,14 +258,14 @@ def test_esam_resume_continues_in_lockstep():
     kw = {"beta": 0.5, "gamma": 0.5, **_sgd_kw()}
     opt_a = ESAM(model_a.parameters(), torch.optim.SGD, **kw)
     for x, y in batches[:3]:
-        opt_a.step(_per_sample(model_a, x, y), model=model_a)
+        opt_a.step(_per_sample(opt_a, model_a, x, y), model=model_a)
     model_b = _bn_model()
     model_b.load_state_dict(model_a.state_dict())
     opt_b = ESAM(model_b.parameters(), torch.optim.SGD, generator=torch.Generator(), **kw)
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     for x, y in batches[3:]:
-        opt_a.step(_per_sample(model_a, x, y), model=model_a)
-        opt_b.step(_per_sample(model_b, x, y), model=model_b)
+        opt_a.step(_per_sample(opt_a, model_a, x, y), model=model_a)
+        opt_b.step(_per_sample(opt_b, model_b, x, y), model=model_b)
     _assert_same_model(model_a, model_b)
 
 
@@ -280,10 +280,11 @@ def test_masked_kernels_agree_in_float64():
         mask = [True, False, True, False]
         a = [t.clone() for t in params]
         b = [t.clone() for t in params]
-        perturb_single_tensor_([PerturbGroup(a, grads, 0.1, p, adaptive, 0.01, mask)], 1e-12)
-        perturb_foreach_([PerturbGroup(b, grads, 0.1, p, adaptive, 0.01, mask)], 1e-12)
+        rule = LpBall()
+        rule.perturb_([PerturbGroup(a, grads, 0.1, p, adaptive, 0.01, mask)], 1e-12, foreach=False)
+        rule.perturb_([PerturbGroup(b, grads, 0.1, p, adaptive, 0.01, mask)], 1e-12, foreach=True)
         full = [t.clone() for t in params]
-        perturb_single_tensor_([PerturbGroup(full, grads, 0.1, p, adaptive, 0.01)], 1e-12)
+        rule.perturb_([PerturbGroup(full, grads, 0.1, p, adaptive, 0.01)], 1e-12, foreach=False)
         for i, (ta, tb) in enumerate(zip(a, b)):
             torch.testing.assert_close(ta, tb, rtol=1e-14, atol=1e-14)
             # Masked tensors stay put; moved ones move exactly as without a mask (same norm).
@@ -316,8 +317,18 @@ def test_esam_rejects_a_reduced_loss():
     model = nn.Linear(2, 1)
     opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1)
     x = torch.randn(4, 2)
+    before = [w.detach().clone() for w in model.parameters()]
+
+    def closure(index=None):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
     with pytest.raises(ValueError, match=r"Invalid per-sample losses of shape \(\)"):
-        opt.step(lambda index=None: model(x).pow(2).mean())
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.perturbed
 
 
 def test_plain_step_between_passes_is_an_error():

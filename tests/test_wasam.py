@@ -121,7 +121,8 @@ def test_one_state_dict_resumes_sam_base_and_average() -> None:
     torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf)
-    assert set(ckpt["opt"]) == {"sam", "base", "averaging"}
+    assert set(ckpt["opt"]) == {"sam", "base", "variant"}
+    assert set(ckpt["opt"]["variant"]["extra"]) == {"averaging"}
     model3, opt3 = fresh()
     model3.load_state_dict(ckpt["model"])
     opt3.load_state_dict(ckpt["opt"])
@@ -131,7 +132,7 @@ def test_one_state_dict_resumes_sam_base_and_average() -> None:
         assert torch.equal(params(model3)[name], p), name
     for name, t in opt.averaging.averaged_tensors().items():
         assert torch.equal(opt3.averaging.averaged_tensors()[name], t), name
-    with pytest.raises(ValueError, match="averaging"):
+    with pytest.raises(ValueError, match="variant"):
         opt3.load_state_dict(opt.state_dict()["sam"])
 
 
@@ -147,3 +148,29 @@ def test_wasam_is_a_sam_with_a_weight_averaging() -> None:
         WASAM(model, torch.optim.SGD, every=0, lr=0.1)
     with pytest.raises(ValueError, match="Invalid rho"):
         WASAM(model, torch.optim.SGD, rho=-1.0, lr=0.1)
+
+
+def test_load_state_dict_with_a_bad_average_changes_nothing() -> None:
+    import copy
+
+    data = batches(4)
+    model = make_model()
+    opt = WASAM(model, torch.optim.SGD, rho=0.1, start=2, lr=0.1, momentum=0.9)
+    for x, y in data:
+        manual_step(model, opt, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    other_model = make_model()
+    other = WASAM(other_model, torch.optim.SGD, rho=0.3, start=2, lr=0.5, momentum=0.9)
+    manual_step(other_model, other, *data[0])
+    before = copy.deepcopy(other.state_dict())
+    bad = copy.deepcopy(saved)
+    bad["variant"]["extra"]["averaging"]["n_averaged"] = 9
+    with pytest.raises(ValueError, match="n_averaged=9"):
+        other.load_state_dict(bad)
+    after = other.state_dict()
+    assert after["sam"]["param_groups"] == before["sam"]["param_groups"]  # lr 0.5, rho 0.3 kept
+    for name, t in before["variant"]["extra"]["averaging"]["shadow"].items():
+        assert torch.equal(after["variant"]["extra"]["averaging"]["shadow"][name], t)
+    assert other.averaging.n_averaged == before["variant"]["extra"]["averaging"]["n_averaged"]
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["lr"] == 0.1

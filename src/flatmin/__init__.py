@@ -5,8 +5,35 @@ three domains and a benchmark that reproduces Kaddour et al. (2022), "When Do Fl
 Optimizers Work?".
 """
 
-from flatmin.optim import ESAM, SAM, WASAM, LookSAM, SAMEveryK, WeightAveraging
+from flatmin.optim import (
+    ESAM,
+    GCSAM,
+    GSAM,
+    SAM,
+    WASAM,
+    WSAM,
+    FriendlySAM,
+    LookSAM,
+    MomentumSAM,
+    MultiStepSAM,
+    SAMEveryK,
+    WeightAveraging,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ESAM", "SAM", "WASAM", "LookSAM", "SAMEveryK", "WeightAveraging", "__version__"]
+__all__ = [
+    "ESAM",
+    "GCSAM",
+    "GSAM",
+    "SAM",
+    "WASAM",
+    "WSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "MomentumSAM",
+    "MultiStepSAM",
+    "SAMEveryK",
+    "WeightAveraging",
+    "__version__",
+]

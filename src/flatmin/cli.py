@@ -1,4 +1,4 @@
-"""Command-line front end: ``flatmin bench | train | landscape | sharpness | data | tasks``.
+"""Command-line front end: ``flatmin bench | train | tune | landscape | sharpness | data | tasks``.
 
 Every subcommand is a function ``_cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 Exit codes: 0 success, 1 a run or check failed (or a result is not finite), 2 bad arguments
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parsers(sub)
     _add_data_parser(sub)
     _add_tasks_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
@@ -194,6 +195,22 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tune: flatmin.tune.cli owns the options and the command ------------------------------------
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from flatmin.tune import cli as tune_cli
+
+    p = sub.add_parser(
+        "tune",
+        help="choose a method's rho (and start) on a task with a pruned, resumable search",
+        description=tune_cli.DESCRIPTION,
+        epilog=tune_cli.EPILOG,
+    )
+    tune_cli.add_arguments(p)
+    p.set_defaults(handler=tune_cli.run)
+
+
 # --- bench | train | landscape | sharpness --------------------------------------------------------
 # Exit codes: 0 ok; 1 a run crashed (status "error"), no run finished, a train run ended with a
 # non-finite loss, an analysis result is not finite, or an output could not be written; 2 bad
@@ -223,6 +240,18 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--seeds", type=int, metavar="N", help="evaluation seeds 0..N-1")
     p.add_argument(
         "--tune-seeds", type=int, metavar="N", help="tuning seeds 100..100+N-1 (suite: 2)"
+    )
+    p.add_argument(
+        "--tuner", choices=("grid", "optuna"), help="validation grid (default) or Optuna search"
+    )
+    p.add_argument(
+        "--tune-trials", type=int, metavar="N", help="finished trials per Optuna search (12)"
+    )
+    p.add_argument(
+        "--ablation-task", metavar="TASK", help="also train TASK at 0.5x and 2x its epoch budget"
+    )
+    p.add_argument(
+        "--analysis-task", metavar="TASK", help="measure the flatness of TASK's first-seed models"
     )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/SUITE)")
     p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
@@ -348,7 +377,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
-            tune_seeds=tune_seeds,
+            tune_seeds=tune_seeds, tuner=args.tuner, tune_trials=args.tune_trials,
+            ablation_task=args.ablation_task,
+            analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
             executor=args.executor, ray_address=args.ray_address,
             cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,

@@ -35,6 +35,22 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     return fig, new_ax
 
 
+def _spans_decades(values: Sequence[np.ndarray], decades: float = 2.0) -> bool:
+    """Whether the finite positive ``values`` span more than ``decades`` powers of ten."""
+    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
+    flat = flat[np.isfinite(flat) & (flat > 0)]
+    return flat.size > 1 and bool(np.log10(flat.max() / flat.min()) > decades)
+
+
+def _legend_below(ax: Axes, lines: Sequence[Any], ncol: int) -> None:
+    # Below the axes, never over the curves (a loss that explodes at the path's ends fills the
+    # corners where matplotlib's "best" placement would go).
+    ax.legend(
+        lines, [str(ln.get_label()) for ln in lines], fontsize="small", loc="upper center",
+        bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False,
+    )  # fmt: skip
+
+
 def _xlabel(result: PathResult) -> str:
     return "distance t along the ray" if result.kind == "ray" else "interpolation coefficient α"
 
@@ -48,7 +64,9 @@ def plot_path(
 ) -> Figure:
     """Loss (left axis, solid) and error in % (right axis, dashed) along one path.
 
-    The twin-axis figure of Izmailov et al. 2018 (Fig. 4) and Kaddour et al. 2022.
+    The twin-axis figure of Izmailov et al. 2018 (Fig. 4) and Kaddour et al. 2022. The loss axis
+    is logarithmic when the losses span more than two decades (a path far from a minimum), and
+    the legend sits below the axes.
 
     Args:
         result: A :class:`PathResult` from ``evaluate_ray`` or ``interpolate``.
@@ -68,9 +86,12 @@ def plot_path(
             right.plot(result.coords, 100 * err, color=c, ls="--", label=f"{name} error")
     ax.set_xlabel(_xlabel(result))
     ax.set_ylabel("loss")
+    if _spans_decades([result.loss[n] for n in names]):
+        ax.set_yscale("log")
+        ax.set_ylabel("loss (log scale)")
     right.set_ylabel("error (%)")
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [str(ln.get_label()) for ln in lines], fontsize="small", loc="upper center")
+    _legend_below(ax, lines, ncol=min(4, len(lines)))
     if title:
         ax.set_title(title)
     return fig
@@ -83,9 +104,9 @@ def plot_paths(
     metric: str = "loss",
     ax: Axes | None = None,
     title: str | None = None,
-    logy: bool = False,
+    logy: bool | None = None,
 ) -> Figure:
-    """Several paths (e.g. rays from SGD, SWA and SAM solutions) on one axes.
+    """Several paths (e.g. rays from SGD, SWA and SAM solutions) on one axes (legend below).
 
     Args:
         results: Label → :class:`PathResult`.
@@ -93,7 +114,7 @@ def plot_paths(
         metric: ``"loss"`` or ``"error"`` (drawn in %).
         ax: Axes to draw on (default: a new figure).
         title: Optional title.
-        logy: Logarithmic y axis.
+        logy: Logarithmic y axis (default: when the values span more than two decades).
 
     Raises:
         ValueError: for an unknown metric.
@@ -102,14 +123,16 @@ def plot_paths(
         raise ValueError(f"Invalid metric: {metric!r} (expected 'loss' or 'error')")
     fig, ax = _axes(ax, (5.0, 3.5))
     first = next(iter(results.values()))
+    drawn = []
     for label, res in results.items():
         values = res.loss[dataset] if metric == "loss" else 100 * res.error[dataset]
         ax.plot(res.coords, values, label=label)
+        drawn.append(values)
     ax.set_xlabel(_xlabel(first))
     ax.set_ylabel(f"{dataset} {'loss' if metric == 'loss' else 'error (%)'}")
-    if logy:
+    if logy or (logy is None and _spans_decades(drawn)):
         ax.set_yscale("log")
-    ax.legend(fontsize="small")
+    _legend_below(ax, ax.get_lines(), ncol=min(4, len(results)))
     if title:
         ax.set_title(title)
     return fig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.func import functional_call
 
 from flatmin._curvature import hvp, tensors_to_flat
@@ -18,6 +18,7 @@ from flatmin.analysis._common import (
     to_device,
 )
 from flatmin.analysis.results import SAMGradientResult
+from flatmin.optim.rules import LpBall, PerturbGroup
 
 __all__ = ["sam_gradients"]
 
@@ -84,24 +85,27 @@ def sam_gradients(
             loss = loss_fn(forward(model, inputs), targets)
             raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)]
-        gnorm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))  # type: ignore[arg-type]
-        scale = float(rho / gnorm) if gnorm > 0 else 0.0
+        # ε̂ is the optimizers' rule (flatmin.optim.rules), on gradient leaves so that its
+        # Jacobian comes from autograd: u = (dε̂/dg)ᵀ g_1, and g_2 = g_1 + H u.
+        g_leaves = [g.clone().requires_grad_(True) for g in grads]
+        with torch.enable_grad():
+            group = PerturbGroup(list(params), g_leaves, float(rho), 2.0, False, 0.0)
+            eps_hat = [e for e in LpBall().perturbation([group], eps=0.0)[0] if e is not None]
         # Evaluate at w + ε̂ through functional_call: writing into the parameters in place would
         # invalidate the graph of ∇L(w) that the Hessian-vector product below still needs.
-        shifted = {k: (p.detach() + scale * g).requires_grad_() for (k, p), g in zip(named, grads)}
+        shifted = {
+            k: (p.detach() + e.detach()).requires_grad_() for (k, p), e in zip(named, eps_hat)
+        }
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         with torch.enable_grad():
             pert_loss = loss_fn(functional_call(model, shifted, tuple(args)), targets)
             first = torch.autograd.grad(pert_loss, list(shifted.values()), allow_unused=True)
         first_list = [torch.zeros_like(p) if g is None else g for p, g in zip(params, first)]
-        if scale > 0:
-            ghat = [g / gnorm.to(g) for g in grads]
-            proj = sum((gh.double() * g1.double()).sum() for gh, g1 in zip(ghat, first_list))
-            u: list[Tensor] = [
-                g1 - float(proj) * gh for g1, gh in zip(first_list, ghat, strict=True)
-            ]
-            hu = hvp(loss, params, u, grads=list(raw))
-            second_list = [g1 + scale * h for g1, h in zip(first_list, hu, strict=True)]
+        if rho > 0:
+            u = torch.autograd.grad(eps_hat, g_leaves, grad_outputs=first_list, allow_unused=True)
+            u_list = [torch.zeros_like(p) if v is None else v for p, v in zip(params, u)]
+            hu = hvp(loss, params, u_list, grads=list(raw))
+            second_list = [g1 + h for g1, h in zip(first_list, hu, strict=True)]
         else:
             second_list = [g.clone() for g in first_list]
         gflat = tensors_to_flat(grads).detach().double()

@@ -41,6 +41,7 @@ from flatmin.analysis._common import (
     to_device,
 )
 from flatmin.analysis.results import SharpnessResult
+from flatmin.optim.rules import LpBall, PerturbGroup
 
 __all__ = ["sharpness"]
 
@@ -55,15 +56,15 @@ def _split(batch: Batch, m: int | None) -> list[Batch]:
     return [(inputs[i : i + m], targets[i : i + m]) for i in range(0, n, m)]
 
 
-def _ascent_direction(grads: list[Tensor], scales: list[Tensor] | None, p: float) -> list[Tensor]:
-    """Steepest ascent unit step in the (scaled) ``ℓ_p`` ball: returns ``T ⊙ u`` with ‖u‖_p = 1."""
-    g = grads if scales is None else [t * gi for t, gi in zip(scales, grads, strict=True)]
-    if p == 2:
-        norm = torch.sqrt(sum((gi.double() ** 2).sum() for gi in g))  # type: ignore[arg-type]
-        u = [gi / norm.to(gi) if norm > 0 else torch.zeros_like(gi) for gi in g]
-    else:
-        u = [torch.sign(gi) for gi in g]
-    return u if scales is None else [t * ui for t, ui in zip(scales, u, strict=True)]
+def _ascent_direction(
+    grads: list[Tensor], w0: list[Tensor], p: float, adaptive: bool, eta: float
+) -> list[Tensor]:
+    """Steepest ascent unit step in the (scaled) ``ℓ_p`` ball: ``T ⊙ u`` with ‖u‖_p = 1.
+
+    It is the optimizers' ``ε̂`` with ``ρ = 1`` (:mod:`flatmin.optim.rules`), ``T = |w0| + η``.
+    """
+    group = PerturbGroup(w0, grads, 1.0, p, adaptive, eta)
+    return [e for e in LpBall().perturbation([group], eps=0.0)[0] if e is not None]
 
 
 def _norm2(ts: list[Tensor]) -> float:
@@ -219,7 +220,7 @@ def sharpness(
                         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                             best = math.nan  # no ascent direction: the worst case is undefined
                             break
-                        step = _ascent_direction(grads, scales, p)
+                        step = _ascent_direction(grads, w0, p, adaptive, eta)
                         delta = _project(
                             [d + alpha * s for d, s in zip(delta, step, strict=True)],
                             scales, rho, p,

@@ -41,10 +41,13 @@ from torch import nn
 from flatmin._io import atomic_write_text, save_figure
 from flatmin.analysis import (
     PathResult,
+    SpectrumResult,
     evaluate_ray,
     hessian_eigenvalues,
+    hessian_spectrum,
     hessian_trace,
     interpolate,
+    plot_spectrum,
     random_direction,
     sharpness,
 )
@@ -71,6 +74,7 @@ class Settings:
     alpha_min: float = -0.5
     alpha_max: float = 1.5
     seed: int = 0
+    spectrum_steps: int = 40
 
 
 SETTINGS = Settings()
@@ -224,11 +228,21 @@ def _study(
     sets = {"train": data.train_eval, "test": data.test}
     gen = torch.Generator()
     measures: dict[str, dict[str, Any]] = {}
+    spectra: dict[str, SpectrumResult] = {}
     for m, model in models.items():
         measures[m] = {}
         for name, batches in sets.items():
             gen.manual_seed(SETTINGS.seed)
             measures[m][name] = _curvature(model, data, batches, gen)
+        gen.manual_seed(SETTINGS.seed)
+        spectra[m] = hessian_spectrum(
+            model, data.loss_fn, data.train_eval, steps=SETTINGS.spectrum_steps, generator=gen,
+            max_batches=SETTINGS.max_batches,
+        )  # fmt: skip
+        measures[m]["train"]["spectrum"] = {
+            "nodes": [float(v) for v in spectra[m].nodes.ravel()],
+            "weights": [float(v) for v in spectra[m].weights.ravel()],
+        }
     mb = SETTINGS.max_batches
     ts = np.linspace(-SETTINGS.ray_distance, SETTINGS.ray_distance, SETTINGS.points)
     alphas = np.linspace(SETTINGS.alpha_min, SETTINGS.alpha_max, SETTINGS.points)
@@ -259,11 +273,11 @@ def _study(
         "settings": asdict(SETTINGS),
         "checkpoints": {m: f"checkpoints/{m}.pt" for m in models},
     }
-    _figures(out, study)
+    _figures(out, study, spectra)
     return study
 
 
-def _figures(out: Path, study: Mapping[str, Any]) -> None:
+def _figures(out: Path, study: Mapping[str, Any], spectra: Mapping[str, SpectrumResult]) -> None:
     try:
         import matplotlib
 
@@ -271,6 +285,11 @@ def _figures(out: Path, study: Mapping[str, Any]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    fig = plot_spectrum(dict(spectra), title=f"{study['task']}: Hessian eigenvalue density "
+                        "(SLQ, training set with its noisy labels)")  # fmt: skip
+    fig.set_size_inches(6.5, 3.8)
+    save_figure(fig, out / "flatness_spectrum.png", dpi=120)
+    plt.close(fig)
     for kind, name, xlabel in (
         ("rays", "flatness_rays.png", "t (filter-normalised direction)"),
         ("interpolations", "flatness_interpolation.png", "α  (θ(α) = (1 − α)θ_baseline + αθ)"),
@@ -332,6 +351,8 @@ def flatness_lines(study: Mapping[str, Any]) -> list[str]:
         "![rays](flatness_rays.png)",
         "",
         "![interpolation](flatness_interpolation.png)",
+        "",
+        "![spectrum](flatness_spectrum.png)",
     ]
     return lines
 

@@ -20,6 +20,12 @@ samk        SAM on every 2nd step, base steps in between          (``rho`` from 
 samk5       SAM on every 5th step                                 (``rho`` from sam)
 looksam     LookSAM, k = 5 (Liu et al. 2022)                      ``alpha`` (``rho`` from sam)
 esam        ESAM, β = 0.6, γ = 0.5 (Du et al. 2022)                (``rho`` from sam)
+msam        Momentum-SAM, one pass per step (Becker et al. 2024)  ``rho`` (its own scale)
+gsam        GSAM, α = 0.1 (Zhuang et al. 2022)                     (``rho`` from sam)
+wsam        WSAM, γ = 0.9, decoupled (Yue et al. 2023)             (``rho`` from sam)
+fsam        FriendlySAM, σ = 1, λ = 0.9 (Li et al. 2024)           (``rho`` from sam)
+gcsam       GCSAM, gradient centralization (Hassan et al. 2025)   (``rho`` from sam)
+sam2        2 ascent steps of ρ/2 (optax ``sync_period`` = 3)      (``rho`` from sam)
 ==========  ====================================================  ==================================
 
 Grids (:class:`Grid`) marked ``extend`` grow by one geometric step beyond an end whenever the
@@ -44,8 +50,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from flatmin.optim.esam import ESAM
+from flatmin.optim.friendly_sam import FriendlySAM
+from flatmin.optim.gcsam import GCSAM
+from flatmin.optim.gsam import GSAM
 from flatmin.optim.looksam import LookSAM, SAMEveryK
+from flatmin.optim.momentum_sam import MomentumSAM
+from flatmin.optim.multistep import MultiStepSAM
 from flatmin.optim.sam import SAM
+from flatmin.optim.wsam import WSAM
 
 __all__ = [
     "ASAM_RHO_GRID",
@@ -70,6 +82,7 @@ START_GRID = (0.5, 0.75, 0.9)
 SWA_LR_GRID = (0.1, 0.3)
 SWA_LR_START_GRID = (0.5, 0.75)
 ALPHA_GRID = (0.1, 0.3, 0.7)
+MSAM_RHO_GRID = (0.1, 0.3, 1.0, 3.0)
 MAX_EXTENSIONS = 2
 
 
@@ -204,6 +217,12 @@ def _build_looksam(ctx: BuildContext) -> Optimizer:
     return LookSAM(ctx.model.parameters(), ctx.base, rho=rho, k=5, alpha=alpha, **ctx.base_kwargs)
 
 
+def _build_sam2(ctx: BuildContext) -> Optimizer:
+    rho = _required(ctx.hyper.rho, "rho", "sam2")
+    # Two ascent steps of ρ/2: the point reached stays in SAM's ρ-ball.
+    return MultiStepSAM(ctx.model.parameters(), ctx.base, rho=rho / 2, steps=2, **ctx.base_kwargs)
+
+
 def _build_esam(ctx: BuildContext) -> Optimizer:
     rho = _required(ctx.hyper.rho, "rho", "esam")
     gen = torch.Generator().manual_seed(ctx.seed)  # the SWP draws follow the run seed
@@ -228,7 +247,6 @@ class Method:
             :data:`START_GRID` (for its averaged views, e.g. baseline → swa, sam → wasam).
         constant_lr_from_start: from the start epoch on the learning rate is the constant
             ``swa_lr`` × the task's peak learning rate (Izmailov et al. Alg. 1).
-        per_sample: the step takes per-sample losses (ESAM's data selection).
         grads_per_step: gradient evaluations per optimizer step (nominal cost: 2 for SAM).
         defaults: default hyper-parameters (used when nothing is tuned).
         grids: the validation grids this method chooses from (``start`` for an averaged view
@@ -244,7 +262,6 @@ class Method:
     averaged: bool = False
     keeps_averages: bool = False
     constant_lr_from_start: bool = False
-    per_sample: bool = False
     grads_per_step: float = 1.0
     defaults: Hyper = field(default_factory=Hyper)
     grids: Mapping[str, Grid] = field(default_factory=dict)
@@ -373,7 +390,7 @@ for _m in (
     ),
     Method(
         "esam", "ESAM, beta = 0.6 of the tensors, gamma = 0.5 of the batch (rho from sam)",
-        _build_esam, per_sample=True, grads_per_step=1.5, defaults=Hyper(rho=0.05),
+        _build_esam, grads_per_step=1.5, defaults=Hyper(rho=0.05),
         tuned_by={"rho": "sam"}, references=("2110.03141",),
     ),
     Method(
@@ -381,6 +398,39 @@ for _m in (
         grads_per_step=1.2, defaults=Hyper(rho=0.05, alpha=0.7),
         grids={"alpha": Grid(ALPHA_GRID)}, tuned_by={"rho": "sam"},
         references=("2203.02714",),
+    ),
+    Method(
+        # One pass: the perturbation follows the momentum, whose norm is not the gradient's, so
+        # rho lives on another scale (the paper's defaults are larger than SAM's) and has its own
+        # extendable grid.
+        "msam", "Momentum-SAM, one pass per step (own rho grid)", _sam_builder(MomentumSAM),
+        grads_per_step=1.0, defaults=Hyper(rho=0.3),
+        grids={"rho": Grid(MSAM_RHO_GRID, extend=True)}, references=("2401.12033",),
+    ),
+    Method(
+        "gsam", "GSAM, alpha = 0.1 (rho from sam)", _sam_builder(GSAM, alpha=0.1),
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2203.08065",),
+    ),
+    Method(
+        "wsam", "WSAM, gamma = 0.9, decoupled (rho from sam)", _sam_builder(WSAM, gamma=0.9),
+        grads_per_step=2.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2305.15817",),
+    ),
+    Method(
+        "fsam", "FriendlySAM, sigma = 1, lambda = 0.9 (rho from sam)",
+        _sam_builder(FriendlySAM, sigma=1.0, lmbda=0.9), grads_per_step=2.0,
+        defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"}, references=("2403.12350",),
+    ),
+    Method(
+        "gcsam", "GCSAM, gradient centralization of both gradients (rho from sam)",
+        _sam_builder(GCSAM), grads_per_step=2.0, defaults=Hyper(rho=0.05),
+        tuned_by={"rho": "sam"}, references=("2501.11584",),
+    ),
+    Method(
+        "sam2", "SAM with 2 ascent steps of rho/2 (rho from sam)", _build_sam2,
+        grads_per_step=3.0, defaults=Hyper(rho=0.05), tuned_by={"rho": "sam"},
+        references=("2010.01412", "2206.06232"),
     ),
 ):  # fmt: skip
     register_method(_m)

@@ -315,6 +315,22 @@ def _tuning_table(tuning: Sequence[Any]) -> list[str]:
     )  # fmt: skip
 
 
+def _search_table(searches: Mapping[tuple[str, str], Any]) -> list[str]:
+    body = []
+    for (task, method), result in searches.items():
+        best = result.best
+        chosen = "–" if best is None else ", ".join(f"{k}={v:.3g}" for k, v in best.params.items())
+        score = (
+            "–" if best is None or best.score is None
+            else f"{100 * best.score.value:.2f} (mean {100 * best.score.mean:.2f})"
+        )  # fmt: skip
+        states = ", ".join(
+            f"{result.count(s)} {s}" for s in ("complete", "pruned", "failed") if result.count(s)
+        )
+        body.append([task, _label(method), chosen, score, states])
+    return _table(["Task", "Method", "Chosen", "Score: mean − std (%)", "Trials"], body)
+
+
 def _task_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
     seen: dict[str, list[str]] = {}
     for r in records:
@@ -429,6 +445,9 @@ def write_report(
         methods.remove("baseline")
         methods.insert(0, "baseline")
     variants = [v for v in meta.get("variants") or () if v not in methods]
+    extras = [m for ms in (meta.get("extra_methods") or {}).values() for m in ms]
+    # Methods run on some tasks only (ASAM on the vision tasks, say) join the headline table.
+    methods += [m for m in dict.fromkeys(extras) if m not in methods and m not in variants]
     headline = [r for r in records if r["method"] in methods]
     rows = summarize(headline, methods)
     variant_rows = summarize(records, [*methods, *variants]) if variants else []
@@ -442,7 +461,7 @@ def write_report(
         f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
         + (f" except {budgets}" if budgets else "")
         + f"; {len(rows)} tasks × {len(methods)} methods"
-        + (f" (+ {len(variants)} cheap variants on the label-noise tasks)" if variants else "")
+        + (f" (+ {len(variants)} cheap SAM variants on some tasks)" if variants else "")
         + f" × {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); "
         f"{len(ok)} of {len(records)} results finished.",
         "",
@@ -464,7 +483,15 @@ def write_report(
         "start, so such a table would compare averaged with non-averaged weights.)",
         "",
     ]
-    if meta.get("tune"):
+    if meta.get("tune") and meta.get("tuner") == "optuna":
+        lines += [
+            "Hyper-parameters: chosen per task by an Optuna search on the validation split "
+            f"(`--tuner optuna`, {meta.get('tune_trials')} finished trials per method, scored "
+            f"over tuning seeds {meta.get('tune_seeds')} as mean − std; see 'Optuna "
+            "searches'). The grid (`--tuner grid`) is the reference protocol.",
+            "",
+        ]
+    elif meta.get("tune"):
         lines += [
             "Hyper-parameters: every tuned hyper-parameter is chosen per task on the validation "
             f"split (clean labels) by the **mean over tuning seeds {meta.get('tune_seeds')}** "
@@ -537,6 +564,8 @@ def write_report(
     ]
     if summary.tuning:
         lines += ["## Validation grids", "", *_tuning_table(summary.tuning), ""]
+    if getattr(summary, "searches", None):
+        lines += ["## Optuna searches", "", *_search_table(summary.searches), ""]
     lines += [
         "## Tasks and budgets",
         "",

@@ -105,11 +105,18 @@ class BenchConfig:
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
         tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
+        tuner: ``"grid"`` (the reference protocol, :mod:`flatmin.bench.plan`) or ``"optuna"``
+            (:func:`flatmin.tune.suggest_hyper`: a pruned search per task and method with a
+            grid, scored over the tuning seeds, ``tune_trials`` finished trials each; the study
+            lives in ``OUT/tune/TASK-METHOD`` and resumes).
+        tune_trials: finished trials of each Optuna search.
         hypers: fixed hyper-parameters by task and method (used without ``tune``; missing ones
             are the methods' defaults).
         hyper_source: where ``hypers`` come from (shown in the report).
-        variants: extra methods run only on ``variant_tasks`` (the cheap SAM variants).
-        variant_tasks: the tasks of ``variants``.
+        extra_methods: methods run on some tasks only, by task (e.g. the cheap SAM variants on
+            the label-noise tasks).
+        variants: the methods the report shows as cheap SAM variants (cost and the share of
+            SAM's gain kept) instead of in the headline table.
         ablation_task: train baseline/SWA/SAM/WASAM of this task also at ``ablation_factors`` ×
             its epoch budget.
         ablation_factors: multiples of the epoch budget for the ablation (besides 1).
@@ -137,10 +144,12 @@ class BenchConfig:
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seeds: tuple[int, ...] = (100, 101)
+    tuner: str = "grid"
+    tune_trials: int = 12
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
+    extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
-    variant_tasks: tuple[str, ...] = ()
     ablation_task: str | None = None
     ablation_factors: tuple[float, ...] = (0.5, 2.0)
     analysis_task: str | None = None
@@ -164,7 +173,7 @@ class BenchConfig:
             seeds=tuple(range(suite.seeds)), budget=suite.budget,
             task_budgets=dict(suite.task_budgets), tune=suite.tune,
             tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
-            variants=suite.variants, variant_tasks=suite.variant_tasks,
+            extra_methods=dict(suite.extra_methods), variants=suite.variants,
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
             jobs=suite.jobs, suite=suite.name,
         )  # fmt: skip
@@ -175,8 +184,8 @@ class BenchConfig:
         return self.task_budgets.get(task, self.budget)
 
     def methods_of(self, task: str) -> tuple[str, ...]:
-        """The methods run on ``task`` (the variants only on ``variant_tasks``)."""
-        extra = self.variants if task in self.variant_tasks else ()
+        """The methods run on ``task``: ``methods`` and its ``extra_methods``."""
+        extra = self.extra_methods.get(task, ())
         return self.methods + tuple(m for m in extra if m not in self.methods)
 
     def validate(self, resolver: Resolver | None = None) -> None:
@@ -184,7 +193,8 @@ class BenchConfig:
         resolver = resolver or RegistryResolver()
         for name in self.tasks:
             resolver.task(name)  # raises with the list of known tasks
-        for name in (*self.methods, *self.variants):
+        extras = [m for ms in self.extra_methods.values() for m in ms]
+        for name in (*self.methods, *extras, *self.variants):
             get_method(name)
         if "baseline" not in self.methods:
             raise ValueError(f"Invalid methods: {list(self.methods)} (the report needs 'baseline')")
@@ -194,9 +204,9 @@ class BenchConfig:
         for name in self.task_budgets:
             if name not in self.tasks:
                 raise ValueError(f"Invalid task budget: {name!r} is not one of the tasks")
-        for name in self.variant_tasks:
+        for name in self.extra_methods:
             if name not in self.tasks:
-                raise ValueError(f"Invalid variant task: {name!r} is not one of the tasks")
+                raise ValueError(f"Invalid extra-method task: {name!r} is not one of the tasks")
         for special in (self.ablation_task, self.analysis_task):
             if special is not None and special not in self.tasks:
                 raise ValueError(
@@ -209,6 +219,17 @@ class BenchConfig:
         check_executor(self)
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"Invalid epochs: {self.epochs} (expected >= 1)")
+        if self.tuner not in ("grid", "optuna"):
+            raise ValueError(f"Invalid tuner: {self.tuner!r} (expected 'grid' or 'optuna')")
+        if self.tune and self.tuner == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise ValueError(
+                    "Invalid tuner: 'optuna' needs Optuna (pip install 'flatmin[tune]')"
+                )
+        if self.tune_trials < 1:
+            raise ValueError(f"Invalid tune_trials: {self.tune_trials} (expected >= 1)")
         if self.tune and not self.tune_seeds:
             raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
         if set(self.tune_seeds) & set(self.seeds):
@@ -240,6 +261,7 @@ class GridSummary:
         tune_records: the validation-grid trajectory records.
         ablation: results of the budget ablation (``record["budget_factor"]`` set).
         tuning: the validation-grid choices.
+        searches: the Optuna searches by (task, method) (``tuner="optuna"``).
         hypers: the hyper-parameters used, by (task, method).
         flatness: the flatness study (``None`` without ``analysis_task``).
         out: output directory.
@@ -254,6 +276,7 @@ class GridSummary:
     tune_records: list[dict[str, Any]] = field(default_factory=list)
     ablation: list[dict[str, Any]] = field(default_factory=list)
     tuning: list[TuneChoice] = field(default_factory=list)
+    searches: dict[tuple[str, str], Any] = field(default_factory=dict)
     hypers: dict[tuple[str, str], Hyper] = field(default_factory=dict)
     flatness: dict[str, Any] | None = None
     out: Path = Path()
@@ -353,7 +376,9 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     # -- 1. tuning ----------------------------------------------------------------------------
     hypers: dict[tuple[str, str], Hyper] = {}
     tune_hashes: list[str] = []
-    if cfg.tune:
+    if cfg.tune and cfg.tuner == "optuna":
+        summary.searches = _optuna_tuning(cfg, hypers)
+    elif cfg.tune:
         state: GridState = {}
         while True:
             found = records()
@@ -443,6 +468,39 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
     return summary
 
 
+def _optuna_tuning(
+    cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]
+) -> dict[tuple[str, str], Any]:
+    """Fill ``hypers`` by one Optuna search per task and method with a grid (``--tuner optuna``).
+
+    Each search covers every hyper-parameter the method is tuned on (its own grids and those it
+    would take from another method); a method with nothing of its own to tune (a variant that
+    takes SAM's rho) takes the searched value of that method, as with the grid.
+    """
+    import optuna
+
+    from flatmin.bench.plan import tuned_methods
+    from flatmin.tune import suggest_hyper
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searches = {}
+    for task in cfg.tasks:
+        for name in tuned_methods(cfg.methods_of(task)):
+            m = get_method(name)
+            if m.grids:
+                hyper, result = suggest_hyper(
+                    task, name, cfg.budget_of(task), seeds=cfg.tune_seeds,
+                    n_trials=cfg.tune_trials, epochs=cfg.epochs,
+                    out=cfg.out / "tune" / f"{task}-{name}", progress=cfg.progress,
+                )  # fmt: skip
+                hypers[(task, name)] = m.resolve(hyper)
+                searches[(task, name)] = result
+            else:
+                taken = {p: getattr(hypers[(task, o)], p) for p, o in m.tuned_by.items()}
+                hypers[(task, name)] = m.resolve(None, **taken)
+    return searches
+
+
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
     return {
         "suite": cfg.suite,
@@ -450,11 +508,13 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "task_budgets": dict(cfg.task_budgets),
         "tasks": list(cfg.tasks),
         "methods": list(cfg.methods),
+        "extra_methods": {t: list(ms) for t, ms in cfg.extra_methods.items()},
         "variants": list(cfg.variants),
-        "variant_tasks": list(cfg.variant_tasks),
         "seeds": list(cfg.seeds),
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),
+        "tuner": cfg.tuner,
+        "tune_trials": cfg.tune_trials,
         "hyper_source": cfg.hyper_source,
         "ablation_task": cfg.ablation_task,
         "ablation_factors": list(cfg.ablation_factors),

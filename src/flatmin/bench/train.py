@@ -47,6 +47,7 @@ from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_m
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
+from flatmin.optim.sam import SAM
 from flatmin.tasks import Recipe, Task, TaskData, get_task
 
 __all__ = [
@@ -360,6 +361,7 @@ def _fit(
     averagers = {
         s: WeightAveraging(model, mode="swa", start=start_epoch(s, epochs)) for s in starts
     }
+    step_kw: dict[str, Any] = {"model": model} if isinstance(opt, SAM) else {}
     loss_fn, correct_fn = data.loss_fn, data.correct_fn
     curves: dict[str, list[float]] = {
         k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -375,28 +377,32 @@ def _fit(
         run_correct, run_count = 0, 0
         for inputs, targets in data.train:
             outputs: list[torch.Tensor] = []
-            if method.per_sample:
-                # ESAM: per-sample losses, so that it can pick the sharpest samples.
-                per_sample = per_sample_losses(model, inputs, targets, outputs)
-                loss = step_fn(per_sample, model=model)
-            else:
+            labelled = torch.nonzero(targets != IGNORE_INDEX).flatten()
+            subset = per_sample_losses(model, inputs, targets, outputs)
 
-                def closure(
-                    inputs: Any = inputs, targets: torch.Tensor = targets, outputs: list = outputs
-                ) -> torch.Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    out = model(inputs)
-                    loss = loss_fn(out, targets)
-                    loss.backward()
-                    outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                    return loss
+            def closure(
+                index: torch.Tensor | None = None,
+                inputs: Any = inputs,
+                targets: torch.Tensor = targets,
+                outputs: list = outputs,
+                labelled: torch.Tensor = labelled,
+                subset: Callable = subset,
+            ) -> torch.Tensor:
+                # The closure contract of every optimizer: zero, forward, backward, return the
+                # per-sample losses (ESAM selects data with them and calls closure(index)).
+                opt.zero_grad(set_to_none=True)
+                if index is not None:
+                    losses = subset(index)
+                    losses.mean().backward()
+                    return losses.detach()
+                out = model(inputs)
+                if torch.is_grad_enabled():  # ESAM's selection pass runs without gradients
+                    loss_fn(out, targets).backward()
+                outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
+                return F.cross_entropy(out.detach()[labelled], targets[labelled], reduction="none")
 
-                # SAM runs the closure at w and at w + ε̂ and keeps the BN statistics of the first
-                # pass (model=model); plain optimizers run it once.
-                if hasattr(opt, "first_step"):
-                    loss = step_fn(closure, model=model)
-                else:
-                    loss = step_fn(closure)
+            # One call for every method; SAM's family keeps the BN statistics of the first pass.
+            loss = step_fn(closure, **step_kw).mean()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 status = "failed"

@@ -12,8 +12,10 @@ overflow in either must cancel the whole step. :func:`sam_step_amp` does, per SA
     overflow? -> restore w bit-exactly, no base step
     scaler.update()                # once per SAM step: grow or back off the scale
 
-bf16 autocast needs no scaler: run ``opt.step(closure)`` with the forward under
-``torch.autocast(device_type, dtype=torch.bfloat16)``.
+The sequence is the family's one step driver (:mod:`flatmin.optim._driver`) with a scaler, so it
+holds for every member (SAMEveryK's one-pass steps, Momentum-SAM, multi-step ascent: every pass is
+unscaled and checked). bf16 autocast needs no scaler: run ``opt.step(closure)`` with the forward
+under ``torch.autocast(device_type, dtype=torch.bfloat16)``.
 
 References:
     Micikevicius et al., "Mixed Precision Training", ICLR 2018, arXiv:1710.03740.
@@ -22,16 +24,13 @@ References:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from flatmin.optim._rng import RNGState
-from flatmin.optim.bn import frozen_bn_stats
-from flatmin.optim.distributed import perturbation_pass
+from flatmin.optim._driver import run_step
 from flatmin.optim.sam import SAM
 
 __all__ = ["AmpStepResult", "sam_step_amp"]
@@ -44,31 +43,10 @@ class AmpStepResult(NamedTuple):
     skipped: bool
 
 
-def _unscale_first_pass_(optimizer: SAM, scale: float) -> bool:
-    """Divide the gradients by ``scale`` in place; return whether any is inf or NaN."""
-    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-    for group in optimizer.param_groups:
-        for w in group["params"]:
-            if w.grad is not None:
-                by_device[w.grad.device].append(w.grad)
-    found_any = False
-    for device, grads in by_device.items():
-        found = torch.zeros(1, device=device)
-        inv_scale = torch.full((1,), 1.0 / scale, device=device)
-        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-        for g in grads:
-            by_dtype[g.dtype].append(g)
-        for same in by_dtype.values():
-            # The kernel GradScaler.unscale_ uses: g *= inv_scale, found = 1 if any non-finite.
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found, inv_scale)
-        found_any = found_any or bool(found.item())
-    return found_any
-
-
 def sam_step_amp(
     optimizer: SAM,
     scaler: torch.amp.GradScaler,
-    closure: Callable[[], Tensor],
+    closure: Callable[..., Any],
     *,
     model: nn.Module | None = None,
     same_rng: bool = False,
@@ -78,14 +56,16 @@ def sam_step_amp(
     """One SAM step with a ``GradScaler``: unscale each pass, skip the step on any overflow.
 
     ``closure`` zeroes the gradients, runs the forward under ``torch.autocast``, calls
-    ``scaler.scale(loss).backward()`` and returns the (unscaled) loss. It runs twice. If the
-    first pass overflows, the weights are never perturbed; if the second does, they are restored
-    bit-exactly from SAM's backup. Either way the base optimizer does not step (its state, e.g.
-    momentum, is untouched), the non-finite gradients are cleared and the scale backs off once.
+    ``scaler.scale(loss).backward()`` and returns the (unscaled) loss. It runs as often as the
+    optimizer's step needs (twice for SAM; once on SAMEveryK's in-between steps and for
+    Momentum-SAM). If the first pass overflows, the weights are never perturbed; if a later one
+    does, they are restored bit-exactly from SAM's backup. Either way the base optimizer does not
+    step (its state, e.g. momentum, is untouched), the non-finite gradients are cleared and the
+    scale backs off once.
     With a disabled scaler this is ``optimizer.step(closure, ...)``.
 
     Args:
-        optimizer: The SAM optimizer.
+        optimizer: Any member of the SAM family.
         scaler: A ``torch.amp.GradScaler`` (or ``torch.cuda.amp.GradScaler``) used only by this
             optimizer between two updates.
         closure: As above.
@@ -121,32 +101,8 @@ def sam_step_amp(
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected flatmin.SAM)")
     if optimizer.perturbed:
         raise RuntimeError("sam_step_amp() called between first_step() and second_step()")
-    if not scaler.is_enabled():
-        loss = optimizer.step(closure, model=model, same_rng=same_rng, per_replica=per_replica)
-        return AmpStepResult(loss, False)
-    closure = torch.enable_grad()(closure)
-    rng = RNGState.capture() if same_rng else None
-    with perturbation_pass(model, per_replica=per_replica):
-        loss = closure()
-    if _unscale_first_pass_(optimizer, scaler.get_scale()):
-        # The gradients are still non-finite, so unscale_ records the overflow for update().
-        scaler.unscale_(optimizer)
-        skipped = True
-    else:
-        optimizer.first_step(zero_grad=True)
-        try:
-            if rng is not None:
-                rng.restore()
-            with frozen_bn_stats(model):
-                closure()
-            # unscale_ + inf check; when finite it calls optimizer.step() == second_step().
-            scaler.step(optimizer)
-        finally:
-            skipped = optimizer.perturbed
-            if skipped:
-                optimizer.restore()
-    if skipped:
-        optimizer.zero_grad()  # non-finite; a finite step leaves the SAM gradient, as step() does
-    if update:
-        scaler.update()
+    loss, skipped = run_step(
+        optimizer, closure, model=model, same_rng=same_rng, per_replica=per_replica,
+        scaler=scaler, update_scaler=update,
+    )  # fmt: skip
     return AmpStepResult(loss, skipped)

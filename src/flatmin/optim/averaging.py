@@ -440,46 +440,56 @@ class WeightAveraging:
         self._bn_stats = stats
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "start": self.start,
+            "every": self.every,
+            "buffers": self.buffer_policy,
+            "warmup_power": self.warmup_power,
+            "warmup_gamma": self.warmup_gamma,
+        }
+
+    def _due_until(self, count: int) -> int:
+        """How many of the counts ``1..count`` are averaging events."""
+        first = self.start if self.start >= 1 else self.every * -(-(1 - self.start) // self.every)
+        return 0 if count < first else (count - first) // self.every + 1
+
     def state_dict(self) -> dict[str, Any]:
-        """Averages, counters and recomputed BN statistics (tensors are the live storage)."""
+        """Averages, counters, settings and recomputed BN statistics (tensors: live storage)."""
         return {
             "mode": self.mode,
             "count": self._count,
             "n_averaged": self._n_averaged,
             "shadow": dict(self._shadow),
             "bn_stats": None if self._bn_stats is None else dict(self._bn_stats),
+            "settings": self._settings(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict` (same model structure, same mode).
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise if ``state_dict`` cannot be loaded into this averager; change nothing.
+
+        Checked: the keys, the mode and settings (``start``, ``every``, ``decay``, ... — a
+        mismatch is an error; a state dict without ``"settings"`` from flatmin 0.1 is accepted),
+        every tensor's name and shape, the BN statistics' names and shapes, and the counters
+        (ints, ``n_averaged`` equal to the number of averaging events in ``1..count``).
 
         Raises:
-            ValueError: Another mode, missing or unexpected names, or a shape mismatch.
+            ValueError: The first problem found, named.
         """
-        keys = {"mode", "count", "n_averaged", "shadow", "bn_stats"}
-        if not isinstance(state_dict, Mapping) or set(state_dict) != keys:
-            found = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)
-            raise ValueError(f"Invalid WeightAveraging state_dict with keys {found}")
-        if state_dict["mode"] != self.mode:
-            raise ValueError(
-                f"Invalid state_dict mode: {state_dict['mode']!r} (this averager is {self.mode!r})"
-            )
-        shadow = state_dict["shadow"]
-        missing = sorted(set(self._shadow) - set(shadow))
-        unexpected = sorted(set(shadow) - set(self._shadow))
-        if missing or unexpected:
-            raise ValueError(
-                f"Invalid state_dict tensors: missing {missing}, unexpected {unexpected} "
-                "(was it saved with the same model and buffer policy?)"
-            )
-        for name, tensor in shadow.items():
-            if tensor.shape != self._shadow[name].shape:
-                raise ValueError(
-                    f"Invalid state_dict tensor {name!r}: shape {tuple(tensor.shape)} "
-                    f"(expected {tuple(self._shadow[name].shape)})"
-                )
+        from flatmin.optim._state import check_averaging
+
+        check_averaging(self, state_dict)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (same model structure, mode and settings): all or nothing.
+
+        Raises:
+            ValueError: As :meth:`check_state_dict`; then nothing has changed.
+        """
+        self.check_state_dict(state_dict)
         with torch.no_grad():
-            for name, tensor in shadow.items():
+            for name, tensor in state_dict["shadow"].items():
                 self._shadow[name].copy_(tensor)
         bn_stats = state_dict["bn_stats"]
         self._bn_stats = (
@@ -492,6 +502,14 @@ class WeightAveraging:
         )
         self._count = int(state_dict["count"])
         self._n_averaged = int(state_dict["n_averaged"])
+
+    def _bn_buffers(self) -> dict[str, Tensor]:
+        return {
+            f"{prefix}.{name}" if prefix else name: buf
+            for prefix, m in self.module.named_modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats
+            for name, buf in m.named_buffers(recurse=False)
+        }
 
     def _live_device(self, name: str) -> torch.device:
         buffers = dict(self.module.named_buffers())

@@ -14,12 +14,20 @@ Algorithm (Du et al. 2022, Alg. 1), for one mini-batch ``B`` of ``n`` samples::
 The second pass therefore costs a forward over the batch without a graph plus a forward/backward
 over ``γ n`` samples, and skips the weight gradients of the undrawn tensors. ``β = γ = 1`` is SAM.
 
-Design notes. The mask is drawn per parameter *tensor* (as the authors' code does with
-``requires_grad``; a per-element mask saves no backward work), from an explicit CPU
-:class:`torch.Generator`, so drawing it never syncs a GPU. Undrawn tensors step with their
-first-pass gradient (the authors' code leaves them a zero gradient, which only their momentum and
-weight decay move). Turning ``requires_grad`` off for the undrawn tensors during the second pass
-does not mix with ``DistributedDataParallel``; use ``beta=1`` there.
+The closure contract (the PyTorch one, with an optional argument): ``closure()`` zeroes the
+gradients, runs the batch, calls ``backward()`` on the batch loss **when gradients are enabled**,
+and returns the **per-sample losses** (shape ``(n,)``); ``closure(index)`` does the same for the
+samples ``index`` (a 1-D ``LongTensor``) only. ESAM calls ``closure()`` at ``w``, then at
+``w + ε̂`` under ``torch.no_grad()`` (the selection), then ``closure(index)``.
+:func:`per_sample_closure` builds such a closure from a function of the index.
+
+Design notes. SWP is the rule :class:`~flatmin.optim.rules.RandomSubset`: the mask is drawn per
+parameter *tensor* (as the authors' code does with ``requires_grad``; a per-element mask saves no
+backward work), from an explicit CPU :class:`torch.Generator`, so drawing it never syncs a GPU.
+Undrawn tensors step with their first-pass gradient (the authors' code leaves them a zero
+gradient, which only their momentum and weight decay move). Turning ``requires_grad`` off for
+the undrawn tensors during the second pass does not mix with ``DistributedDataParallel``; use
+``beta=1`` there.
 
 References:
     Du et al., "Efficient Sharpness-aware Minimization for Improved Training of Neural Networks",
@@ -29,32 +37,65 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._perturb import PerturbGroup
-from flatmin.optim.bn import frozen_bn_stats
-from flatmin.optim.sam import SAM
+from flatmin.optim._checks import GroupCheck, check_fraction
+from flatmin.optim.rules import PerturbationRule, RandomSubset
+from flatmin.optim.sam import SAM, Base, Params
 
-__all__ = ["ESAM", "PerSampleLoss"]
-
-PerSampleLoss = Callable[[Tensor | None], Tensor]
-"""``loss_fn(index) -> losses``: per-sample losses, shape ``(n,)``, of the whole batch when
-``index`` is ``None``, else of the samples ``index`` (a 1-D ``LongTensor``) only."""
-
-_ESAM_KEY = "esam"
+__all__ = ["ESAM", "per_sample_closure"]
 
 
-def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: {value!r} (expected a float in (0, 1])")
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise ValueError(f"Invalid {name}: {value} (expected a value in (0, 1])")
-    return float(value)
+def per_sample_closure(
+    optimizer: Optimizer, losses: Callable[[Tensor | None], Tensor]
+) -> Callable[..., Tensor]:
+    """Build the closure ESAM (and every optimizer) accepts from per-sample losses.
+
+    Args:
+        optimizer: Whose gradients the closure zeroes.
+        losses: ``losses(index)``: the per-sample losses (``reduction="none"``, shape ``(n,)``) of
+            the whole batch for ``index=None``, else of the samples ``index``.
+
+    Returns:
+        ``closure(index=None)``: zero the gradients, ``losses(index).mean().backward()`` when
+        gradients are enabled, return the (detached) per-sample losses.
+
+    Example:
+        >>> import torch, flatmin
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = flatmin.ESAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> def losses(index=None):
+        ...     xb, yb = (x, y) if index is None else (x[index], y[index])
+        ...     return torch.nn.functional.cross_entropy(model(xb), yb, reduction="none")
+        >>> per_sample = opt.step(per_sample_closure(opt, losses), model=model)
+        >>> per_sample.shape
+        torch.Size([8])
+    """
+
+    def closure(index: Tensor | None = None) -> Tensor:
+        optimizer.zero_grad()
+        out = losses(index)
+        if torch.is_grad_enabled():
+            out.mean().backward()
+        return out.detach()
+
+    return closure
+
+
+def _per_sample(losses: Any, what: str) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"Invalid per-sample losses of shape {shape} from the closure {what} (expected (n,): "
+            "return the losses with reduction='none'; see flatmin.optim.esam.per_sample_closure)"
+        )
+    return losses
 
 
 class ESAM(SAM):
@@ -71,151 +112,115 @@ class ESAM(SAM):
     where ``B⁺`` holds the ``⌈γ n⌉`` samples whose loss rises most from ``w`` to the perturbed
     point. ``β = γ = 1`` gives :class:`~flatmin.optim.SAM` exactly.
 
-    ESAM needs per-sample losses, so :meth:`step` takes a ``loss_fn(index)`` instead of a
-    closure: it returns the per-sample losses (shape ``(n,)``, ``reduction="none"``) of the whole
-    batch for ``index=None`` and of the samples ``index`` otherwise. ESAM zeroes the gradients,
-    averages and calls ``backward()`` itself. ``first_step``/``second_step`` by hand give SWP only.
+    ESAM follows the closure contract of the family; with ``gamma < 1`` the closure returns
+    per-sample losses and accepts an optional sample index (module docstring,
+    :func:`per_sample_closure`). ``step`` returns the per-sample losses at ``w``.
+    ``first_step``/``second_step`` by hand give SWP only.
 
     Args:
         params: As for :class:`~flatmin.optim.SAM`.
         base_optimizer: As for :class:`~flatmin.optim.SAM`.
+        rho: As for :class:`~flatmin.optim.SAM`.
         beta: Probability that a tensor is perturbed (SWP); the paper uses 0.6.
         gamma: Fraction of the batch used by the second pass (SDS); the paper uses 0.5.
         generator: A CPU generator for the SWP draws (default: a new one seeded with 0). Its
             state is saved in :meth:`state_dict`.
-        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts (``rho``, ``lr``, ...).
+        rule: The geometry inside SWP (default :class:`~flatmin.optim.rules.LpBall`).
+        **kwargs: Everything else :class:`~flatmin.optim.SAM` accepts (``p``, ``lr``, ...).
 
     Raises:
         TypeError: ``beta``/``gamma`` not floats, ``generator`` not a CPU ``torch.Generator``.
-        ValueError: ``beta`` or ``gamma`` outside ``(0, 1]``.
+        ValueError: ``beta`` or ``gamma`` outside ``(0, 1]``; at a step, a closure that does
+            not return per-sample losses while ``gamma < 1``.
 
     References:
         Du et al., "Efficient Sharpness-aware Minimization for Improved Training of Neural
         Networks", ICLR 2022, arXiv:2110.03141.
 
     Example:
-        >>> import torch
-        >>> from flatmin.optim.esam import ESAM
+        >>> import torch, flatmin
+        >>> from flatmin.optim.esam import per_sample_closure
         >>> model = torch.nn.Linear(3, 2)
-        >>> opt = ESAM(model.parameters(), torch.optim.SGD, beta=0.6, gamma=0.5, lr=0.1)
+        >>> opt = flatmin.ESAM(model.parameters(), torch.optim.SGD, beta=0.6, gamma=0.5, lr=0.1)
         >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
-        >>> def loss_fn(index=None):
+        >>> def losses(index=None):
         ...     xb, yb = (x, y) if index is None else (x[index], y[index])
         ...     return torch.nn.functional.cross_entropy(model(xb), yb, reduction="none")
-        >>> loss = opt.step(loss_fn, model=model)
+        >>> per_sample = opt.step(per_sample_closure(opt, losses), model=model)
     """
+
+    gamma: float
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"gamma": (0.5, check_fraction)}
+    # The undrawn tensors keep their first-pass gradient for the base step.
+    _zero_grad_after_ascent = False
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
+        params: Params,
+        base_optimizer: Base,
+        rho: float = 0.05,
         *,
         beta: float = 0.6,
-        gamma: float = 0.5,
         generator: torch.Generator | None = None,
+        rule: PerturbationRule | None = None,
         **kwargs: Any,
     ) -> None:
-        self.beta = _check_fraction("beta", beta)
-        self.gamma = _check_fraction("gamma", gamma)
-        if generator is None:
-            generator = torch.Generator().manual_seed(0)
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"Invalid generator: {generator!r} (expected a CPU torch.Generator)")
-        self.generator = generator
-        self._drawn: list[Tensor] = []
-        self._undrawn: list[Tensor] = []
-        super().__init__(params, base_optimizer, **kwargs)
+        self._swp = RandomSubset(beta, generator, inner=rule)
+        super().__init__(params, base_optimizer, rho, rule=self._swp, **kwargs)
 
-    def _perturb_groups(self) -> list[PerturbGroup]:
-        # SWP: SAM's groups (the norm runs over all of them), each tensor moved with probability
-        # β by ε̂/β. Undrawn tensors are still backed up and restored (a copy, exact).
-        groups = super()._perturb_groups()
-        n = sum(len(g.params) for g in groups)
-        draws = (torch.rand(n, generator=self.generator) < self.beta).tolist() if n else []
-        drawn: list[Tensor] = []
-        undrawn: list[Tensor] = []
-        start = 0
-        for group in groups:
-            group.mask = draws[start : start + len(group.params)]
-            group.rho = group.rho / self.beta
-            for w, m in zip(group.params, group.mask):
-                (drawn if m else undrawn).append(w)
-            start += len(group.params)
-        self._drawn, self._undrawn = drawn, undrawn
-        return groups
+    @property
+    def beta(self) -> float:
+        """Probability that a tensor is perturbed (SWP)."""
+        return self._swp.beta
 
-    def step(  # type: ignore[override]
-        self, loss_fn: PerSampleLoss | None = None, *, model: torch.nn.Module | None = None
-    ) -> Tensor | None:
-        """One ESAM step: a full pass, SWP, SDS, and a second pass on the selected samples.
+    @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator of the SWP draws."""
+        return self._swp.generator
 
-        Args:
-            loss_fn: Per-sample losses for ``index=None`` (whole batch) or a 1-D index tensor
-                (see :data:`PerSampleLoss`). Without it, finishes a manual ``first_step``.
-            model: If given, BatchNorm running statistics stay as the first pass left them
-                through the forward passes at the perturbed point.
-
-        Returns:
-            The mean loss at ``w`` (detached).
-
-        Raises:
-            ValueError: ``loss_fn`` does not return a 1-D tensor of per-sample losses.
-        """
-        if loss_fn is None:
-            return super().step(None)
-        with torch.enable_grad():
-            self.zero_grad()
-            losses = loss_fn(None)
-            if not isinstance(losses, Tensor) or losses.dim() != 1:
-                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)
-                raise ValueError(
-                    f"Invalid per-sample losses of shape {shape} (expected (n,); use "
-                    "reduction='none')"
-                )
-            loss = losses.mean()
-            loss.backward()
-        self.first_step()
-        if not self._drawn:  # nothing perturbed: a plain step with g, no second pass
-            self.second_step()
-            return loss.detach()
-        frozen = [w for w in self._undrawn if w.requires_grad]
+    def _perturbed_pass(self, closure: Callable[..., Any], first: Any) -> Any:
+        drawn = [w for g in self.last_groups for w, m in zip(g.params, g.mask or ()) if m]
+        undrawn = [w for g in self.last_groups for w, m in zip(g.params, g.mask or ()) if not m]
+        losses = _per_sample(first, "at w") if self.gamma < 1.0 else None
+        if not drawn:  # nothing perturbed: a plain step with g, no second pass
+            return None
+        # The undrawn tensors keep g: take their gradients away from the closure's zero_grad
+        # (both calls below zero the gradients) and turn their weight gradients off.
+        kept = [(w, w.grad) for w in undrawn]
+        frozen = [w for w in undrawn if w.requires_grad]
+        for w in undrawn:
+            w.grad = None
         try:
             index = None
-            n = losses.shape[0]
-            keep = max(1, math.ceil(self.gamma * n))
-            if keep < n:
-                with torch.no_grad(), frozen_bn_stats(model):
-                    after = loss_fn(None)
-                index = torch.topk(after - losses.detach(), keep, sorted=False).indices
-            torch._foreach_zero_([w.grad for w in self._drawn if w.grad is not None])
+            if losses is not None:
+                n = losses.shape[0]
+                keep = max(1, math.ceil(self.gamma * n))
+                if keep < n:
+                    with torch.no_grad():
+                        after = _per_sample(closure(), "at w + ε̂")
+                    index = torch.topk(after - losses.detach(), keep, sorted=False).indices
             for w in frozen:
                 w.requires_grad_(False)
-            with torch.enable_grad(), frozen_bn_stats(model):
-                loss_fn(index).mean().backward()
-        except BaseException:
-            self.restore()  # never leave the caller's weights at w + ε̂
-            raise
+            with torch.enable_grad():
+                return closure() if index is None else closure(index)
         finally:
             for w in frozen:
                 w.requires_grad_(True)
-        self.second_step()
-        return loss.detach()
+            for w, grad in kept:
+                w.grad = grad
 
-    def state_dict(self) -> dict[str, Any]:
-        """SAM's state dict plus the SWP generator's state."""
-        state = super().state_dict()
-        state[_ESAM_KEY] = {"generator": self.generator.get_state()}
-        return state
+    def _extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (the generator, then SAM's and the base's state)."""
-        if not isinstance(state_dict, dict) or _ESAM_KEY not in state_dict:
-            raise ValueError(
-                f"Invalid ESAM state_dict: no {_ESAM_KEY!r} entry (was it saved by "
-                "ESAM.state_dict()?)"
-            )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != _ESAM_KEY})
-        self.generator.set_state(state_dict[_ESAM_KEY]["generator"])
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        state = extra.get("generator") if set(extra) == {"generator"} else None
+        try:
+            torch.Generator().set_state(state)  # type: ignore[arg-type]
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"Invalid ESAM state_dict: generator state ({err})") from None
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.generator.set_state(extra["generator"])
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__

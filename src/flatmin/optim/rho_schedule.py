@@ -127,10 +127,18 @@ class ProportionalRho:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`."""
+        """Load a :meth:`state_dict`: every value is checked first, then all are set.
+
+        Raises:
+            ValueError, TypeError: A missing key or an invalid value (nothing is changed).
+        """
+        keys = ("rho_max", "rho_min", "lr_max", "lr_min", "last_rho")
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise ValueError(f"Invalid ProportionalRho state_dict: missing {missing}")
         n = len(self.optimizer.param_groups)
-        self.rho_max = _per_group("rho_max", state_dict["rho_max"], n)
-        self.rho_min = _per_group("rho_min", state_dict["rho_min"], n)
-        self.lr_max = _per_group("lr_max", state_dict["lr_max"], n)
-        self.lr_min = _per_group("lr_min", state_dict["lr_min"], n)
-        self._last_rho = [float(r) for r in state_dict["last_rho"]]
+        values = [_per_group(k, state_dict[k], n) for k in keys[:4]]
+        last = state_dict["last_rho"]
+        last_rho = [] if not last else _per_group("last_rho", last, n)
+        self.rho_max, self.rho_min, self.lr_max, self.lr_min = values
+        self._last_rho = last_rho

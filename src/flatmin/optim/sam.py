@@ -1,4 +1,4 @@
-r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM) as a wrapper optimizer.
+r"""Sharpness-Aware Minimization (SAM) as a wrapper optimizer, and the base of its variants.
 
 Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
 
@@ -9,46 +9,36 @@ Algorithm (Foret et al. 2021, Alg. 1), for one mini-batch::
 
 The base optimizer owns the update; SAM only moves ``w`` to ``w + ε̂`` and back. Both share
 one list of ``param_groups``, so learning-rate schedulers, ``add_param_group`` and per-group
-``rho`` just work.
+``rho`` just work. ``ε̂`` comes from a perturbation rule (:mod:`flatmin.optim.rules`), the step
+sequence from :mod:`flatmin.optim._driver`; a variant overrides a few policy hooks of
+:class:`SAM` (when to perturb, along what, how to combine the gradients) and nothing else.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin.optim._perturb import PerturbGroup, perturb_foreach_, perturb_single_tensor_
-from flatmin.optim._rng import RNGState
+from flatmin.optim import _state
+from flatmin.optim._backup import WeightBackup
+from flatmin.optim._checks import check_real
+from flatmin.optim._driver import remember_grad, run_step
+from flatmin.optim._policy import Policy
+from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup
 
 __all__ = ["SAM"]
 
-_SAM_KEYS = ("rho", "p", "adaptive", "eta")
+Params = Iterable[Tensor] | Iterable[dict[str, Any]] | None
+Base = type[Optimizer] | Optimizer
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    rho, p, eta, adaptive = group["rho"], group["p"], group["eta"], group["adaptive"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"Invalid rho: {rho!r} (expected a float)")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"Invalid rho: {rho} (expected a finite value >= 0)")
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"Invalid p: {p!r} (expected a float > 1 or math.inf)")
-    if math.isnan(p) or p <= 1:
-        raise ValueError(f"Invalid p: {p} (expected p > 1, or math.inf)")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"Invalid adaptive: {adaptive!r} (expected a bool)")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"Invalid eta: {eta!r} (expected a float)")
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"Invalid eta: {eta} (expected a finite value >= 0)")
-
-
-class SAM(Optimizer):
+class SAM(Policy, Optimizer):
     r"""Sharpness-Aware Minimization around any base optimizer (SAM, ASAM, any ℓp ball).
 
     Update rule, with ``g`` the gradient over all param groups and 1/p + 1/q = 1:
@@ -59,44 +49,51 @@ class SAM(Optimizer):
         w \leftarrow \mathrm{base\_step}\big(w,\ \nabla L(w + \hat\epsilon)\big).
 
     ``p = 2`` gives ``ρ g/‖g‖₂`` and ``p = math.inf`` gives ``ρ sign(g)``. With ``adaptive=True``
-    (ASAM) and ``T = |w| + η``: ``ε̂ = T · ε̂_p(T g)``, i.e. ``ρ T² g / ‖T g‖₂`` for p = 2.
+    (ASAM) and ``T = |w| + η``: ``ε̂ = T · ε̂_p(T g)``, i.e. ``ρ T² g / ‖T g‖₂`` for p = 2. Other
+    geometries (Fisher-SAM, SAM-ON) are a ``rule=`` (:mod:`flatmin.optim.rules`).
 
     Two ways to drive it:
 
-    * By hand: ``loss.backward(); opt.first_step(zero_grad=True)``, then a second forward/backward
-      at the perturbed weights, then ``opt.second_step(zero_grad=True)``.
     * With a closure that zeroes the gradients, runs forward and backward, and returns the loss
       (the PyTorch closure contract that Lightning's automatic optimization uses):
-      ``loss = opt.step(closure)``. SAM calls it twice and returns the loss at ``w``.
+      ``loss = opt.step(closure)``. SAM calls it twice and returns its value at ``w``. Do not
+      call ``backward()`` before ``step(closure)`` (davda54/sam's usage): SAM runs both passes
+      itself, so that would be a third; it warns once if it finds such a gradient.
+    * By hand: ``loss.backward(); opt.first_step(zero_grad=True)``, then a second forward/backward
+      at the perturbed weights, then ``opt.second_step(zero_grad=True)``.
+
+    The closure may return per-sample losses (a 1-D tensor) instead of a scalar; ``step``
+    returns whatever the first call returned (ESAM needs them, see :class:`~flatmin.ESAM`).
 
     BatchNorm: the second pass would update the running statistics a second time, at perturbed
-    weights. Wrap it in :func:`flatmin.optim.bn.frozen_bn_stats` to keep them as the first pass
-    left them (``step(closure, model=...)`` does this for you).
+    weights; ``step(closure, model=...)`` keeps them as the first pass left them
+    (:func:`flatmin.optim.bn.frozen_bn_stats`). Every member of the family accepts ``model=``.
 
-    In real training (recipes in ``docs/sam_in_practice.md``): DDP works as is (``global`` mode)
-    or per replica (``step(closure, model=ddp_model, per_replica=True)``); gradient accumulation is
-    a closure over micro-batches (:func:`flatmin.optim.accumulation.accumulation_closure`); fp16
-    with a ``GradScaler`` goes through :func:`flatmin.optim.amp.sam_step_amp`; ``max_grad_norm``
-    clips the SAM gradient; ``same_rng=True`` gives both passes the same dropout masks;
-    :class:`flatmin.optim.rho_schedule.ProportionalRho` drives ``rho`` from the learning rate;
-    :func:`flatmin.optim.second_order.second_order_step` adds the second-order term.
+    DDP (global or ``per_replica``), gradient accumulation, fp16 (``amp.sam_step_amp``),
+    clipping, ``same_rng``, rho schedules and second-order SAM: ``docs/sam_in_practice.md``.
+
+    Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
+    at every step that uses them, so a scheduler that sets an invalid value fails at that step.
 
     Args:
         params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
             whose groups SAM adopts; pass ``None`` then).
         base_optimizer: An optimizer class, built on SAM's param groups with ``base_kwargs``, or
             an optimizer instance, whose param groups SAM adopts.
-        rho: Radius of the neighbourhood (per group).
+        rho: Radius of the neighbourhood (per group); may be positional, as in davda54/sam.
         p: The ℓp ball of the perturbation, ``p > 1`` or ``math.inf`` (per group).
         adaptive: Use ASAM's scale-invariant neighbourhood (per group).
-        eta: ASAM's offset η in ``T = |w| + η`` (per group).
+        eta: ASAM's offset η in ``T = |w| + η`` (per group). davda54/sam and pytorch-optimizer
+            use η = 0 (see ``docs/migration.md``).
         eps: Added to the normaliser so that a zero gradient gives a zero perturbation.
         foreach: Use the multi-tensor kernel (default when ``None``); ``False`` selects the
             single-tensor reference loop.
-        max_grad_norm: If set, :meth:`second_step` clips the SAM gradient (the one at ``w + ε̂``)
-            to this global ℓ2 norm over all groups before the base step
+        max_grad_norm: If set, the gradient the base optimizer receives (the SAM gradient, after
+            a variant combined it) is clipped to this global ℓ2 norm over all groups
             (:func:`torch.nn.utils.clip_grad_norm_`). Clipping the first-pass gradient instead
             changes nothing: ``ε̂`` is invariant to rescaling ``g``.
+        rule: The perturbation rule (default :class:`~flatmin.optim.rules.LpBall`, which reads
+            ``p``, ``adaptive``, ``eta`` from the groups).
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
@@ -112,7 +109,7 @@ class SAM(Optimizer):
     Example:
         >>> import torch, flatmin
         >>> model = torch.nn.Linear(3, 1)
-        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        >>> opt = flatmin.SAM(model.parameters(), torch.optim.SGD, 0.05, lr=0.1)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> def closure():
         ...     opt.zero_grad()
@@ -124,16 +121,17 @@ class SAM(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
-        base_optimizer: type[Optimizer] | Optimizer,
-        *,
+        params: Params,
+        base_optimizer: Base,
         rho: float = 0.05,
+        *,
         p: float = 2,
         adaptive: bool = False,
         eta: float = 0.01,
         eps: float = 1e-12,
         foreach: bool | None = None,
         max_grad_norm: float | None = None,
+        rule: PerturbationRule | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -141,12 +139,16 @@ class SAM(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r} (expected None or a bool)")
         if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-                raise TypeError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a float)")
-            if not max_grad_norm > 0:
-                raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (expected > 0)")
-        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta}
-        _check_group(defaults)
+            check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        if rule is not None and not isinstance(rule, PerturbationRule):
+            raise TypeError(f"Invalid rule: {rule!r} (expected a flatmin.optim.rules rule)")
+        for name, (default, check) in self._options.items():
+            value = base_kwargs.pop(name, default)
+            check(name, value)
+            setattr(self, name, value)
+        variant = {k: base_kwargs.pop(k, v) for k, v in self._group_defaults.items()}
+        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
+        self._check_group(defaults)
         self._base_defaults: dict[str, Any] = {}
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -174,69 +176,36 @@ class SAM(Optimizer):
         self.eps = float(eps)
         self.foreach = foreach
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        # Backups of the weights perturbed by the last first_step, keyed by parameter.
-        self._backup: dict[Tensor, Tensor] = {}
-        # (ids of params, backups, uniform device/dtype) of the last first_step: _backups_for.
-        self._plan: tuple[list[int], list[Tensor], bool] | None = None
-        # What the pending first_step moved, and where it saved the originals.
-        self._perturbed: tuple[list[Tensor], list[Tensor]] = ([], [])
-        self._first_step_done = False
+        self.rule = rule or LpBall()
+        #: Base steps taken (SAM and plain); a Python int, so deciding a branch costs no sync.
+        self.steps_taken = 0
+        # The weights the pending step moved, and their saved values.
+        self._backup = WeightBackup()
+        self._ascents_done = 0
+        # The selected groups (settings and masks, no gradients) of the last ascent.
+        self.last_groups: list[PerturbGroup] = []
+        self._plain_pending = False
+        # The groups were validated for the step in progress (the driver checks them first).
+        self._checked = False
+        # (param, its gradient, that gradient's version) left by the last step (see
+        # _driver.warn_on_pending_grad).
+        self._left_grad: tuple[Tensor, weakref.ref[Tensor], int] | None = None
+        self._pending_grad_warned = False
 
     # -- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to SAM and its base optimizer (they share the list)."""
+        """Add a param group to SAM and its base optimizer (they share the list).
+
+        The group is validated with its defaults filled in before anything is stored.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param group: {type(param_group).__name__} (expected a dict)")
+        self._check_group({**getattr(self, "defaults", {}), **param_group})
         for key, value in self._base_defaults.items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
 
     # -- the two halves of a step ---------------------------------------------------------------
-    def _perturb_groups(self) -> list[PerturbGroup]:
-        # List comprehensions, not loops with branches: on an accelerator this Python is what a
-        # SAM step waits for, the kernels themselves are few.
-        groups = []
-        for group in self.param_groups:
-            params = [w for w in group["params"] if w.grad is not None]
-            grads = [w.grad for w in params]
-            groups.append(
-                PerturbGroup(
-                    params,
-                    grads,
-                    group["rho"],
-                    group["p"],
-                    group["adaptive"],
-                    group["eta"],
-                )
-            )
-        return groups
-
-    def _backups_for(self, params: list[Tensor]) -> tuple[list[Tensor], bool]:
-        """Backup buffers for ``params`` and whether they share one device and dtype.
-
-        Cached for the last set of parameters (compared by identity), so a step allocates
-        nothing and scans nothing per tensor once the set is stable.
-        """
-        ids = list(map(id, params))
-        cached = self._plan
-        if cached is not None and cached[0] == ids:
-            return cached[1], cached[2]
-        # A new set of tensors: check it once (a parameter's gradient layout is fixed by its
-        # module, e.g. Embedding(sparse=True)), then build and cache its buffers.
-        if any(w.grad is not None and w.grad.is_sparse for w in params):
-            raise RuntimeError(
-                "SAM does not support sparse gradients; use a dense embedding "
-                "(sparse=False) for the parameters that SAM perturbs"
-            )
-        backups = []
-        for w in params:
-            buf = self._backup.get(w)
-            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-                buf = self._backup[w] = torch.empty_like(w, memory_format=torch.preserve_format)
-            backups.append(buf)
-        uniform = len({(w.device, w.dtype) for w in params}) <= 1
-        self._plan = (ids, backups, uniform)
-        return backups, uniform
-
     def _use_foreach(self) -> bool:
         # Like torch.optim's ``foreach=None``: the multi-tensor kernel unless asked otherwise.
         return self.foreach is None or self.foreach
@@ -252,28 +221,36 @@ class SAM(Optimizer):
             zero_grad: Clear the gradients afterwards (ready for the second pass).
 
         Raises:
-            RuntimeError: Called twice without :meth:`second_step` in between, or a gradient is
-                sparse.
+            RuntimeError: Called twice without :meth:`second_step` in between (more than
+                ``steps`` times for multi-step ascent), or a gradient is sparse.
+            ValueError: A param group holds an invalid value (e.g. ``rho < 0`` from a scheduler).
         """
-        if self._first_step_done:
+        if self._ascents_done >= self._ascent_steps:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
             )
-        groups = self._perturb_groups()
+        if self._ascents_done == 0:
+            if not self._checked:
+                self._check_groups()
+            self._on_first_pass()
+        groups = self.rule.select(self._ascent_groups())
         params = [w for g in groups for w in g.params]
-        backups: list[Tensor] = []
+        uniform = self._backup.save(
+            params, foreach=self._use_foreach(), extend=self._ascents_done > 0
+        )
         if params:
-            backups, uniform = self._backups_for(params)
-            if self._use_foreach():
-                torch._foreach_copy_(backups, params)
-                # zero_grad: the first-pass gradients are dropped next, so they can be scratch.
-                perturb_foreach_(groups, self.eps, uniform=uniform, consume_grads=zero_grad)
-            else:
-                for buf, w in zip(backups, params):
-                    buf.copy_(w)
-                perturb_single_tensor_(groups, self.eps)
-        self._perturbed = (params, backups)
-        self._first_step_done = True
+            self.rule.perturb_(
+                groups,
+                self.eps,
+                foreach=self._use_foreach(),
+                uniform=uniform,
+                # zero_grad: the directions are dropped next, so they can be scratch space.
+                consume_grads=zero_grad and self._direction_is_scratch,
+            )
+        for group in groups:  # keep the selection (tensors, settings, masks), not the gradients
+            group.grads = []
+        self.last_groups = groups
+        self._ascents_done += 1
         if zero_grad:
             self.zero_grad()
 
@@ -284,29 +261,46 @@ class SAM(Optimizer):
         Used by :meth:`second_step`, and on its own to abandon a SAM step (e.g. after a
         non-finite loss at the perturbed point).
         """
-        if not self._first_step_done:
+        if not self.perturbed:
             raise RuntimeError("second_step()/restore() called before first_step()")
-        params, backups = self._perturbed
-        if params:
-            if self._use_foreach():
-                torch._foreach_copy_(params, backups)
-            else:
-                for w, buf in zip(params, backups):
-                    w.copy_(buf)
-        self._perturbed = ([], [])
-        self._first_step_done = False
+        self._backup.restore(foreach=self._use_foreach())
+        self._ascents_done = 0
 
     @property
     def perturbed(self) -> bool:
         """Whether :meth:`first_step` ran and the weights wait for :meth:`second_step`."""
-        return self._first_step_done
+        return self._ascents_done > 0
+
+    @contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Hold the unperturbed weights ``w`` inside the block, whatever the step's state.
+
+        Outside a step (after ``step(closure)`` or ``second_step``) the weights are ``w``
+        already and this does nothing; between ``first_step`` and ``second_step`` it swaps ``w``
+        in and puts ``w + ε̂`` back afterwards (bit-exact). Use it to evaluate or average.
+
+        Example:
+            >>> import torch, flatmin
+            >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+            >>> opt = flatmin.SAM([w], torch.optim.SGD, rho=1.0, lr=0.1)
+            >>> w.square().sum().backward()
+            >>> opt.first_step()
+            >>> with opt.unperturbed():
+            ...     print(w.detach())
+            tensor([3., 4.])
+        """
+        if not self.perturbed:
+            yield
+            return
+        with self._backup.original(foreach=self._use_foreach()):
+            yield
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Go back to ``w`` and take the base optimizer's step with the gradient at ``w + ε̂``.
 
-        With ``max_grad_norm`` set, the gradient at ``w + ε̂`` is first clipped to that global
-        norm.
+        A variant combines the gradients here first (GSAM, WSAM, ...); with ``max_grad_norm`` the
+        result is clipped to that global norm.
 
         Args:
             zero_grad: Clear the gradients after the base step.
@@ -314,109 +308,135 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: Called before :meth:`first_step`.
         """
+        self._second_step(None)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def _second_step(self, before_base: Callable[[], None] | None) -> None:
         self.restore()
+        if before_base is not None:
+            before_base()
+        self._combine_()
+        self._base_step()
+
+    @torch.no_grad()
+    def _plain_step(self) -> None:
+        """A base step with the gradient at ``w`` (no perturbation this step)."""
+        if self.perturbed:
+            raise RuntimeError("plain_step() called between first_step() and second_step()")
+        if not self._checked:
+            self._check_groups()
+        self._adjust_plain_grad_()
+        self._base_step()
+
+    def _base_step(self) -> None:
         if self.max_grad_norm is not None:
             grads = [w for g in self.param_groups for w in g["params"] if w.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm, foreach=self.foreach)
         self.base_optimizer.step()
-        # An LR scheduler attached to SAM tracks SAM.step(); a manual first/second step counts too.
+        self._after_base_step()
+        self._checked = False
+        self.steps_taken += 1
+        # An LR scheduler attached to SAM tracks SAM.step(); a manual step counts too.
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
+        remember_grad(self)
 
-    @overload  # type: ignore[override]
+    @overload
     def step(self, closure: None = None) -> None: ...
     @overload
     def step(
         self,
-        closure: Callable[[], Tensor],
+        closure: Callable[..., Any],
         *,
         model: torch.nn.Module | None = None,
         same_rng: bool = False,
         per_replica: bool = False,
-    ) -> Tensor: ...
+    ) -> Any: ...
     def step(
         self,
-        closure: Callable[[], Tensor] | None = None,
+        closure: Callable[..., Any] | None = None,
         *,
         model: torch.nn.Module | None = None,
         same_rng: bool = False,
         per_replica: bool = False,
-    ) -> Tensor | None:
-        """One full SAM step driven by ``closure`` (called twice, at ``w`` and at ``w + ε̂``).
+    ) -> Any:
+        """One full step driven by ``closure`` (SAM calls it at ``w`` and at ``w + ε̂``).
 
-        Without a closure, ``step()`` after :meth:`first_step` is :meth:`second_step` (so
-        wrappers that call ``optimizer.step()``, such as ``GradScaler.step``, finish a SAM step).
+        Without a closure, ``step()`` finishes a pending step (after :meth:`first_step` it is
+        :meth:`second_step`), so wrappers that call ``optimizer.step()``, such as
+        ``GradScaler.step``, finish a SAM step.
 
         Args:
             closure: Zeroes the gradients, computes the loss, calls ``backward()`` and returns the
-                loss. It runs under ``torch.enable_grad()``.
-            model: If given, BatchNorm running statistics are kept unchanged during the second
-                pass (:func:`flatmin.optim.bn.frozen_bn_stats`). With ``per_replica`` it must be
-                the ``DistributedDataParallel`` module.
-            same_rng: Replay the CPU (and initialised CUDA) RNG state before the second pass, so
-                that both passes draw the same dropout masks (one dropout key per step, as the
-                official SAM code does).
+                loss (or per-sample losses, a 1-D tensor). It runs under ``torch.enable_grad()``.
+            model: If given, BatchNorm running statistics are kept unchanged during the passes at
+                the perturbed point (:func:`flatmin.optim.bn.frozen_bn_stats`). With
+                ``per_replica`` it must be the ``DistributedDataParallel`` module.
+            same_rng: Replay the CPU (and initialised CUDA) RNG state before each pass at the
+                perturbed point, so that every pass draws the same dropout masks (one dropout key
+                per step, as the official SAM code does).
             per_replica: Run the first pass under ``model.no_sync()``: each DDP replica
                 perturbs with its own gradient (m-sharpness, one all-reduce fewer); the second
                 pass is synchronised as usual.
 
         Returns:
-            The loss at ``w`` (the first call's value); ``None`` when called without a closure.
+            The closure's value at ``w`` (its first call); ``None`` when called without a closure.
 
         Raises:
-            RuntimeError: ``closure`` is ``None`` and no :meth:`first_step` is pending.
+            RuntimeError: ``closure`` is ``None`` and no step is pending, or a step is pending
+                and a closure is given.
             TypeError: ``per_replica=True`` and ``model`` has no ``no_sync()``.
+            ValueError: A param group holds an invalid value (e.g. ``rho`` set to NaN).
         """
         if closure is None:
             if self.perturbed:
                 self.second_step()
                 return None
+            if self._plain_pending:
+                self._plain_pending = False
+                self._plain_step()
+                return None
             raise RuntimeError(
-                "SAM.step() requires a closure that recomputes the loss and its gradients "
-                "(or call first_step()/second_step() yourself)"
+                f"{type(self).__name__}.step() requires a closure that recomputes the loss and its "
+                "gradients (or call first_step()/second_step() yourself)"
             )
-        from flatmin.optim.bn import frozen_bn_stats
-        from flatmin.optim.distributed import perturbation_pass
-
-        closure = torch.enable_grad()(closure)
-        rng = RNGState.capture() if same_rng else None
-        with perturbation_pass(model, per_replica=per_replica):
-            loss = closure()
-        self.first_step(zero_grad=True)
-        try:
-            if rng is not None:
-                rng.restore()
-            with frozen_bn_stats(model):
-                closure()
-        except BaseException:
-            self.restore()  # never leave the caller's weights at w + ε̂
-            raise
-        self.second_step()
-        return loss
+        return run_step(self, closure, model=model, same_rng=same_rng, per_replica=per_replica).loss
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def hyper_parameters(self) -> dict[str, Any]:
+        """Constructor hyper-parameters a checkpoint must agree with (``k``, ``eps``, rule...)."""
+        names = ("eps", "max_grad_norm", *self._options)
+        return {**{name: getattr(self, name) for name in names}, "rule": repr(self.rule)}
+
     def state_dict(self) -> dict[str, Any]:
-        """Return SAM's param groups and state together with the base optimizer's state."""
-        if self._first_step_done:
+        """SAM's groups and state, the base optimizer's state, and the variant's section.
+
+        ``"variant"`` holds the class name, the hyper-parameters (:meth:`hyper_parameters`), the
+        step counter and any state of the variant that is not per parameter.
+        """
+        if self.perturbed:
             raise RuntimeError("state_dict() called between first_step() and second_step()")
-        return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict()}
+        return _state.dump(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: SAM's groups and the base optimizer's state."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"sam", "base"}:
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
-            raise ValueError(
-                f"Invalid SAM state_dict with keys {keys} (expected 'sam' and 'base'; "
-                "was it saved by SAM.state_dict()?)"
-            )
-        super().load_state_dict(state_dict["sam"])
-        self.base_optimizer.load_state_dict(state_dict["base"])
-        # Both loads rebuild their group lists: share one again.
-        self.param_groups = self.base_optimizer.param_groups
-        for group in self.param_groups:
-            _check_group(group)
+        """Load a :meth:`state_dict`: all of it, or (on any error) nothing.
+
+        Everything is validated first: the layout, the class and hyper-parameters it was saved
+        with (a mismatch, e.g. another ``k``, is an error), every group value, the group sizes of
+        both sections, the counters and the variant's own state. A ``{"sam", "base"}`` dict from
+        an older flatmin ``SAM`` (no ``"variant"``) loads into :class:`SAM`.
+
+        Raises:
+            ValueError: The state dict does not fit this optimizer (the message says why).
+            RuntimeError: Called between ``first_step`` and ``second_step``.
+        """
+        if self.perturbed:
+            raise RuntimeError("load_state_dict() called between first_step() and second_step()")
+        _state.load(self, state_dict, legacy=type(self) is SAM)
+        self._backup.forget_plan()
+        self._left_grad = None
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__
-        return f"SAM(base_optimizer={base}, groups={len(self.param_groups)})"
+        return f"{type(self).__name__}(base_optimizer={base}, groups={len(self.param_groups)})"

@@ -19,12 +19,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin.optim._checks import GroupCheck, check_bool
 from flatmin.optim.averaging import BufferPolicy, Mode, WeightAveraging
 from flatmin.optim.sam import SAM
 
@@ -86,6 +87,9 @@ class WASAM(SAM):
         2
     """
 
+    average_on_step: bool
+    _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"average_on_step": (True, check_bool)}
+
     def __init__(
         self,
         model: nn.Module,
@@ -104,8 +108,6 @@ class WASAM(SAM):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model: {type(model).__name__} (expected a torch.nn.Module)")
-        if not isinstance(average_on_step, bool):
-            raise TypeError(f"Invalid average_on_step: {average_on_step!r} (expected a bool)")
         if params is None and not isinstance(base_optimizer, Optimizer):
             params = model.parameters()
         averaging = WeightAveraging(
@@ -117,33 +119,26 @@ class WASAM(SAM):
             buffers=buffers,
             device=average_device,
         )
-        super().__init__(params, base_optimizer, rho=rho, **kw)
+        super().__init__(params, base_optimizer, rho, average_on_step=average_on_step, **kw)
         self.averaging = averaging
-        self.average_on_step = average_on_step
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """SAM's second step (restore ``w``, base step), then count one step for the averager."""
-        super().second_step(zero_grad=zero_grad)
+    def _after_base_step(self) -> None:
+        # After the base step the weights are the restored, unperturbed ones: average those.
         if self.average_on_step:
             self.averaging.update()
 
-    def state_dict(self) -> dict[str, Any]:
-        """SAM's groups, the base optimizer's state and the averages, in one dict."""
-        out = super().state_dict()
-        out["averaging"] = self.averaging.state_dict()
-        return out
+    def _extra_state(self) -> dict[str, Any]:
+        return {"averaging": self.averaging.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (SAM, base optimizer and averages)."""
-        if not isinstance(state_dict, dict) or "averaging" not in state_dict:
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        if set(extra) != {"averaging"}:
             raise ValueError(
-                f"Invalid WASAM state_dict with keys {keys} (expected 'sam', 'base', 'averaging')"
+                f"Invalid WASAM state_dict: extra {sorted(extra)} (expected 'averaging')"
             )
-        rest = {k: v for k, v in state_dict.items() if k != "averaging"}
-        super().load_state_dict(rest)
-        self.averaging.load_state_dict(state_dict["averaging"])
+        self.averaging.check_state_dict(extra["averaging"])
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.averaging.load_state_dict(extra["averaging"])
 
     def __repr__(self) -> str:
         base = self.base_optimizer.__class__.__name__

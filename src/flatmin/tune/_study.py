@@ -1,0 +1,169 @@
+"""The study on disk: open or create it (locked), check its settings, recover from a kill.
+
+A search's study is one Optuna study, :data:`STUDY_NAME`, in ``out/study.db`` (SQLite) or in
+memory. Its settings (space, seeds, penalty and the caller's ``config``) are stored with it as
+the user attribute ``identity``; a search with other settings is refused. A process killed
+mid-trial leaves that trial ``RUNNING`` for ever: since ``out/study.lock`` guarantees a single
+searcher, every running trial found on opening is stale, and is marked interrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flatmin.tune.result import Score, SeedRun, TrialRecord, TuneResult
+
+__all__ = ["STUDY_NAME", "StudyConflictError", "best_score", "collect", "open_study"]
+
+STUDY_NAME = "flatmin-tune"
+
+
+class StudyConflictError(ValueError):
+    """``out`` cannot hold this search: another search's study, a file, or a running search."""
+
+
+@contextmanager
+def open_study(
+    out: Path | None,
+    sampler: Any,
+    pruner: Any,
+    identity: Mapping[str, Any],
+    startup: Sequence[Mapping[str, float | int]],
+) -> Iterator[Any]:
+    """The study of ``out`` (``None``: in memory), held locked; ``startup`` queued if new.
+
+    Raises:
+        StudyConflictError: ``out`` holds a study with other settings or one flatmin did not
+            start, or another search holds its lock.
+    """
+    import optuna
+
+    with _locked(out) if out is not None else _nolock():
+        storage = (
+            optuna.storages.InMemoryStorage()
+            if out is None
+            else optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}")
+        )
+        study = optuna.create_study(
+            storage=storage, sampler=sampler, pruner=pruner, study_name=STUDY_NAME,
+            direction="maximize", load_if_exists=True,
+        )  # fmt: skip
+        stored = study.user_attrs.get("identity")
+        if stored is None:
+            if study.trials:
+                raise StudyConflictError(
+                    f"Invalid out: {out} holds a study that flatmin did not start"
+                )
+            study.set_user_attr("identity", identity)
+            for point in startup:
+                study.enqueue_trial(dict(point))
+        elif stored != identity:
+            changed = sorted(
+                k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
+            )
+            diff = "; ".join(
+                f"{k} {stored.get(k)!r} there, {identity.get(k)!r} here" for k in changed
+            )
+            raise StudyConflictError(
+                f"Invalid out: {out} holds a search with other settings ({diff}); "
+                "use another directory"
+            )
+        _recover(study, storage)
+        yield study
+
+
+@contextmanager
+def _nolock() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out/study.lock`` for the search (released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks (Windows): one search at a time
+        yield
+        return
+    with open(out / "study.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyConflictError(
+                f"Invalid out: another search is running in {out} (it holds study.lock)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def record(trial: Any) -> TrialRecord | None:
+    """A :class:`TrialRecord` of an Optuna ``FrozenTrial`` (``None`` for a waiting one)."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.WAITING:
+        return None
+    attrs = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        state = "complete"
+    elif trial.state == TrialState.PRUNED:
+        state = "pruned"
+    elif trial.state == TrialState.RUNNING:
+        state = "running"
+    else:  # FAIL: a result only when the objective itself said so
+        state = "failed" if attrs.get("outcome") == "failed" else "interrupted"
+    score = attrs.get("score")
+    pruned_at = attrs.get("pruned_at")
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        params=dict(trial.params),
+        runs=tuple(SeedRun.from_dict(d) for d in attrs.get("runs", [])),
+        score=Score(**score) if state == "complete" and score is not None else None,
+        reason=attrs.get("reason"),
+        pruned_at=None if pruned_at is None else (int(pruned_at[0]), int(pruned_at[1])),
+        retry_of=attrs.get("retry_of"),
+    )
+
+
+def _recover(study: Any, storage: Any) -> None:
+    """Mark trials left running by a killed process as interrupted; queue them again (once).
+
+    Every interrupted trial's hyper-parameters are enqueued once, as a trial with ``retry_of``.
+    """
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(STUDY_NAME)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "outcome", "interrupted")
+        storage.set_trial_user_attr(trial_id, "reason", "the search process stopped mid-trial")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        rec = record(t)
+        if rec is not None and rec.state == "interrupted" and t.number not in retried:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+
+
+def collect(study: Any, result_args: dict[str, Any]) -> TuneResult:
+    """The :class:`TuneResult` of every started trial of ``study``."""
+    records = (record(t) for t in study.get_trials(deepcopy=False))
+    return TuneResult(trials=tuple(r for r in records if r is not None), **result_args)
+
+
+def best_score(study: Any) -> float | None:
+    """The best score among the study's complete trials (``None``: none yet)."""
+    from optuna.trial import TrialState
+
+    scores = [
+        t.user_attrs["score"]["value"]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "score" in t.user_attrs
+    ]
+    return max(scores, default=None)

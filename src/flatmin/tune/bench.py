@@ -1,0 +1,222 @@
+"""The benchmark's tasks as a search: what ``flatmin tune`` and ``flatmin bench`` call.
+
+Everything that knows the benchmark's training API is in :func:`_train_run` and
+:func:`_hyper` (``RunSpec``, ``Hyper``, ``train``); the space comes from the method's
+``tuned_by`` / ``grids`` (:func:`bench_space`). Update those when the benchmark's API changes.
+
+Each seed is one benchmark run at ``stage="tune"`` on seeds 100, 101, … (the benchmark evaluates
+on 0, 1, …); its per-epoch ``val_acc`` is reported, and its value is the final epoch's
+validation accuracy (the benchmark reports final-epoch results). A run that ends with a
+non-finite loss is a failed trial.
+
+Example:
+    >>> from flatmin.tune.bench import bench_space
+    >>> bench_space("wasam")  # rho from SAM's preset and grid, start from SWA's
+    (Param(name='rho', low=0.01, high=2.0, log=True, integer=False), Param(name='start', ...))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flatmin.tune.result import TuneResult
+from flatmin.tune.search import Reporter, TrainFn, TrialFailed, search
+from flatmin.tune.space import SPACES, Param
+
+if TYPE_CHECKING:
+    from flatmin.bench.methods import Hyper
+
+__all__ = ["bench_epochs", "bench_space", "bench_train_fn", "grid_size", "suggest_hyper"]
+
+
+# --- the adapter: the only code that builds benchmark runs --------------------------------------
+
+
+def _hyper(params: Mapping[str, float | int]) -> Hyper:
+    from flatmin.bench.methods import Hyper
+
+    return Hyper(**params)
+
+
+def _train_run(
+    task: str,
+    method: str,
+    seed: int,
+    budget: str,
+    params: Mapping[str, float | int],
+    epochs: int | None,
+    on_epoch: Callable[[int, int, dict[str, float]], None],
+) -> dict[str, Any]:
+    """Train one tuning run of the benchmark and return its record."""
+    from flatmin.bench.train import RunSpec, train
+
+    spec = RunSpec(task, method, seed, budget, _hyper(params), epochs, stage="tune")
+    # Validate every epoch: the pruner reads the per-epoch validation accuracy.
+    return train(spec, on_epoch=on_epoch, eval_val=True).record
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_train_fn(task: str, method: str, budget: str, epochs: int | None = None) -> TrainFn:
+    """A training function for :func:`flatmin.tune.search` that trains a benchmark run.
+
+    It reports ``val_acc`` after every epoch (the pruner may stop the run there: the
+    ``TrialPruned`` raised in the epoch callback ends ``train``) and returns the final one.
+    """
+
+    def train_fn(params: dict[str, float | int], seed: int, report: Reporter) -> float:
+        record = _train_run(
+            task, method, seed, budget, params, epochs,
+            lambda epoch, _epochs, metrics: report(epoch, metrics["val_acc"]),
+        )  # fmt: skip
+        if record["status"] != "ok":
+            raise TrialFailed(f"seed {seed}: {record.get('reason')}")
+        return float(record["final"]["val_acc"])
+
+    return train_fn
+
+
+def bench_space(
+    method: str, ranges: Mapping[str, tuple[float, float]] | None = None
+) -> tuple[Param, ...]:
+    """The search space of a benchmark method: the hyper-parameters it is tuned on.
+
+    Each parameter in the method's ``tuned_by`` takes the preset range of its owner
+    (:data:`flatmin.tune.SPACES`) stretched to cover the owner's validation grid; a parameter
+    without a preset spans its grid (log scale when the grid spans a decade). ``ranges``
+    overrides the range of a parameter (``{"rho": (0.01, 2.0)}``).
+
+    Raises:
+        ValueError: unknown method, a method with nothing to tune, or a bad ``ranges`` entry.
+    """
+    space = []
+    for name, (owner, values) in _tunable(method).items():
+        grid = tuple(float(v) for v in values)
+        preset = next((p for p in SPACES.get(owner, ()) if p.name == name), None)
+        if preset is None:
+            if len(grid) < 2:
+                raise ValueError(f"Invalid parameter {name!r} of {method!r}: no preset, no grid")
+            log = min(grid) > 0 and max(grid) >= 10 * min(grid)
+            integer = all(v.is_integer() for v in grid)
+            preset = Param(name, min(grid), max(grid), log=log, integer=integer)
+        space.append(preset.widened(grid))
+    if not space:
+        tunable = ", ".join(n for n in _methods() if _tunable(n))
+        raise ValueError(
+            f"Invalid method: {method!r} has no hyper-parameters to tune (tunable: {tunable})"
+        )
+    for name, (low, high) in (ranges or {}).items():
+        i = next((i for i, p in enumerate(space) if p.name == name), None)
+        if i is None:
+            names = ", ".join(p.name for p in space)
+            raise ValueError(f"Invalid range: {name!r} is not tuned for {method!r} ({names})")
+        space[i] = Param(name, low, high, log=space[i].log, integer=space[i].integer)
+    return tuple(space)
+
+
+def _methods() -> Mapping[str, Any]:
+    from flatmin.bench.methods import METHODS
+
+    return METHODS
+
+
+def _tunable(method: str) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """Searchable hyper-parameter → (the method whose preset and grid it takes, grid values).
+
+    A method's own grids (SAM's rho, SWA's start, LookSAM's alpha, ...) and the ones it takes
+    from another method in the benchmark (a variant's rho from SAM's grid).
+    """
+    from flatmin.bench.methods import get_method
+
+    m = get_method(method)
+    out = {name: (method, grid.values) for name, grid in m.grids.items()}
+    for name, owner in m.tuned_by.items():
+        grid = get_method(owner).grids.get(name)
+        out.setdefault(name, (owner, grid.values if grid is not None else ()))
+    return out
+
+
+def grid_size(method: str) -> int:
+    """Values in the benchmark's validation grid of ``method`` (product over its parameters)."""
+    return math.prod(len(values) or 1 for _, values in _tunable(method).values())
+
+
+def bench_epochs(task: str, budget: str, epochs: int | None = None) -> int:
+    """Epochs of one run: ``epochs``, else the task's recipe for ``budget``.
+
+    Raises:
+        ValueError: unknown task, budget, or ``epochs < 1``.
+    """
+    from flatmin.tasks import get_task
+
+    recipe = get_task(task).recipe(budget)
+    if epochs is None:
+        return recipe.epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"Invalid epochs: {epochs!r} (expected an integer >= 1)")
+    return epochs
+
+
+def suggest_hyper(
+    task: str,
+    method: str,
+    budget: str = "quick",
+    seeds: int | Sequence[int] = 2,
+    n_trials: int = 12,
+    *,
+    pruner: str = "median",
+    warmup: float = 0.5,
+    epochs: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    spread_penalty: float = 1.0,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+    progress: bool = False,
+) -> tuple[Hyper, TuneResult]:
+    """Choose ``method``'s hyper-parameters on ``task``'s validation split with a search.
+
+    What the benchmark's ``--tuner optuna`` calls in place of the validation grid.
+
+    Args:
+        task: task registry name.
+        method: method registry name (its ``tuned_by`` parameters are searched).
+        budget: ``"quick"`` or ``"full"``.
+        seeds: tuning seeds (``K`` → 100 … 100 + K − 1).
+        n_trials: finished trials (see :func:`flatmin.tune.search`).
+        pruner: ``"median"``, ``"halving"`` or ``"none"``.
+        warmup: fraction of each seed's epochs before pruning may stop a trial.
+        epochs: override the recipe's epochs.
+        out: resumable study directory (``None``: in memory).
+        timeout: seconds after which no new trial starts.
+        spread_penalty: score = mean − spread_penalty · std over the seeds.
+        ranges: range overrides (:func:`bench_space`).
+        progress: a progress bar on stderr.
+
+    Returns:
+        ``(hyper, result)``: the best trial's hyper-parameters as a ``Hyper``, and the result.
+
+    Raises:
+        ValueError: bad arguments.
+        RuntimeError: no trial completed (all pruned or failed).
+    """
+    if not (math.isfinite(warmup) and 0.0 <= warmup < 1.0):
+        raise ValueError(f"Invalid warmup: {warmup} (expected a fraction in [0, 1))")
+    space = bench_space(method, ranges)
+    n_epochs = bench_epochs(task, budget, epochs)
+    result = search(
+        bench_train_fn(task, method, budget, epochs), space, n_trials=n_trials, seeds=seeds,
+        out=out, pruner=pruner, warmup=int(warmup * n_epochs), timeout=timeout,
+        spread_penalty=spread_penalty, progress=progress,
+        config={"task": task, "method": method, "budget": budget, "epochs": n_epochs},
+    )  # fmt: skip
+    best = result.best
+    if best is None:
+        raise RuntimeError(
+            f"No trial completed for {task} {method} ({result.count('pruned')} pruned, "
+            f"{result.count('failed')} failed): nothing to suggest"
+        )
+    return _hyper(best.params), result

@@ -1,0 +1,241 @@
+"""``flatmin tune``: choose a method's hyper-parameters on a benchmark task with a search.
+
+``flatmin.cli`` registers the subcommand with :func:`add_arguments` and calls :func:`run`.
+Writes ``OUT/study.db`` (the resumable study), ``OUT/tune.json`` and ``OUT/tune.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flatmin.tune.result import TuneResult
+
+__all__ = ["DESCRIPTION", "EPILOG", "add_arguments", "run"]
+
+PROG = "flatmin tune"
+DESCRIPTION = (
+    "Search a method's hyper-parameters (rho on a log scale; SWA's start) on a task's validation "
+    "split: each trial trains seeds 100, 101, ...; trials clearly worse than the finished ones "
+    "are pruned; the score is mean - X * std over the seeds. Writes OUT/tune.json, OUT/tune.png "
+    "and the resumable study OUT/study.db."
+)
+EPILOG = (
+    "Rerun the same command to resume: finished trials are kept. Exit codes: 0 ok; 1 no trial "
+    "completed or a dataset is unavailable; 2 bad arguments, OUT holds another search, or "
+    "Optuna is not installed (pip install 'flatmin[tune]'); 130 interrupted."
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value: {value} (expected >= 1)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"invalid value: {text} (expected > 0)")
+    return value
+
+
+def _range(text: str) -> tuple[str, float, float]:
+    name, sep, rest = text.partition("=")
+    low, sep2, high = rest.partition(":")
+    try:
+        if not (sep and sep2 and name):
+            raise ValueError
+        return name, float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid range: {text!r} (expected NAME=LOW:HIGH)"
+        ) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``flatmin tune``'s options to the subparser ``p``."""
+    from flatmin.tune.search import PRUNERS
+
+    p.add_argument("--task", required=True, help="benchmark task (flatmin tasks)")
+    p.add_argument("--method", required=True, help="method whose hyper-parameters are searched")
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=12,
+        metavar="N",
+        help="finished trials the study should hold (default 12)",
+    )
+    p.add_argument(
+        "--timeout", type=_positive_float, metavar="S", help="start no new trial after S seconds"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="tuning seeds 100..100+K-1 per trial (default 2)",
+    )
+    p.add_argument("--out", metavar="DIR", help="study directory (default runs/tune/TASK-METHOD)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--budget", choices=("quick", "full"), default="quick")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help="override the epoch budget")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="fraction of each seed's epochs never pruned (default 0.5)",
+    )
+    p.add_argument(
+        "--spread-penalty",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="score = mean - X * std over seeds (default 1: the worse of 2 seeds)",
+    )
+    p.add_argument(
+        "--range",
+        type=_range,
+        action="append",
+        default=[],
+        metavar="NAME=LOW:HIGH",
+        help="search range of a parameter, e.g. rho=0.01:2",
+    )
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch threads")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar on stderr",
+    )
+
+
+def _error(message: object) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``flatmin tune`` with parsed ``args``; return the exit code."""
+    from flatmin.tune.search import StudyConflictError, import_optuna
+
+    try:
+        optuna = import_optuna()
+    except ImportError as exc:
+        return _error(exc)
+    from flatmin.tune.bench import bench_epochs, bench_space, grid_size, suggest_hyper
+    from flatmin.tune.result import check_spread_penalty
+
+    try:
+        ranges = {}
+        for name, low, high in args.range:
+            if name in ranges:
+                raise ValueError(f"Invalid range: {name!r} given twice")
+            ranges[name] = (low, high)
+        bench_space(args.method, ranges)  # validates the method and the ranges
+        bench_epochs(args.task, args.budget, args.epochs)
+        check_spread_penalty(args.spread_penalty)
+        if not 0.0 <= args.warmup < 1.0:
+            raise ValueError(f"Invalid warmup: {args.warmup} (expected a fraction in [0, 1))")
+    except ValueError as exc:
+        return _error(exc)
+    out = Path(args.out or f"runs/tune/{args.task}-{args.method}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    import torch
+
+    from flatmin.data import DataUnavailableError
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        hyper, result = suggest_hyper(
+            args.task,
+            args.method,
+            args.budget,
+            args.seeds,
+            args.trials,
+            pruner=args.pruner,
+            warmup=args.warmup,
+            epochs=args.epochs,
+            out=out,
+            timeout=args.timeout,
+            spread_penalty=args.spread_penalty,
+            ranges=ranges,
+            progress=args.progress,
+        )
+    except StudyConflictError as exc:
+        return _error(exc)
+    except DataUnavailableError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # no trial completed
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(previous)
+    wall = time.perf_counter() - t0
+    figure = _save_figure(result, out / "tune.png")
+
+    best = result.best
+    if best is None or best.score is None:  # pragma: no cover - suggest_hyper raised
+        return 1
+    s = best.score
+    values = ", ".join(f"{r.final:.4f}" for r in best.runs if r.final is not None)
+    params = " ".join(f"{k}={v:.4g}" for k, v in best.params.items())
+    print(
+        f"{args.task} {args.method}: best {params} (trial {best.number}): score {s.value:.4f} = "
+        f"mean {s.mean:.4f} - {s.spread_penalty:g} x std {s.std:.4f} over seeds "
+        f"{', '.join(map(str, result.seeds))} ({values})"
+    )
+    cost = result.cost()
+    print(
+        f"{len(result.trials)} trials: {result.count('complete')} complete, "
+        f"{result.count('pruned')} pruned, {result.count('failed')} failed, "
+        f"{result.count('interrupted')} interrupted; {cost.epochs} epochs trained in "
+        f"{cost.seconds:.0f} s of training ({wall:.0f} s wall this call)"
+    )
+    full_s, full_e = cost.full_run_seconds, cost.full_run_epochs
+    if full_s is not None and full_e is not None:
+        g = grid_size(args.method)
+        runs = g * len(result.seeds)
+        grid_s, grid_e = runs * full_s, runs * full_e
+        print(
+            f"vs a grid of {g} values x {len(result.seeds)} seeds = {runs} full runs: "
+            f"{grid_e} epochs, ~{grid_s:.0f} s at this search's median full run ({full_s:.1f} s); "
+            f"the search trained {cost.epochs} epochs ({cost.epochs / grid_e:.2f}x), "
+            f"{cost.seconds:.0f} s ({cost.seconds / grid_s:.2f}x)"
+        )
+    print(f"hyper-parameters: {hyper}")
+    print(
+        f"wrote {out / 'tune.json'}" + (f", {figure}" if figure else "") + f", {out / 'study.db'}"
+    )
+    return 0
+
+
+def _save_figure(result: TuneResult, path: Path) -> Path | None:
+    try:
+        from flatmin.tune.report import plot_search
+
+        fig = plot_search(result)
+    except ImportError:
+        print("figure skipped: pip install 'flatmin[plot]'", file=sys.stderr)
+        return None
+    fig.savefig(path, dpi=110)
+    return path
