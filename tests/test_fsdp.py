@@ -361,8 +361,16 @@ def fsdp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     else:
         out = tmp_path_factory.mktemp("fsdp")
     with FileLock(out / "lock", blocking=True):
-        if not (out / f"rank{WORLD - 1}.pt").exists():
-            mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+        for attempt in range(3):
+            if (out / f"rank{WORLD - 1}.pt").exists():
+                break
+            try:
+                mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+            except mp.ProcessRaisedException:
+                # The free port can be taken between choosing and binding it (other tests start
+                # servers, e.g. Ray's): try another one.
+                if attempt == 2:
+                    raise
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -275,6 +275,23 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--jobs", type=int, metavar="N", help="parallel worker processes (suite: 2)")
     p.add_argument("--threads", type=_THREADS, default=1, metavar="N", help="torch threads per run")
     p.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="local (default): --jobs processes on this machine; ray: one Ray task per run "
+        "(pip install 'flatmin[ray]')",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="Ray cluster to run on ('auto': the one `ray start` started here; default: "
+        "$RAY_ADDRESS, else a local Ray instance with --jobs x --cpus-per-run CPUs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cpus-per-run", type=_real(0, strict_low=True), metavar="C",
+        help="CPUs a Ray task reserves (default: --threads)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus-per-run", type=_real(0), metavar="G", help="GPUs a Ray task reserves (default: 0)"
+    )
+    p.add_argument(
         "--tune", action=flag, default=None, help="choose hyper-parameters on validation data"
     )
     p.add_argument("--epochs", type=int, metavar="N", help="override every task's epoch budget")
@@ -413,6 +430,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             ablation_task=args.ablation_task,
             analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
+            executor=args.executor, ray_address=args.ray_address,
+            cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
             progress=args.progress, run=not args.report_only, device=device,
             precision=args.precision,
         )  # fmt: skip

@@ -13,6 +13,9 @@
   worker that dies (out of memory, a crash) gives its run an ``error`` record, which the next
   invocation retries, and is replaced; one killed by SIGTERM or SIGINT (someone is stopping
   the job) stops the grid like a signal to the main process.
+* **Executors**: ``cfg.executor`` is ``"local"`` (this process or the worker processes above) or
+  ``"ray"`` (one Ray task per run, :mod:`flatmin.bench.ray_executor`); the records, the resume
+  rules and the progress bars are the same.
 * **Signals**: SIGINT and SIGTERM raise :class:`flatmin._proc.Interrupted` in the main process;
   records that already arrived are appended, the workers are terminated (SIGTERM, then SIGKILL
   after 3 s) and the exception propagates (``flatmin bench`` exits 130 or 143). Runs that were
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -46,8 +50,17 @@ from flatmin.bench.train import RunSpec, train
 if TYPE_CHECKING:  # runner imports this module; the types only are needed here
     from flatmin.bench.runner import BenchConfig, Resolver
 
-__all__ = ["LOCK", "OutputLockedError", "exclusive_output", "run_specs"]
+__all__ = [
+    "EXECUTORS",
+    "LOCK",
+    "OutputLockedError",
+    "check_executor",
+    "exclusive_output",
+    "executor_session",
+    "run_specs",
+]
 
+EXECUTORS = ("local", "ray")
 LOCK = ".flatmin-bench.lock"
 _STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a worker
 
@@ -81,6 +94,42 @@ def exclusive_output(out: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+# -- executors ------------------------------------------------------------------------------------
+
+
+def check_executor(cfg: BenchConfig) -> None:
+    """Raise ``ValueError`` for a bad executor option, or ``"ray"`` without Ray installed."""
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"Invalid executor: {cfg.executor!r} (expected one of {EXECUTORS})")
+    cpus, gpus = cfg.cpus_per_run, cfg.gpus_per_run
+    if cpus is not None and not (math.isfinite(cpus) and cpus > 0):
+        raise ValueError(f"Invalid cpus_per_run: {cpus} (expected a finite number > 0)")
+    if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+        raise ValueError(f"Invalid gpus_per_run: {gpus} (expected a finite number >= 0)")
+    if cfg.executor == "ray":
+        from flatmin.bench.ray_executor import import_ray
+
+        import_ray()
+        return
+    given = {
+        name: value
+        for name in ("ray_address", "cpus_per_run", "gpus_per_run")
+        if (value := getattr(cfg, name)) is not None
+    }
+    if given:
+        options = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"Invalid options for executor {cfg.executor!r}: {options} (need 'ray')")
+
+
+def executor_session(cfg: BenchConfig) -> contextlib.AbstractContextManager[None]:
+    """The context of a whole grid: for ``"ray"``, disconnects from Ray at its end."""
+    if cfg.executor == "ray" and cfg.run:
+        from flatmin.bench.ray_executor import ray_session
+
+        return ray_session()
+    return contextlib.nullcontext()
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -194,7 +243,7 @@ def run_specs(
     results: Path,
     desc: str,
 ) -> None:
-    """Train ``specs`` (sequentially or in ``cfg.jobs`` workers) and append each record.
+    """Train ``specs`` (sequentially, in ``cfg.jobs`` workers, or on Ray) and append each record.
 
     Raises:
         flatmin._proc.Interrupted: SIGINT/SIGTERM (when handlers are installed, see
@@ -202,6 +251,11 @@ def run_specs(
     """
     bars = _Bars(len(specs), desc, cfg.progress)
     try:
+        if cfg.executor == "ray":
+            from flatmin.bench.ray_executor import run_on_ray
+
+            run_on_ray(specs, cfg, resolver, results, bars)
+            return
         if cfg.jobs == 1 or len(specs) <= 1:
             for run_id, spec in enumerate(specs):
                 bars.start(run_id, spec)

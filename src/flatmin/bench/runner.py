@@ -17,7 +17,8 @@ Every finished run is appended to ``<out>/results.jsonl`` (:mod:`flatmin.bench.s
 its configuration hash. Rerunning the same grid skips the hashes already recorded (status ``ok``
 or ``failed``: a non-finite loss is deterministic); a run that was interrupted, or that raised
 (status ``error``), is run again. ``jobs > 1`` runs independent runs in spawned worker processes,
-each with ``threads`` torch threads; only the main process writes the file and the progress bars.
+each with ``threads`` torch threads (``executor="ray"``: as Ray tasks, on a cluster or a local
+Ray instance); only the main process writes the file and the progress bars.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 from flatmin._proc import interrupt_on_signals
 from flatmin.bench.device import check_precision, check_support, resolve_device
-from flatmin.bench.execute import exclusive_output, run_specs
+from flatmin.bench.execute import check_executor, exclusive_output, executor_session, run_specs
 from flatmin.bench.methods import Hyper, get_method
 from flatmin.bench.plan import (
     GridState,
@@ -62,7 +63,7 @@ ABLATION_METHODS = ("baseline", "swa", "sam", "wasam")
 
 
 class Resolver(Protocol):
-    """Finds a task and its (cached) dataset by name; must be picklable for ``jobs > 1``."""
+    """Finds a task and its (cached) dataset by name; picklable (``jobs > 1``, Ray)."""
 
     def task(self, name: str) -> Task:
         """The task record."""
@@ -121,8 +122,14 @@ class BenchConfig:
             its epoch budget.
         ablation_factors: multiples of the epoch budget for the ablation (besides 1).
         analysis_task: measure the flatness of this task's first-seed models.
-        jobs: parallel worker processes.
+        jobs: parallel worker processes (``executor="ray"`` without a cluster address: the CPUs
+            of the local Ray instance are ``jobs × cpus_per_run``).
         threads: torch threads per run.
+        executor: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray task per
+            run, :mod:`flatmin.bench.ray_executor`).
+        ray_address: the Ray cluster (default: ``$RAY_ADDRESS``, else a local Ray instance).
+        cpus_per_run, gpus_per_run: resources a Ray task reserves (default: ``threads`` CPUs,
+            no GPU).
         epochs: override every task's epoch budget (tests, smoke runs).
         progress: show tqdm progress bars (stderr).
         report: write the report after the grid.
@@ -152,6 +159,10 @@ class BenchConfig:
     analysis_task: str | None = None
     jobs: int = 1
     threads: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
+    cpus_per_run: float | None = None
+    gpus_per_run: float | None = None
     epochs: int | None = None
     progress: bool = True
     report: bool = True
@@ -211,6 +222,7 @@ class BenchConfig:
             raise ValueError(f"Invalid seeds: {self.seeds} (expected distinct seeds)")
         if self.jobs < 1 or self.threads < 1:
             raise ValueError(f"Invalid jobs/threads: {self.jobs}/{self.threads} (expected >= 1)")
+        check_executor(self)
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"Invalid epochs: {self.epochs} (expected >= 1)")
         if self.tuner not in ("grid", "optuna"):
@@ -326,7 +338,8 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     look = resolver or RegistryResolver()
     cfg.validate(look)
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
-    with exclusive_output(cfg.out) if cfg.run else nullcontext(), interrupt_on_signals():
+    lock = exclusive_output(cfg.out) if cfg.run else nullcontext()
+    with lock, interrupt_on_signals(), executor_session(cfg):
         return _run_grid(cfg, look)
 
 
