@@ -218,7 +218,18 @@ def test_every_method_trains_and_records(method):
 def test_tuning_runs_validate_only_at_the_end():
     res = train(RunSpec("toy-a", "sam", 100, epochs=2, stage="tune"), task=TASKS["toy-a"],
                 dataset=toy_dataset())  # fmt: skip
-    assert res.record["curves"]["val_acc"] == [] and res.record["final"]["val_acc"] > 0
+    rec = res.record
+    assert rec["curves"]["val_acc"] == [] and rec["final"]["val_acc"] > 0
+    # Nothing but validation is evaluated: not the test set, not the training set.
+    assert rec["final"]["test_acc"] is None and rec["final"]["train_acc"] is None
+    for avg in rec["averages"].values():
+        assert avg["val_acc"] > 0 and avg["test_acc"] is None
+    from flatmin.bench.store import record_problem
+
+    assert record_problem(rec) is None
+    assert (
+        record_problem({**rec, "stage": "eval"}) == "'final.test_acc' is None (expected a number)"
+    )
 
 
 def test_config_hash_distinguishes_what_matters():

@@ -144,6 +144,13 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _registry_index(method: str) -> int:
+    from flatmin.bench.methods import METHODS
+
+    names = list(METHODS)
+    return names.index(method) if method in names else len(names)
+
+
 def _label(method: str) -> str:
     return method.upper()
 
@@ -446,8 +453,10 @@ def write_report(
         methods.insert(0, "baseline")
     variants = [v for v in meta.get("variants") or () if v not in methods]
     extras = [m for ms in (meta.get("extra_methods") or {}).values() for m in ms]
-    # Methods run on some tasks only (ASAM on the vision tasks, say) join the headline table.
+    # Methods run on some tasks only (ASAM on the vision tasks, say) join the headline table, in
+    # the registry's order (baseline, swa, swa-lr, sam, asam, wasam, ...).
     methods += [m for m in dict.fromkeys(extras) if m not in methods and m not in variants]
+    methods.sort(key=_registry_index)
     headline = [r for r in records if r["method"] in methods]
     rows = summarize(headline, methods)
     variant_rows = summarize(records, [*methods, *variants]) if variants else []

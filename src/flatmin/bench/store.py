@@ -37,6 +37,8 @@ _OK_NUMBERS = (
     ("recipe", ("lr", "weight_decay", "batch_size", "epochs")),
 )
 _AVERAGE_NUMBERS = ("test_acc", "val_acc", "train_acc")
+# A tuning run is chosen on its validation accuracy and evaluates nothing else.
+_TUNE_NUMBERS = ("val_acc",)
 
 
 def _is_number(v: Any) -> bool:
@@ -51,7 +53,7 @@ def record_problem(rec: Any) -> str | None:
     compute with: string ``task`` and ``method``, an int ``seed``, the numbers of
     :data:`_OK_NUMBERS` (``final`` accuracies, the ``recipe``), the same accuracies for each
     entry of ``averages`` (if present), ``curves`` as lists of numbers and a numeric
-    ``wall_time``.
+    ``wall_time``. A tuning run (``stage == "tune"``) needs only its validation accuracies.
     """
     if not isinstance(rec, dict):
         return f"not an object but {type(rec).__name__}"
@@ -68,7 +70,9 @@ def record_problem(rec: Any) -> str | None:
             return f"{key!r} is {rec.get(key)!r} (expected a non-empty string)"
     if not isinstance(rec.get("seed"), int) or isinstance(rec["seed"], bool):
         return f"'seed' is {rec.get('seed')!r} (expected an int)"
+    tune = rec.get("stage") == "tune"
     for section, keys in _OK_NUMBERS:
+        keys = _TUNE_NUMBERS if tune and section == "final" else keys
         part = rec.get(section)
         if not isinstance(part, dict):
             return f"{section!r} is {part!r} (expected an object)"
@@ -81,7 +85,7 @@ def record_problem(rec: Any) -> str | None:
     for start, part in averages.items():
         if not isinstance(part, dict):
             return f"'averages.{start}' is {part!r} (expected an object)"
-        for key in _AVERAGE_NUMBERS:
+        for key in _TUNE_NUMBERS if tune else _AVERAGE_NUMBERS:
             if not _is_number(part.get(key)):
                 return f"'averages.{start}.{key}' is {part.get(key)!r} (expected a number)"
     curves = rec.get("curves")

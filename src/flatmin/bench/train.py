@@ -430,10 +430,13 @@ def _eval_splits(data: TaskData) -> Iterator[tuple[str, Batches]]:
     yield "noise_memorised", Batches(replace(train, targets=flipped), bs, device=device)
 
 
-def _final_counts(model: nn.Module, data: TaskData) -> dict[str, Counts]:
+def _final_counts(
+    model: nn.Module, data: TaskData, only: tuple[str, ...] | None = None
+) -> dict[str, Counts]:
     return {
         name: evaluate_counts(model, batches, data.loss_fn, data.correct_fn)
         for name, batches in _eval_splits(data)
+        if only is None or name in only
     }
 
 
@@ -604,13 +607,15 @@ def _fit(
 
     final: dict[str, Counts] = {}
     averages: dict[float, dict[str, Counts]] = {}
+    # A tuning run is chosen on its validation accuracy alone: it evaluates nothing else.
+    only = ("val",) if spec.stage == "tune" else None
     if status == "ok":
-        final = _final_counts(model, data)
+        final = _final_counts(model, data, only)
         for s, avg in averagers.items():
             # BN statistics of the average, recomputed on the training set before evaluating it.
             avg.update_bn(data.train_eval)
             with avg.swap():
-                averages[s] = _final_counts(model, data)
+                averages[s] = _final_counts(model, data, only)
     return _Fit(status, reason, step, curves, final, averages, model, averagers, data)
 
 
