@@ -32,7 +32,7 @@ def _json_default(obj: object) -> object:
 
 STATUSES = ("ok", "failed", "error")
 # What the runner and the report read from an "ok" record: (section, keys that must be numbers).
-_OK_NUMBERS = (
+_OK_NUMBERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("final", ("test_acc", "val_acc", "train_acc")),
     ("recipe", ("lr", "weight_decay", "batch_size", "epochs")),
 )
@@ -71,8 +71,8 @@ def record_problem(rec: Any) -> str | None:
     if not isinstance(rec.get("seed"), int) or isinstance(rec["seed"], bool):
         return f"'seed' is {rec.get('seed')!r} (expected an int)"
     tune = rec.get("stage") == "tune"
-    for section, keys in _OK_NUMBERS:
-        keys = _TUNE_NUMBERS if tune and section == "final" else keys
+    for section, section_keys in _OK_NUMBERS:
+        keys: tuple[str, ...] = _TUNE_NUMBERS if tune and section == "final" else section_keys
         part = rec.get(section)
         if not isinstance(part, dict):
             return f"{section!r} is {part!r} (expected an object)"
