@@ -2,7 +2,8 @@
 
 Trains the same small BatchNorm CNN three ways (SGD; SWA = the average of the SGD iterates of the
 last epochs at a constant learning rate, with recomputed BN statistics; SAM), then uses
-``flatmin.analysis`` to draw the figures of docs/analysis.md:
+``flatmin.analysis`` to draw a tour of its figures (the figures in docs/analysis.md come from the
+benchmark's own label-noise runs instead: ``flatmin bench --suite full``, flatness study):
 
 * rays ``w + t·d`` along a filter-normalised random direction (Izmailov et al. 2018, Fig. 4);
 * the line ``θ(α) = (1 − α)θ_SGD + α θ_other`` for α in [−0.5, 1.5] with BN statistics recomputed at
@@ -11,7 +12,7 @@ last epochs at a constant learning rate, with recomputed BN statistics; SAM), th
 * worst-case sharpness and the cosine of first- and second-order SAM gradients (Foret et al. 2021).
 
 Run: ``python examples/analysis_digits.py`` (about two minutes on 2 CPU cores). Figures go to
-``docs/figures/analysis_*.png``.
+``runs/analysis_digits/analysis_*.png``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from flatmin.analysis import (
 )
 
 EPOCHS, SWA_EPOCHS, BATCH, LR, SWA_LR = 12, 4, 64, 0.05, 0.02
-FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+FIGURES = Path("runs") / "analysis_digits"
 LOSS = nn.CrossEntropyLoss()
 
 
