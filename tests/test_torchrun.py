@@ -72,7 +72,8 @@ def test_two_processes_global_mode_equal_one_process(tmp_path):
     for name in a:
         torch.testing.assert_close(d[name], a[name], rtol=1e-6, atol=1e-6, msg=name)
     proc = _torchrun(tmp_path / "bad", "--fsdp", "--sam-mode", "per-replica")
-    assert proc.returncode == 2 and "with --fsdp" in proc.stderr
+    # torchrun exits with 1 whatever the failed rank's code (flatmin's usage error is 2).
+    assert proc.returncode != 0 and "Invalid --sam-mode: 'per-replica' with --fsdp" in proc.stderr
 
     per = tmp_path / "per"
     proc = _torchrun(per, "--sam-mode", "per-replica")
