@@ -360,7 +360,7 @@ def test_cli_unavailable_device_is_exit_2(argv, tmp_path, capsys):
     [
         (["--method", "looksam", "--precision", "fp16"], "Invalid precision: 'fp16'"),
         (["--method", "sam", "--sam-mode", "per-replica"], "needs several processes"),
-        (["--method", "sam", "--fsdp"], "--fsdp is not available yet"),
+        (["--method", "sam", "--fsdp"], "Invalid --fsdp: FSDP2 shards the model over several"),
         (["--method", "sam", "--device", "tpu"], "Invalid device: 'tpu'"),
     ],
 )

@@ -59,6 +59,22 @@ def test_two_processes_global_mode_equal_one_process(tmp_path):
     # The epoch's loss is summed over the processes: the same curve to float32 rounding.
     assert metrics["curves"]["train_loss"] == pytest.approx(single["curves"]["train_loss"], 1e-6)
 
+    # FSDP2: the weights, gradients, optimizer state and averages are sharded; SAM's ε̂ norm
+    # is reduced over the shards, so the step is still one-process SAM on the whole batch.
+    fsdp = tmp_path / "fsdp"
+    proc = _torchrun(fsdp, "--fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads((fsdp / "metrics.json").read_text())
+    assert sharded["fsdp"] is True and sharded["world_size"] == 2
+    assert sharded["hash"] == single["hash"]
+    d = _weights(fsdp)
+    assert d.keys() == a.keys()  # the checkpoint holds full, gathered tensors
+    for name in a:
+        torch.testing.assert_close(d[name], a[name], rtol=1e-6, atol=1e-6, msg=name)
+    proc = _torchrun(tmp_path / "bad", "--fsdp", "--sam-mode", "per-replica")
+    # torchrun exits with 1 whatever the failed rank's code (flatmin's usage error is 2).
+    assert proc.returncode != 0 and "Invalid --sam-mode: 'per-replica' with --fsdp" in proc.stderr
+
     per = tmp_path / "per"
     proc = _torchrun(per, "--sam-mode", "per-replica")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -337,8 +337,8 @@ def _add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )  # fmt: skip
     t.add_argument(
         "--fsdp", action=flag, default=False,
-        help="shard the model with FSDP2 (not available yet: the optimizers do not handle "
-        "DTensor parameters)",
+        help="under torchrun: shard the model with FSDP2 (fully_shard per child module and the "
+        "root) instead of replicating it with DDP; global SAM mode, no --resume",
     )  # fmt: skip
     t.add_argument(
         "--resume", action=flag, default=False,
@@ -501,12 +501,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from flatmin.bench.distributed import init_distributed, torchrun_env
     from flatmin.tasks import get_task
 
-    if args.fsdp:
-        return _error(
-            args, "--fsdp is not available yet: flatmin's optimizers and averages do not handle "
-            "FSDP2's DTensor parameters (issue 14, item 3); train with DDP: torchrun ... flatmin "
-            "train without --fsdp",
-        )  # fmt: skip
     try:
         env = torchrun_env()
         world = 1 if env is None else env[1]
@@ -514,6 +508,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"Invalid --sam-mode: {args.sam_mode!r} needs several processes (run under "
                 "torchrun --nproc_per_node N with N > 1)"
+            )
+        if args.fsdp and world == 1:
+            raise ValueError(
+                "Invalid --fsdp: FSDP2 shards the model over several processes (run under "
+                "torchrun --nproc_per_node N with N > 1)"
+            )
+        if args.fsdp and args.sam_mode != "global":
+            raise ValueError(
+                f"Invalid --sam-mode: {args.sam_mode!r} with --fsdp (the shards of one model "
+                "share one perturbation: use the global mode, or DDP without --fsdp)"
+            )
+        if args.fsdp and args.resume:
+            raise ValueError(
+                "Invalid --resume with --fsdp: the per-epoch training state is written for "
+                "replicated runs; rerun the sharded run from the start"
             )
         device = _rank_device(args, None if world == 1 or env is None else env[2])
         task = get_task(args.task)
@@ -549,7 +558,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except (CheckpointError, ValueError) as exc:
             return _error(args, f"Invalid --resume: {exc}")
 
-    dist = init_distributed(device, args.sam_mode)
+    dist = init_distributed(device, args.sam_mode, fsdp=args.fsdp)
     try:
         return _train_and_write(args, spec, task, dist, state, out)
     finally:
@@ -604,7 +613,12 @@ def _train_and_write(
 
     from flatmin import bench
     from flatmin._io import atomic_write_text, finite_json
-    from flatmin.bench.checkpoint import STATE_FILE, save_checkpoint, save_training_state
+    from flatmin.bench.checkpoint import (
+        STATE_FILE,
+        full_state_dicts,
+        save_checkpoint,
+        save_training_state,
+    )
 
     main_rank = dist is None or dist.rank == 0
     state_path = out / STATE_FILE
@@ -631,8 +645,11 @@ def _train_and_write(
         with _torch_threads(args.threads):
             result = bench.train(
                 spec, task=task, on_epoch=on_epoch, dist=dist, resume=state,
-                on_state=on_state if main_rank else None,
+                # Under FSDP2 a rank holds shards only: no per-epoch state (no --resume).
+                on_state=on_state if main_rank and not getattr(dist, "fsdp", False) else None,
             )  # fmt: skip
+            # Full state dicts: under FSDP2 a collective that every rank takes part in.
+            states = full_state_dicts(result) if result.record["status"] == "ok" else None
     except OSError as exc:
         return _error(args, f"could not write the training state into {str(out)!r}: {exc}", 1)
     finally:
@@ -643,7 +660,7 @@ def _train_and_write(
     rec = result.record
     try:
         # Each file is replaced atomically: a failure here (disk full) keeps the previous one.
-        save_checkpoint(out / "checkpoint.pt", result)
+        save_checkpoint(out / "checkpoint.pt", result, states)
         text = json.dumps(finite_json(rec)[0], indent=1, sort_keys=True, allow_nan=False)
         atomic_write_text(out / "metrics.json", text)
         state_path.unlink(missing_ok=True)  # the run is complete: nothing to resume

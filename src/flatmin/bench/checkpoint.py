@@ -97,12 +97,51 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike[str], result: TrainResult) -> None:
+def full_state_dicts(result: TrainResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The final and averaged weights of ``result`` as full, plain state dicts.
+
+    For an FSDP2-sharded model this gathers the shards — a collective: every rank must call it
+    (then rank 0 alone writes); for a plain model it is ``state_dict()``.
+    """
+    from torch.distributed.tensor import DTensor
+
+    averaged = None
+    avg = result.averager
+    sharded = any(isinstance(p, DTensor) for p in result.model.parameters())
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        final = get_model_state_dict(result.model, options=options)
+        if avg is not None and avg.n_averaged > 0:
+            averaged = avg.averaged_state_dict(full=True)
+        return final, averaged
+    if avg is not None and avg.n_averaged > 0:
+        averaged = avg.averaged_state_dict()
+    return result.model.state_dict(), averaged
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    result: TrainResult,
+    states: tuple[dict[str, Any], dict[str, Any] | None] | None = None,
+) -> None:
     """Save a run's final and averaged weights with its record, atomically, with its digest.
+
+    Args:
+        path: the file.
+        result: the run.
+        states: ``(final, averaged)`` full state dicts already gathered with
+            :func:`full_state_dicts` (FSDP2: on every rank, before rank 0 saves); default:
+            taken from ``result``.
 
     Raises:
         OSError: the file could not be written (an existing ``path`` is then unchanged).
     """
+    final, averaged = states if states is not None else full_state_dicts(result)
     rec = result.record
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -113,12 +152,8 @@ def save_checkpoint(path: str | os.PathLike[str], result: TrainResult) -> None:
         "hyper": rec.get("hyper", {}),
         "epochs": rec["recipe"]["epochs"],
         "record": {k: v for k, v in rec.items() if k != "curves"},
-        "final": result.model.state_dict(),
-        "averaged": (
-            result.averager.averaged_state_dict()
-            if result.averager is not None and result.averager.n_averaged > 0
-            else None
-        ),
+        "final": final,
+        "averaged": averaged,
     }
     _write(path, payload)
 

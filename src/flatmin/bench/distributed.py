@@ -1,4 +1,4 @@
-"""One benchmark run on several processes: ``torchrun … flatmin train`` with DDP.
+"""One benchmark run on several processes: ``torchrun … flatmin train`` with DDP or FSDP2.
 
 ``torchrun --standalone --nproc_per_node N --no-python flatmin train …`` starts ``N`` copies of
 the command; each finds its rank in torchrun's environment (``RANK``, ``WORLD_SIZE``,
@@ -14,9 +14,15 @@ the command; each finds its rank in torchrun's environment (``RANK``, ``WORLD_SI
   ``ε̂``, and a step equals one-process SAM on the whole batch (for models without BatchNorm,
   whose statistics are per rank); ``per-replica`` — each rank perturbs with its own shard's
   gradient (m-sharpness with m = the per-rank batch), the second pass is all-reduced.
+* **FSDP2** (``--fsdp``): instead of DDP's replicas, every child module that holds parameters
+  and then the root are ``fully_shard``-ed before the optimizer is built, so each rank keeps a
+  shard of the weights, gradients, optimizer state and SWA averages (DTensors); SAM's ε̂ norm is
+  reduced over all shards (:mod:`flatmin.optim._vec`), so a step equals one-process SAM on the
+  whole batch (global mode only). The checkpoint gathers full state dicts on every rank and rank 0
+  writes them.
 * **bookkeeping**: the epoch's summed loss, correct predictions and sample count are all-reduced
   once per epoch (one collective, no host sync per step); evaluation runs on every rank on the
-  whole split (the weights are identical); only rank 0 writes files.
+  whole split (the weights are identical, or gathered by FSDP); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -42,18 +48,25 @@ class DistContext:
         world_size: number of processes.
         local_rank: rank on this machine (the CUDA device index).
         sam_mode: ``"global"`` or ``"per-replica"`` perturbation (see the module docstring).
+        fsdp: shard the model with FSDP2 instead of replicating it with DDP.
     """
 
     rank: int
     world_size: int
     local_rank: int
     sam_mode: str = "global"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.sam_mode not in SAM_MODES:
             raise ValueError(f"Invalid sam_mode: {self.sam_mode!r} (expected one of {SAM_MODES})")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"Invalid rank: {self.rank} (world size {self.world_size})")
+        if self.fsdp and self.per_replica:
+            raise ValueError(
+                "Invalid sam_mode: 'per-replica' with FSDP2 (the shards of one model share one "
+                "perturbation; use the global mode or DDP)"
+            )
 
     @property
     def per_replica(self) -> bool:
@@ -61,10 +74,32 @@ class DistContext:
         return self.sam_mode == "per-replica"
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in ``DistributedDataParallel`` (on its device; rank 0's weights broadcast)."""
+        """``model`` in ``DistributedDataParallel`` (on its device; rank 0's weights broadcast).
+
+        Under FSDP2 the model was sharded in place by :meth:`shard` and is returned as it is.
+        """
+        if self.fsdp:
+            return model
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: ``fully_shard`` every child that holds parameters, then the root (in place).
+
+        Called before the optimizer and the averages are built: sharding replaces the
+        parameters by DTensors. Every rank starts from the same weights (the same seed), so no
+        broadcast is needed. A no-op without ``fsdp``.
+        """
+        if not self.fsdp:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child)
+        fully_shard(model)
+        return model
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -86,12 +121,15 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
-def init_distributed(device: torch.device, sam_mode: str = "global") -> DistContext | None:
+def init_distributed(
+    device: torch.device, sam_mode: str = "global", fsdp: bool = False
+) -> DistContext | None:
     """Join torchrun's process group; ``None`` when not under torchrun or with one process.
 
     Args:
         device: this rank's device (``gloo`` for the CPU, ``nccl`` for CUDA).
         sam_mode: ``"global"`` or ``"per-replica"``.
+        fsdp: shard the model with FSDP2 (:meth:`DistContext.shard`) instead of DDP.
 
     Raises:
         ValueError: a bad ``sam_mode``, or a device type DDP cannot use here (MPS).
@@ -112,7 +150,7 @@ def init_distributed(device: torch.device, sam_mode: str = "global") -> DistCont
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=rank, world_size=world)
-    return DistContext(rank, world, local, sam_mode)
+    return DistContext(rank, world, local, sam_mode, fsdp)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -465,6 +465,8 @@ def _fit(
     epochs = recipe.epochs
     trajectory = get_method(method.trajectory)
     model = data.make_model()
+    if setup.dist is not None:
+        setup.dist.shard(model)  # FSDP2 only: before the optimizer and the averages see the weights
     assert trajectory.build is not None  # a trajectory always has a builder
     opt = trajectory.build(
         BuildContext(
@@ -790,6 +792,7 @@ def train(
     record["world_size"] = world
     if dist is not None:
         record["sam_mode"] = dist.sam_mode
+        record["fsdp"] = dist.fsdp
     if setup.device.type == "cuda":
         record["device_name"] = torch.cuda.get_device_name(setup.device)
     # Curves feed the figures only: 7 significant digits keep results.jsonl small.
