@@ -573,3 +573,25 @@ def test_flatness_study_reproduces_the_runs_and_is_resumed(tmp_path):
     again = run_grid(cfg, resolver=ToyResolver())
     assert again.ran == 0 and again.flatness == study
     assert (tmp_path / "flatness.json").stat().st_mtime_ns == stamp  # loaded, not recomputed
+
+
+def test_quick_suite_hypers_are_the_committed_full_runs_choices(tmp_path):
+    """``QUICK_HYPERS`` must equal what the committed full run chose on validation data.
+
+    The grid is replanned from ``docs/results/results.jsonl`` without training (``run=False``):
+    a rerun of the full suite that changes a choice fails here until the quick suite follows.
+    """
+    import shutil
+
+    from flatmin.bench.suites import QUICK_HYPERS, get_suite
+
+    committed = Path(__file__).resolve().parent.parent / "docs" / "results" / "results.jsonl"
+    shutil.copy(committed, tmp_path / "results.jsonl")
+    cfg = BenchConfig.from_suite(get_suite("full"), tmp_path, run=False, report=False,
+                                 progress=False)  # fmt: skip
+    summary = run_grid(cfg)
+    assert summary.ran == 0 and summary.planned == summary.skipped  # every tuning run recorded
+    for task, methods in QUICK_HYPERS.items():
+        for name, hyper in methods.items():
+            assert summary.hypers[(task, name)] == hyper, (task, name)
+    assert set(QUICK_HYPERS) == set(get_suite("quick").tasks)

@@ -82,19 +82,19 @@ class Suite:
 QUICK_SOURCE = "validation choices of the committed full run (docs/results/report.md)"
 QUICK_HYPERS: Mapping[str, Mapping[str, Hyper]] = {
     "digits-noisy40": {
-        "swa": Hyper(start=0.75),
+        "swa": Hyper(start=0.5),
         "sam": Hyper(rho=0.5),
-        "wasam": Hyper(rho=0.5, start=0.75),
+        "wasam": Hyper(rho=0.5, start=0.5),
     },
     "rotten-tomatoes": {
-        "swa": Hyper(start=0.75),
-        "sam": Hyper(rho=0.05),
-        "wasam": Hyper(rho=0.05, start=0.75),
+        "swa": Hyper(start=0.5),
+        "sam": Hyper(rho=0.5),
+        "wasam": Hyper(rho=0.5, start=0.5),
     },
     "mutag": {
         "swa": Hyper(start=0.75),
-        "sam": Hyper(rho=0.05),
-        "wasam": Hyper(rho=0.05, start=0.75),
+        "sam": Hyper(rho=0.02),
+        "wasam": Hyper(rho=0.02, start=0.5),
     },
 }
 
