@@ -28,7 +28,6 @@ References:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatmin._io import atomic_write_text, save_figure
+from flatmin._io import atomic_write_text, finite_json, save_figure
 from flatmin.analysis import (
     PathResult,
     SpectrumResult,
@@ -79,17 +78,6 @@ class Settings:
 
 SETTINGS = Settings()
 ORDER = ("baseline", "swa", "sam", "wasam")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf → ``None`` (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def load_flatness(out: str | Path) -> dict[str, Any] | None:
@@ -171,7 +159,7 @@ def flatness_study(
         "settings": asdict(SETTINGS),
     }
     stored = load_flatness(out)
-    if stored is not None and stored.get("key") == _json_safe(key):
+    if stored is not None and stored.get("key") == finite_json(key)[0]:
         return stored
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -180,7 +168,7 @@ def flatness_study(
     finally:
         torch.set_num_threads(previous)
     study["key"] = key
-    study = _json_safe(study)
+    study = finite_json(study)[0]
     atomic_write_text(out / FLATNESS, json.dumps(study, indent=1, sort_keys=True))
     return study
 

@@ -14,12 +14,10 @@ epochs one after the other), pruned trials ending in a cross.
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatmin._io import atomic_write_text, finite_json
 from flatmin.tune.result import TuneResult
 
 if TYPE_CHECKING:
@@ -28,33 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["plot_search", "write_json_atomic", "write_result"]
 
 
-def _clean(value: Any) -> Any:
-    """NaN/inf → ``None`` (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
-    path = Path(path)
-    text = json.dumps(_clean(data), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write ``data`` as strict JSON (NaN/inf as ``null``) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(finite_json(data)[0], indent=1, allow_nan=False) + "\n")
 
 
 def write_result(path: str | os.PathLike[str], result: TuneResult) -> None:
