@@ -11,11 +11,11 @@ the issue's target:
    step) against pytorch-optimizer's SAM on the 244-tensor residual MLP, measured by
    ``benchmarks/step_cost.py``'s ``run_workload`` (imported, not copied). Target: peer / flatmin
    >= 3.
-3. ``compiled`` — a prototype for the optimizer side (issue 14, item 3): the ℓ2 perturbation
-   (norm over all tensors, backup copy, ``w += ρ g / ‖g‖``) as one ``torch.compile``-d function,
-   checked against the reference kernel ``flatmin.optim._perturb.perturb_single_tensor_`` (max
-   deviation of the perturbed weights <= 1e-6 in fp32) and timed against SAM's foreach
-   ``first_step`` + ``restore`` on the same 244 tensors.
+3. ``compiled`` — the compiled ε̂ (issue 14, item 3): ``SAM(compile=True)``, the rule's reference
+   form through ``torch.compile`` (:func:`flatmin.optim.rules.compile_perturbation`), checked
+   against the reference form run eagerly (:func:`flatmin.optim.rules.add_perturbation_`; max
+   deviation of the perturbed weights <= 1e-6 in fp32, ``restore`` bit-exact) and timed against
+   SAM's foreach ``first_step`` + ``restore`` on the same 244 tensors (``--tiny``: 28).
 4. ``bench`` — ``flatmin bench --suite gpu`` with 2 seeds, 1 epoch, ``--jobs 1`` and then
    ``--jobs 2`` (two worker processes sharing the device); the speed-up, the epoch time per
    trajectory, and the gpu suite's projected wall time (3 seeds x 10 epochs of baseline and SAM).
@@ -48,7 +48,7 @@ from torch import nn
 from flatmin.bench.device import autocast, resolve_device
 from flatmin.bench.store import read_records
 from flatmin.optim import SAM
-from flatmin.optim._perturb import PerturbGroup, perturb_single_tensor_
+from flatmin.optim.rules import LpBall, PerturbGroup, add_perturbation_
 from flatmin.tasks.models import WideResNet
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -155,59 +155,47 @@ def arithmetic(device: torch.device, tiny: bool) -> dict[str, Any]:
     return out
 
 
-# -- 3. a compiled, fused ε̂ (prototype for flatmin.optim, issue 14 item 3) -----------------------
-
-
-def _fused_perturb(
-    params: list[torch.Tensor], backups: list[torch.Tensor], grads: list[torch.Tensor],
-    rho: float, eps: float,
-) -> None:  # fmt: skip
-    """ℓ2 SAM's first step: back up w, then w ← w + ρ g / (‖g‖₂ + eps), the norm over all g."""
-    total = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-    scale = rho / (total.sqrt() + eps)
-    for w, b, g in zip(params, backups, grads):
-        b.copy_(w)
-        w.add_(g * scale.to(w.dtype))
+# -- 3. the compiled ε̂: SAM(compile=True) against the reference form and the foreach kernel ----
 
 
 def compiled(device: torch.device, tiny: bool) -> dict[str, Any]:
+    depth = 4 if tiny else 40  # tiny: inductor compiles in seconds on a CPU
     torch.manual_seed(0)
-    model = DeepMLP().to(device)
-    params = [p.detach() for p in model.parameters()]
+    foreach_model = DeepMLP(depth=depth).to(device)
+    torch.manual_seed(0)
+    compiled_model = DeepMLP(depth=depth).to(device)
+    params = [p.detach() for p in compiled_model.parameters()]
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen).to(device) * 1e-2 for p in params]
     start = [p.clone() for p in params]
+    for model in (foreach_model, compiled_model):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
 
-    # The reference kernel on a copy.
+    # The reference form, eagerly, on a copy (eta only matters for adaptive groups).
     ref = [p.clone() for p in start]
-    perturb_single_tensor_([PerturbGroup(ref, grads, RHO, 2.0, False, 0.01)], EPS)
+    add_perturbation_(LpBall(), [PerturbGroup(ref, grads, RHO, 2.0, False, 0.01)], EPS)
+    sam_foreach = SAM(foreach_model.parameters(), torch.optim.SGD, rho=RHO, eps=EPS, lr=0.1)
+    sam_compiled = SAM(
+        compiled_model.parameters(), torch.optim.SGD, rho=RHO, eps=EPS, lr=0.1,
+        compile={"fullgraph": True},
+    )  # fmt: skip
     t0 = time.perf_counter()
-    fused = torch.compile(_fused_perturb, fullgraph=True)
-    out = [p.clone() for p in start]
-    backups = [torch.empty_like(p) for p in out]
-    fused(out, backups, grads, RHO, EPS)
+    sam_compiled.first_step()  # compiles
     _sync(device)
     compile_s = time.perf_counter() - t0
-    deviation = max(float((a - b).abs().max()) for a, b in zip(out, ref))
+    deviation = max(float((a - b).abs().max()) for a, b in zip(params, ref))
     eps_scale = max(float((b - s).abs().max()) for b, s in zip(ref, start))
-    backups_ok = all(torch.equal(b, s) for b, s in zip(backups, start))
-
-    # Timing on the live parameters: flatmin's foreach first_step + restore vs compiled + restore.
-    for p, g in zip(model.parameters(), grads):
-        p.grad = g.clone()
-    sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1)
+    sam_compiled.restore()
+    restore_ok = all(torch.equal(p, s) for p, s in zip(params, start))
 
     def foreach_path() -> None:
-        sam.first_step()
-        sam.restore()
-
-    live = params
-    bufs = [torch.empty_like(p) for p in live]
-    gs = [p.grad for p in model.parameters()]
+        sam_foreach.first_step()
+        sam_foreach.restore()
 
     def compiled_path() -> None:
-        fused(live, bufs, gs, RHO, EPS)
-        torch._foreach_copy_(live, bufs)
+        sam_compiled.first_step()
+        sam_compiled.restore()
 
     for _ in range(3):
         foreach_path(), compiled_path()
@@ -218,8 +206,8 @@ def compiled(device: torch.device, tiny: bool) -> dict[str, Any]:
     return {
         "param_tensors": len(params), "compile_s": compile_s,
         "max_weight_deviation": deviation, "max_perturbation": eps_scale,
-        "backup_exact": backups_ok, "target": "deviation <= 1e-6 (fp32)",
-        "met": deviation <= 1e-6 and backups_ok,
+        "restore_exact": restore_ok, "target": "deviation <= 1e-6 (fp32)",
+        "met": deviation <= 1e-6 and restore_ok,
         "foreach_first_step_restore_ms": 1e3 * med["foreach"],
         "compiled_first_step_restore_ms": 1e3 * med["compiled"],
         "foreach_over_compiled": med["foreach"] / med["compiled"],

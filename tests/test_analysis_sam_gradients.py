@@ -76,3 +76,18 @@ def test_rho_zero_and_round_trip(tmp_path):
     assert back.cosine == res.cosine
     with pytest.raises(ValueError, match=r"Invalid rho: -1"):
         sam_gradients(model, CE, batch, -1)
+
+
+def test_stationary_point_gives_finite_equal_gradients():
+    # L(w) = mean‖f_w(x) − f_{w₀}(x)‖² at w = w₀: g = 0 exactly (a zero residual), H ≠ 0. ε̂ = 0
+    # there and is not differentiable (a norm at 0), so g_2 = g_1 = ∇L(w₀) = 0, not NaN.
+    model, (x, _) = _net(4), _batch(5)
+    target = model(x).detach()
+    assert float(nn.functional.mse_loss(target, model(x).detach())) == 0.0
+    res = sam_gradients(model, nn.functional.mse_loss, (x, target), rho=0.1)
+    n = sum(p.numel() for p in model.parameters())
+    for arr in (res.gradient, res.first_order, res.second_order):
+        assert arr.shape == (n,)
+        np.testing.assert_array_equal(arr, np.zeros(n))
+    np.testing.assert_array_equal(res.second_order, res.first_order)
+    assert res.loss == 0.0 and res.perturbed_loss == 0.0

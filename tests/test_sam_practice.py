@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from flatmin import SAM
+from flatmin import ESAM, GCSAM, SAM, FriendlySAM
 from flatmin.optim.accumulation import accumulation_closure
 from flatmin.optim.amp import sam_step_amp
 from flatmin.optim.rho_schedule import ProportionalRho
@@ -248,6 +248,56 @@ def test_grad_scaler_disabled_is_plain_step():
     o2.step(c2)
     for p, q in zip(model.parameters(), m2.parameters()):
         assert torch.equal(p, q)
+
+
+def _esam_pair(dtype, gamma):
+    """Two identical ESAM(SGD, momentum) optimizers with generators in the same state."""
+    out = []
+    for _ in range(2):
+        model = _mlp(dtype, seed=4)
+        opt = ESAM(model.parameters(), torch.optim.SGD, beta=0.5, gamma=gamma, rho=0.1, lr=0.2,
+                   momentum=0.9, generator=torch.Generator().manual_seed(7))  # fmt: skip
+        out.append((model, opt))
+    return out
+
+
+def _esam_closure(model, opt, x, y, scaler=None):
+    def losses(index=None):
+        xb, yb = (x, y) if index is None else (x[index], y[index])
+        return F.cross_entropy(model(xb), yb, reduction="none")
+
+    def closure(index=None):
+        opt.zero_grad()
+        out = losses(index)
+        if torch.is_grad_enabled():
+            loss = out.mean()
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        return out.detach()
+
+    return closure
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_scaler_esam_undrawn_tensors_step_with_the_unscaled_gradient(dtype, gamma):
+    # ESAM keeps the first-pass gradient of the tensors SWP did not draw: it must reach the base
+    # step unscaled once (it was g / scale, a 256x smaller step, when unscaled twice).
+    x, y = _data(16, dtype=dtype)
+    (m1, o1), (m2, o2) = _esam_pair(dtype, gamma)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    c1, c2 = _esam_closure(m1, o1, x, y, scaler), _esam_closure(m2, o2, x, y)
+    mixed = 0
+    for _ in range(4):
+        _, skipped = sam_step_amp(o1, scaler, c1, model=m1)
+        o2.step(c2, model=m2)
+        assert not skipped
+        masks = [m for g in o1.last_groups for m in g.mask or ()]
+        assert masks == [m for g in o2.last_groups for m in g.mask or ()]  # the same draws
+        mixed += any(masks) and not all(masks)
+    assert mixed > 0  # some step perturbed a proper subset of the tensors
+    atol = 1e-6 if dtype == torch.float32 else 1e-12
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=0)
 
 
 def test_step_without_closure_finishes_a_pending_sam_step():
@@ -506,6 +556,52 @@ def test_second_order_step_errors_and_frozen_params():
     assert not opt.perturbed
     with pytest.raises(TypeError, match=r"expected flatmin\.SAM"):
         second_order_step(torch.optim.SGD(model.parameters(), lr=0.1), lambda: torch.ones(()))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"), [(FriendlySAM, {"sigma": 1.0}), (FriendlySAM, {"sigma": 0.0}), (GCSAM, {})]
+)
+def test_second_order_step_refuses_members_that_ascend_along_a_transformed_gradient(cls, kw):
+    # ε̂ is ρ φ(g − σ m) (FriendlySAM) or ρ φ(Φ(g)) (GCSAM): the term second_order_step adds is
+    # the derivative of ρ φ(g), so it would be the wrong one. Refused by class, before any pass.
+    x, y = _data(12)
+    model = _mlp()
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.3, lr=1.0, **kw)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def compute_loss():
+        calls.append(1)
+        return F.cross_entropy(model(x), y)
+
+    with pytest.raises(TypeError, match=rf"Invalid optimizer: {cls.__name__} ascends along a "):
+        second_order_step(opt, compute_loss)
+    assert not calls and not opt.perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_mid_step_calls_name_the_entry_point_and_change_nothing():
+    x, y = _data(12, dtype=torch.float32)
+    model = _mlp(torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=1.0)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    def never():
+        raise AssertionError("no pass may run")
+
+    for call, name in [
+        (lambda: opt.step(never), r"step\(closure\)"),
+        (lambda: sam_step_amp(opt, scaler, never), r"sam_step_amp\(\)"),
+        (lambda: second_order_step(opt, never), r"second_order_step\(\)"),
+    ]:
+        with pytest.raises(RuntimeError, match=rf"^{name} called between first_step\(\) and "):
+            call()
+        assert opt.perturbed
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+    assert scaler.get_scale() == 2.0**8
 
 
 # -- 7. trainers ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flatmin.optim import SAM
+from flatmin.optim.amp import sam_step_amp
 from flatmin.optim.esam import ESAM, per_sample_closure
 from flatmin.optim.looksam import LookSAM, SAMEveryK
 from flatmin.optim.rules import LpBall, PerturbGroup
@@ -250,6 +251,35 @@ def test_esam_weight_perturbation_moves_the_drawn_tensors_only():
     torch.testing.assert_close(torch.cat([w.detach() for w in ws]), expected, rtol=1e-12,
                                atol=1e-12)  # fmt: skip
     assert all(w.requires_grad for w in ws)
+
+
+def test_esam_under_a_grad_scaler_equals_the_formula_on_a_quadratic():
+    # The undrawn tensors step with g, unscaled once (the scaler's unscale_ must not divide the
+    # kept first-pass gradient a second time).
+    a, b, theta0 = _quadratic()
+    ws = [nn.Parameter(theta0[i : i + 1].clone()) for i in range(7)]
+    rho, lr, beta = 0.2, 0.05, 0.5
+    gen = torch.Generator().manual_seed(11)
+    opt = ESAM(ws, torch.optim.SGD, beta=beta, gamma=1.0, rho=rho, lr=lr, generator=gen)
+    mask = torch.rand(7, generator=torch.Generator().manual_seed(11)) < beta
+    assert 0 < int(mask.sum()) < 7  # this seed draws a proper subset
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    def closure(index=None):
+        opt.zero_grad()
+        theta = torch.cat(list(ws))
+        loss = (0.5 * theta @ a @ theta - b @ theta).reshape(1)
+        scaler.scale(loss.mean()).backward()
+        return loss.detach()
+
+    _, skipped = sam_step_amp(opt, scaler, closure)
+    assert not skipped
+    g = a @ theta0 - b
+    e = torch.where(mask, rho * g / g.norm() / beta, torch.zeros_like(g))
+    g_plus = a @ (theta0 + e) - b
+    expected = theta0 - lr * torch.where(mask, g_plus, g)
+    torch.testing.assert_close(torch.cat([w.detach() for w in ws]), expected, rtol=1e-12,
+                               atol=1e-12)  # fmt: skip
 
 
 def test_esam_resume_continues_in_lockstep():

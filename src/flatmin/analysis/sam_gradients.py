@@ -101,7 +101,8 @@ def sam_gradients(
             pert_loss = loss_fn(functional_call(model, shifted, tuple(args)), targets)
             first = torch.autograd.grad(pert_loss, list(shifted.values()), allow_unused=True)
         first_list = [torch.zeros_like(p) if g is None else g for p, g in zip(params, first)]
-        if rho > 0:
+        # g = 0 exactly: ε̂ = 0 and is not differentiable (a norm at 0), so g_2 = g_1.
+        if rho > 0 and any(bool(g.ne(0).any()) for g in grads):
             u = torch.autograd.grad(eps_hat, g_leaves, grad_outputs=first_list, allow_unused=True)
             u_list = [torch.zeros_like(p) if v is None else v for p, v in zip(params, u)]
             hu = hvp(loss, params, u_list, grads=list(raw))

@@ -7,6 +7,7 @@ Every member (SAM, its variants, AMP, second-order SAM) runs a step through :fun
         fp16: unscale, overflow? -> skip the step (nothing moved)
     for i in range(ascents):              # 1 for SAM, n for multi-step, 0 on a plain step
         first_step()                      # w <- w + ε̂  (backup of w on the first ascent)
+        fp16, ESAM: scale the kept gradients back (the scaler unscales every gradient again)
         replay the RNG (same_rng); freeze BN statistics (if there was a lead pass)
         closure()                         # at the perturbed point (ESAM: data selection)
         any error -> restore w bit-exactly, re-raise
@@ -40,7 +41,11 @@ __all__ = ["StepResult", "remember_grad", "run_step", "warn_on_pending_grad"]
 
 
 class StepResult(NamedTuple):
-    """What a step did: the closure's value at ``w`` and whether the step was skipped."""
+    """What a step did: the closure's value at ``w`` and whether the step was skipped.
+
+    Public as :class:`flatmin.optim.AmpStepResult` (what :func:`~flatmin.optim.sam_step_amp`
+    returns).
+    """
 
     loss: Any
     skipped: bool
@@ -77,6 +82,7 @@ def run_step(
     scaler: torch.amp.GradScaler | None = None,
     update_scaler: bool = True,
     before_base: Callable[[], None] | None = None,
+    caller: str = "step(closure)",
 ) -> StepResult:
     """Run one step of ``optimizer`` with ``closure`` (see the module docstring).
 
@@ -93,6 +99,7 @@ def run_step(
         update_scaler: Call ``scaler.update()`` at the end.
         before_base: Called after the weights are restored, before the gradient is combined and
             the base optimizer steps (second-order SAM adds its term there).
+        caller: The public entry point, for the error message (``"sam_step_amp()"``, ...).
 
     Returns:
         The closure's first value (at ``w``; at the perturbed point for a member without a lead
@@ -102,7 +109,7 @@ def run_step(
         RuntimeError: The optimizer is between ``first_step`` and ``second_step``.
     """
     if optimizer.perturbed:
-        raise RuntimeError("step(closure) called between first_step() and second_step()")
+        raise RuntimeError(f"{caller} called between first_step() and second_step()")
     optimizer._check_groups()  # before any pass: a bad value fails here and changes nothing
     warn_on_pending_grad(optimizer)
     amp = scaler if scaler is not None and scaler.is_enabled() else None
@@ -120,6 +127,10 @@ def run_step(
                 return _skip(optimizer, loss, amp, update_scaler)
         for i in range(ascents):
             optimizer.first_step(zero_grad=optimizer._zero_grad_after_ascent)
+            if amp is not None and not optimizer._zero_grad_after_ascent:
+                # The kept gradients (ESAM's undrawn tensors) were unscaled for the ascent; the
+                # scaler unscales every gradient again before the base step: scale them back.
+                _rescale(optimizer, amp.get_scale())
             if rng is not None:
                 rng.restore()
             # Without a lead pass (Momentum-SAM) the only pass is this one: its BN statistics stay.
@@ -160,6 +171,14 @@ def _overflow(optimizer: SAM, scaler: torch.amp.GradScaler) -> bool:
     # The gradients are still non-finite, so unscale_ records the overflow for update().
     scaler.unscale_(optimizer)
     return True
+
+
+@torch.no_grad()
+def _rescale(optimizer: SAM, scale: float) -> None:
+    """Multiply the gradients by ``scale`` in place (undo :func:`_unscale_overflow`)."""
+    grads = [w.grad for g in optimizer.param_groups for w in g["params"] if w.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
 
 
 def remember_grad(optimizer: SAM) -> None:

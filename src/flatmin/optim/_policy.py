@@ -57,6 +57,9 @@ class Policy:
     _lead_pass: ClassVar[bool] = True
     #: ``first_step`` may clear the gradients it ascended along (ESAM keeps them).
     _zero_grad_after_ascent: ClassVar[bool] = True
+    #: The ascent direction is the plain gradient ``g`` at ``w`` (FriendlySAM ascends along
+    #: ``g − σ m``, GCSAM along the centralized gradient): second-order SAM needs it.
+    _ascends_along_grad: ClassVar[bool] = True
     #: The ascent directions may be overwritten (not so for Momentum-SAM's momentum buffers).
     _direction_is_scratch: ClassVar[bool] = True
 

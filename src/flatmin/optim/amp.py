@@ -25,22 +25,20 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from flatmin.optim._driver import run_step
+from flatmin.optim._driver import StepResult, run_step
 from flatmin.optim.sam import SAM
 
 __all__ = ["AmpStepResult", "sam_step_amp"]
 
 
-class AmpStepResult(NamedTuple):
-    """What :func:`sam_step_amp` did: the loss at ``w`` and whether the step was skipped."""
-
-    loss: Tensor
-    skipped: bool
+#: What :func:`sam_step_amp` did: ``(loss, skipped)``, the loss at ``w`` and whether the step
+#: was skipped (the family's one step result, :class:`flatmin.optim._driver.StepResult`).
+AmpStepResult = StepResult
 
 
 def sam_step_amp(
@@ -99,10 +97,7 @@ def sam_step_amp(
     """
     if not isinstance(optimizer, SAM):
         raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected flatmin.SAM)")
-    if optimizer.perturbed:
-        raise RuntimeError("sam_step_amp() called between first_step() and second_step()")
-    loss, skipped = run_step(
+    return run_step(
         optimizer, closure, model=model, same_rng=same_rng, per_replica=per_replica,
-        scaler=scaler, update_scaler=update,
+        scaler=scaler, update_scaler=update, caller="sam_step_amp()",
     )  # fmt: skip
-    return AmpStepResult(loss, skipped)

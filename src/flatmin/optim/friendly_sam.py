@@ -79,6 +79,8 @@ class FriendlySAM(SAM):
         "sigma": check_nonneg,
         "lmbda": _check_lmbda,
     }
+    # The ascent is along g − σ m, not g (second_order_step refuses it).
+    _ascends_along_grad = False
 
     @torch.no_grad()
     def _ascent_groups(self) -> list[PerturbGroup]:

@@ -82,6 +82,8 @@ class GCSAM(SAM):
 
     descent: bool
     _options: ClassVar[dict[str, tuple[Any, GroupCheck]]] = {"descent": (True, check_bool)}
+    # The ascent is along the centralized gradient Φ(g), not g (second_order_step refuses it).
+    _ascends_along_grad = False
 
     def _grads(self) -> list[Tensor | None]:
         return [w.grad for group in self.param_groups for w in group["params"]]

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _state
 from flatmin.optim._backup import WeightBackup
-from flatmin.optim._checks import check_real
+from flatmin.optim._checks import check_nonneg, check_real
 from flatmin.optim._driver import remember_grad, run_step
 from flatmin.optim._policy import Policy
 from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup, compile_perturbation
@@ -106,7 +106,7 @@ class SAM(Policy, Optimizer):
     Raises:
         TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, or an
             option has the wrong type.
-        ValueError: ``rho < 0`` or non-finite, ``p <= 1``, ``eta < 0``, ``eps < 0``,
+        ValueError: ``rho`` or ``eps`` negative or non-finite, ``p <= 1``, ``eta < 0``,
             ``max_grad_norm <= 0``.
 
     References:
@@ -144,8 +144,7 @@ class SAM(Policy, Optimizer):
     ) -> None:
         if not isinstance(compile, (bool, Mapping)):
             raise TypeError(f"Invalid compile: {compile!r} (expected a bool or a dict)")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"Invalid eps: {eps!r} (expected a float >= 0)")
+        check_nonneg("eps", eps)
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach: {foreach!r} (expected None or a bool)")
         if max_grad_norm is not None:

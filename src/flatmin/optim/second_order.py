@@ -67,8 +67,9 @@ def second_order_step(
     (:mod:`flatmin.optim.rules`) in its differentiable form, so Fisher-SAM and SAM-ON work too.
 
     Args:
-        optimizer: A SAM optimizer with one ascent and a lead pass (SAM, GSAM, WSAM, ...; not
-            ESAM, Momentum-SAM or multi-step ascent).
+        optimizer: A SAM optimizer with one ascent along the gradient after a pass at ``w``
+            (SAM, GSAM, WSAM, ...; not ESAM, Momentum-SAM, multi-step ascent, FriendlySAM or
+            GCSAM).
         compute_loss: Runs the forward and returns the loss; it must **not** call ``backward``
             (it runs three times: at ``w``, at ``w + ε̂``, and at ``w`` for the Hessian).
         model: If given, BatchNorm running statistics are frozen during the passes after the first
@@ -101,8 +102,12 @@ def second_order_step(
             f"Invalid optimizer: second-order SAM needs one ascent after a pass at w "
             f"({type(optimizer).__name__} does not; expected flatmin.SAM or a variant like GSAM)"
         )
-    if optimizer.perturbed:
-        raise RuntimeError("second_order_step() called between first_step() and second_step()")
+    if not optimizer._ascends_along_grad:
+        raise TypeError(
+            f"Invalid optimizer: {type(optimizer).__name__} ascends along a transform of the "
+            "gradient, second-order SAM differentiates ε̂ along the gradient itself (expected "
+            "flatmin.SAM or a variant like GSAM)"
+        )
     first_rng = RNGState.capture()
 
     def closure() -> Tensor:
@@ -162,8 +167,9 @@ def second_order_step(
             w.grad = gi.detach()
 
     result = run_step(
-        optimizer, closure, model=model, same_rng=same_rng, before_base=add_second_order_term
-    )
+        optimizer, closure, model=model, same_rng=same_rng, before_base=add_second_order_term,
+        caller="second_order_step()",
+    )  # fmt: skip
     return result.loss.detach()
 
 

@@ -222,9 +222,12 @@ class PerturbationRule:
         # DTensors: the same kernel on the local shards (the scales are elementwise), and the
         # norm's partial sums reduced over the mesh.
         ball, keys = _local(ball, uniform)
+        # T once per group and step: it scales h here and ε̂ below (same tensors, same T).
+        ts_per_group: list[list[Tensor] | None] = []
         hs_per_group: list[list[Tensor]] = []
         for group in ball:
             t = self.scales_foreach(group.params, group.grads, group)
+            ts_per_group.append(t)
             hs_per_group.append(
                 group.grads if t is None else list(torch._foreach_mul(t, group.grads))
             )
@@ -234,12 +237,13 @@ class PerturbationRule:
             all_hs = [h for hs in hs_per_group for h in hs]
             total = sum_pow_q(all_hs, q, dtype, uniform, keys)
             inv = 1.0 / _safe(total.pow(1.0 / p) + eps, eps)
-        for group, hs in zip(ball, hs_per_group):
-            params, grads = group.params, group.grads
+        for k, (group, hs) in enumerate(zip(ball, hs_per_group)):
+            params, t = group.params, ts_per_group[k]
+            ts_per_group[k] = None  # released with the group's ε̂, not kept to the end
             if group.mask is not None:
                 params = [w for w, m in zip(params, group.mask) if m]
-                grads = [g for g, m in zip(grads, group.mask) if m]
                 hs = [h for h, m in zip(hs, group.mask) if m]
+                t = None if t is None else [ti for ti, m in zip(t, group.mask) if m]
             if not params:
                 continue
             scaled = self.has_scale(group)
@@ -260,7 +264,6 @@ class PerturbationRule:
                 for (sub,) in split_by_device_dtype(e, uniform=uniform):
                     torch._foreach_mul_(sub, (inv * group.rho).to(sub[0]))
             if scaled:
-                t = self.scales_foreach(params, grads, group)
                 assert t is not None  # has_scale said so
                 torch._foreach_mul_(e, t)
             torch._foreach_add_(params, e)
