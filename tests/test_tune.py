@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -19,7 +20,9 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from flatmin import cli  # noqa: E402
+from flatmin._proc import Interrupted  # noqa: E402
 from flatmin.tune import (  # noqa: E402
+    NoTrialCompleted,
     Param,
     Score,
     SeedRun,
@@ -389,7 +392,10 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path, monke
         monkeypatch.setenv("TUNE_LOG", str(log))
         monkeypatch.delenv("TUNE_BLOCK_TRIAL", raising=False)
         spec.loader.exec_module(module)
-        with pytest.raises(StudyConflictError, match="another search is running"):
+        with pytest.raises(
+            StudyConflictError,
+            match=f"another search is running in .* \\(process {child.pid} holds study.lock\\)",
+        ):
             module.run(out)  # the live search holds the directory
     finally:
         child.send_signal(signal.SIGKILL)
@@ -484,6 +490,12 @@ def test_cli_tune_runs_then_resumes(tmp_path, capsys):
         (["--task", "digits", "--method", "sam", "--range", "eta=1:2"], "'eta' is not tuned"),
         (["--task", "digits", "--method", "sam", "--warmup", "1"], "Invalid warmup: 1.0"),
         (["--task", "digits", "--method", "sam", "--spread-penalty", "-1"], "spread_penalty"),
+        (["--task", "digits", "--method", "sam", "--device", "tpu"], "Invalid device: 'tpu'"),
+        (["--task", "digits", "--method", "sam", "--precision", "fp64"], "argument --precision"),
+        (
+            ["--task", "digits", "--method", "samk", "--precision", "fp16"],
+            "Invalid precision: 'fp16' for method 'samk'",
+        ),
     ],
 )
 def test_cli_bad_arguments_exit_2(argv, message, capsys, tmp_path):
@@ -499,7 +511,8 @@ def test_cli_bad_arguments_exit_2(argv, message, capsys, tmp_path):
 def test_cli_out_holding_another_search_exits_2(tmp_path, capsys):
     (tmp_path / "o").write_text("a file")
     rc = cli.main(["tune", "--task", "digits", "--method", "sam", "--out", str(tmp_path / "o")])
-    assert rc == 2 and "flatmin tune: error: Invalid out:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "flatmin tune: error: Invalid --out:" in err and "not a directory" in err
 
 
 def test_cli_without_optuna_exits_2_with_the_install_command(monkeypatch, capsys):
@@ -542,10 +555,18 @@ def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("exc", "rc", "message"),
     [
-        (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
-        (RuntimeError("No trial completed for digits sam"), 1, "No trial completed"),
+        (KeyboardInterrupt(), 130,
+         "flatmin tune: interrupted by SIGINT; finished trials are kept: rerun the same command "
+         "to resume"),
+        (Interrupted(signal.SIGTERM), 143, "flatmin tune: interrupted by SIGTERM; finished trials"),
+        (NoTrialCompleted("No trial completed for digits sam"), 1,
+         "flatmin tune: error: No trial completed for digits sam"),
+        # Any other error of a run is not "no trial completed": cli.main reports it as a crash.
+        (RuntimeError("CUDA error: an illegal memory access"), 1,
+         "flatmin tune: error: RuntimeError: CUDA error: an illegal memory access (`flatmin "
+         "--debug tune ...`"),
     ],
-)
+)  # fmt: skip
 def test_cli_interrupted_or_nothing_completed(exc, rc, message, monkeypatch, capsys, tmp_path):
     import flatmin.tune.bench
 
@@ -555,7 +576,89 @@ def test_cli_interrupted_or_nothing_completed(exc, rc, message, monkeypatch, cap
     monkeypatch.setattr(flatmin.tune.bench, "suggest_hyper", fail)
     argv = ["tune", "--task", "digits", "--method", "sam", "--out", str(tmp_path)]
     assert cli.main(argv) == rc
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+class _FakeTrain:
+    """``flatmin.bench.train.train`` without training: records each spec, reports ``val_acc``."""
+
+    def __init__(self):
+        self.specs = []
+
+    def __call__(self, spec, on_epoch=None, eval_val=False, **kwargs):
+        import types
+
+        self.specs.append(spec)
+        n = spec.epochs or 2
+        value = 0.9 - 0.1 * abs(math.log10(spec.hyper.rho / 0.1))
+        for epoch in range(1, n + 1):
+            on_epoch(epoch, n, {"val_acc": value * epoch / n})
+        return types.SimpleNamespace(record={"status": "ok", "final": {"val_acc": value}})
+
+
+def test_the_device_and_precision_reach_every_tuning_run(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from flatmin.tune import suggest_hyper
+
+    # The modules (flatmin.bench.train is also the name of the function it exports).
+    train_module = importlib.import_module("flatmin.bench.train")
+    device_module = importlib.import_module("flatmin.bench.device")
+    fake = _FakeTrain()
+    monkeypatch.setattr(train_module, "train", fake)
+    # A GPU without one: "cuda" resolves to cuda:0 (RunSpec only builds a torch.device of it).
+    real = device_module.resolve_device
+    monkeypatch.setattr(
+        device_module, "resolve_device",
+        lambda name: torch.device("cuda", 0) if str(name).startswith("cuda") else real(name),
+    )  # fmt: skip
+
+    _, result = suggest_hyper("digits", "sam", seeds=1, n_trials=2, epochs=2, pruner="none",
+                              device="cuda", precision="bf16")  # fmt: skip
+    assert {(s.device, s.precision, s.stage) for s in fake.specs} == {("cuda:0", "bf16", "tune")}
+    assert len(fake.specs) == 2
+    assert (result.config["device"], result.config["precision"]) == ("cuda", "bf16")
+
+    # cpu and fp32 are left out of the study's settings: older studies keep their identity.
+    fake.specs.clear()
+    _, result = suggest_hyper("digits", "sam", seeds=1, n_trials=1, epochs=2, pruner="none")
+    assert {(s.device, s.precision) for s in fake.specs} == {("cpu", "fp32")}
+    assert result.config == {"task": "digits", "method": "sam", "budget": "quick", "epochs": 2}
+
+    # flatmin tune --device/--precision
+    fake.specs.clear()
+    argv = ["tune", "--task", "digits", "--method", "sam", "--epochs", "2", "--trials", "2",
+            "--seeds", "1", "--out", str(tmp_path), "--no-progress", "--device", "cuda",
+            "--precision", "bf16"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert {(s.device, s.precision) for s in fake.specs} == {("cuda:0", "bf16")}
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert (saved["config"]["device"], saved["config"]["precision"]) == ("cuda", "bf16")
+    # The same directory on the CPU is another search: refused, not mixed with the GPU's.
+    argv_cpu = argv[: argv.index("--device")]
+    assert cli.main(argv_cpu) == 2
+    assert "device 'cuda' there, None here" in capsys.readouterr().err
+
+
+def test_bench_optuna_tuner_searches_on_the_grids_device_and_precision(monkeypatch, tmp_path):
+    import flatmin.tune
+    from flatmin.bench import BenchConfig, Hyper
+    from flatmin.bench.runner import _optuna_tuning
+
+    calls = []
+
+    def fake_suggest(task, method, budget, **kwargs):
+        calls.append((task, method, kwargs["device"], kwargs["precision"]))
+        return Hyper(rho=0.1), None
+
+    monkeypatch.setattr(flatmin.tune, "suggest_hyper", fake_suggest)
+    cfg = BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline", "sam"), seeds=(0,),
+                      tune=True, tuner="optuna", progress=False, device="cuda:0",
+                      precision="bf16")  # fmt: skip
+    hypers = {}
+    _optuna_tuning(cfg, hypers)
+    assert calls == [("digits", "sam", "cuda:0", "bf16")] and hypers[("digits", "sam")].rho == 0.1
 
 
 # --- the benchmark's --tuner optuna ----------------------------------------------------------

@@ -6,9 +6,9 @@ Exit codes: 0 success, 1 a run or check failed (or a result is not finite), 2 ba
 SIGINT / SIGTERM. Every error is one line ``flatmin <cmd>: error: ...`` on stderr, never a
 traceback (``flatmin --debug <cmd>`` shows one for unexpected errors).
 
-``bench``, ``train``, ``landscape`` and ``sharpness`` take ``--device`` and ``--precision``
-(:mod:`flatmin.bench.device`); ``train`` also runs as several processes under ``torchrun``
-(:mod:`flatmin.bench.distributed`) and resumes an interrupted run with ``--resume``.
+``bench``, ``train``, ``tune``, ``landscape`` and ``sharpness`` take ``--device`` and
+``--precision`` (:mod:`flatmin.bench.device`); ``train`` also runs as several processes under
+``torchrun`` (:mod:`flatmin.bench.distributed`) and resumes an interrupted run with ``--resume``.
 """
 
 from __future__ import annotations
@@ -471,7 +471,7 @@ def _check_method_options(method: str, **given: float | None) -> None:
         if value is not None and not has(method, name):
             having = [m for m in method_names() if has(m, name)]
             raise ValueError(
-                f"Invalid --{name}: method {method!r} has no {name} "
+                f"Invalid --{name.replace('_', '-')}: method {method!r} has no {name} "
                 f"(methods with one: {', '.join(having)})"
             )
 
@@ -857,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = {
             "bench": "; finished runs are kept: rerun the same command to resume",
             "train": "; the files in --out are the earlier ones or complete new ones",
+            "tune": "; finished trials are kept: rerun the same command to resume",
         }.get(args.command, "")
         print(f"{prog}: interrupted by {signal.Signals(signum).name}{hint}", file=sys.stderr)
         return 128 + signum

@@ -20,7 +20,7 @@ Example:
 See ``docs/tune.md``.
 """
 
-from flatmin.tune.bench import bench_space, bench_train_fn, suggest_hyper
+from flatmin.tune.bench import NoTrialCompleted, bench_space, bench_train_fn, suggest_hyper
 from flatmin.tune.report import plot_search, write_result
 from flatmin.tune.result import Cost, Score, SeedRun, TrialRecord, TuneResult, stability_score
 from flatmin.tune.search import (
@@ -35,6 +35,7 @@ from flatmin.tune.space import SPACES, Param, family_space, startup_points
 __all__ = [
     "SPACES",
     "Cost",
+    "NoTrialCompleted",
     "Param",
     "Reporter",
     "Score",

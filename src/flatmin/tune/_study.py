@@ -3,8 +3,9 @@
 A search's study is one Optuna study, :data:`STUDY_NAME`, in ``out/study.db`` (SQLite) or in
 memory. Its settings (space, seeds, penalty and the caller's ``config``) are stored with it as
 the user attribute ``identity``; a search with other settings is refused. A process killed
-mid-trial leaves that trial ``RUNNING`` for ever: since ``out/study.lock`` guarantees a single
-searcher, every running trial found on opening is stale, and is marked interrupted.
+mid-trial leaves that trial ``RUNNING`` for ever: since ``out/study.lock`` (a
+:class:`flatmin._io.FileLock`, holding the searcher's pid) guarantees a single searcher, every
+running trial found on opening is stale, and is marked interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flatmin._io import FileLock, LockedError
 from flatmin.tune.result import Score, SeedRun, TrialRecord, TuneResult
 
 __all__ = ["STUDY_NAME", "StudyConflictError", "best_score", "collect", "open_study"]
 
 STUDY_NAME = "flatmin-tune"
+LOCK_FILE = "study.lock"
 
 
 class StudyConflictError(ValueError):
@@ -82,23 +85,24 @@ def _nolock() -> Iterator[None]:
 
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    """Hold ``out/study.lock`` for the search (released by the OS if the process dies)."""
+    """Hold ``out/study.lock`` for the search (released by the OS if the process dies).
+
+    Raises:
+        StudyConflictError: another live process holds the lock.
+    """
+    lock = FileLock(out / LOCK_FILE)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no advisory locks (Windows): one search at a time
+        lock.acquire()
+    except LockedError as exc:
+        holder = f"process {exc.pid}" if exc.pid is not None else "another process"
+        raise StudyConflictError(
+            f"Invalid out: another search is running in {out} ({holder} holds {LOCK_FILE}); "
+            "wait for it to finish or use another directory"
+        ) from None
+    try:
         yield
-        return
-    with open(out / "study.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StudyConflictError(
-                f"Invalid out: another search is running in {out} (it holds study.lock)"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 def record(trial: Any) -> TrialRecord | None:

@@ -1,13 +1,15 @@
 """The benchmark's tasks as a search: what ``flatmin tune`` and ``flatmin bench`` call.
 
-Everything that knows the benchmark's training API is in :func:`_train_run` and
-:func:`_hyper` (``RunSpec``, ``Hyper``, ``train``); the space comes from the method's
-``tuned_by`` / ``grids`` (:func:`bench_space`). Update those when the benchmark's API changes.
+Everything that knows the benchmark's training API is in :func:`_train_run`, :func:`_hyper`
+and :func:`check_scale` (``RunSpec``, ``Hyper``, ``train``, the device checks); the space comes
+from the method's ``tuned_by`` / ``grids`` (:func:`bench_space`). Update those when the
+benchmark's API changes.
 
 Each seed is one benchmark run at ``stage="tune"`` on seeds 100, 101, … (the benchmark evaluates
-on 0, 1, …); its per-epoch ``val_acc`` is reported, and its value is the final epoch's
-validation accuracy (the benchmark reports final-epoch results). A run that ends with a
-non-finite loss is a failed trial.
+on 0, 1, …), on the search's device and precision (like the validation grid's runs); its
+per-epoch ``val_acc`` is reported, and its value is the final epoch's validation accuracy (the
+benchmark reports final-epoch results). A run that ends with a non-finite loss is a failed
+trial.
 
 Example:
     >>> from flatmin.tune.bench import bench_space
@@ -29,7 +31,20 @@ from flatmin.tune.space import SPACES, Param
 if TYPE_CHECKING:
     from flatmin.bench.methods import Hyper
 
-__all__ = ["bench_epochs", "bench_space", "bench_train_fn", "grid_size", "suggest_hyper"]
+__all__ = [
+    "NoTrialCompleted",
+    "bench_epochs",
+    "bench_space",
+    "bench_train_fn",
+    "check_scale",
+    "check_warmup",
+    "grid_size",
+    "suggest_hyper",
+]
+
+
+class NoTrialCompleted(RuntimeError):
+    """A search ended without a complete trial (every trial pruned, failed or interrupted)."""
 
 
 # --- the adapter: the only code that builds benchmark runs --------------------------------------
@@ -49,29 +64,68 @@ def _train_run(
     params: Mapping[str, float | int],
     epochs: int | None,
     on_epoch: Callable[[int, int, dict[str, float]], None],
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Train one tuning run of the benchmark and return its record."""
+    """Train one tuning run of the benchmark on ``device`` at ``precision``; return its record."""
     from flatmin.bench.train import RunSpec, train
 
-    spec = RunSpec(task, method, seed, budget, _hyper(params), epochs, stage="tune")
+    spec = RunSpec(
+        task, method, seed, budget, _hyper(params), epochs, stage="tune", device=device,
+        precision=precision,
+    )  # fmt: skip
     # Validate every epoch: the pruner reads the per-epoch validation accuracy.
     return train(spec, on_epoch=on_epoch, eval_val=True).record
+
+
+def check_scale(task: str, method: str, device: str, precision: str) -> str:
+    """``device`` resolved (``auto`` → what is there), after checking it and ``precision``.
+
+    Raises:
+        ValueError: an unknown or unavailable device (``DeviceUnavailableError``), an unknown
+            precision, or one the method cannot train at (fp16 for the SAM variants).
+    """
+    from flatmin.bench.device import check_precision, check_support, resolve_device
+    from flatmin.bench.train import RunSpec
+
+    resolved = str(resolve_device(device))
+    check_precision(precision)
+    check_support(RunSpec(task, method, 0, precision=precision))
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------------
 
 
-def bench_train_fn(task: str, method: str, budget: str, epochs: int | None = None) -> TrainFn:
+def bench_train_fn(
+    task: str,
+    method: str,
+    budget: str,
+    epochs: int | None = None,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> TrainFn:
     """A training function for :func:`flatmin.tune.search` that trains a benchmark run.
 
     It reports ``val_acc`` after every epoch (the pruner may stop the run there: the
     ``TrialPruned`` raised in the epoch callback ends ``train``) and returns the final one.
+
+    Args:
+        task: task registry name.
+        method: method registry name.
+        budget: ``"quick"`` or ``"full"``.
+        epochs: override the recipe's epochs.
+        device: where each run trains (``"cpu"``, ``"cuda:0"``, ``"mps"``; not ``"auto"``:
+            resolve it with :func:`flatmin.bench.device.resolve_device` first).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     """
 
     def train_fn(params: dict[str, float | int], seed: int, report: Reporter) -> float:
         record = _train_run(
             task, method, seed, budget, params, epochs,
             lambda epoch, _epochs, metrics: report(epoch, metrics["val_acc"]),
+            device=device, precision=precision,
         )  # fmt: skip
         if record["status"] != "ok":
             raise TrialFailed(f"seed {seed}: {record.get('reason')}")
@@ -161,6 +215,13 @@ def bench_epochs(task: str, budget: str, epochs: int | None = None) -> int:
     return epochs
 
 
+def check_warmup(warmup: float) -> float:
+    """``warmup`` (a fraction of each seed's epochs), or ``ValueError`` unless in [0, 1)."""
+    if not (math.isfinite(warmup) and 0.0 <= warmup < 1.0):
+        raise ValueError(f"Invalid warmup: {warmup} (expected a fraction in [0, 1))")
+    return float(warmup)
+
+
 def suggest_hyper(
     task: str,
     method: str,
@@ -176,6 +237,8 @@ def suggest_hyper(
     spread_penalty: float = 1.0,
     ranges: Mapping[str, tuple[float, float]] | None = None,
     progress: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[Hyper, TuneResult]:
     """Choose ``method``'s hyper-parameters on ``task``'s validation split with a search.
 
@@ -195,27 +258,37 @@ def suggest_hyper(
         spread_penalty: score = mean − spread_penalty · std over the seeds.
         ranges: range overrides (:func:`bench_space`).
         progress: a progress bar on stderr.
+        device: where the runs train (``"auto"``: an accelerator when present). A study's
+            settings include the device type and the precision unless they are ``cpu`` and
+            ``fp32``: a search resumes on another GPU, not on another kind of device.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast, loss scaling).
 
     Returns:
         ``(hyper, result)``: the best trial's hyper-parameters as a ``Hyper``, and the result.
 
     Raises:
-        ValueError: bad arguments.
-        RuntimeError: no trial completed (all pruned or failed).
+        ValueError: bad arguments (an unavailable device included).
+        NoTrialCompleted: no trial completed (all pruned or failed); a ``RuntimeError``.
     """
-    if not (math.isfinite(warmup) and 0.0 <= warmup < 1.0):
-        raise ValueError(f"Invalid warmup: {warmup} (expected a fraction in [0, 1))")
+    warmup = check_warmup(warmup)
     space = bench_space(method, ranges)
     n_epochs = bench_epochs(task, budget, epochs)
+    device = check_scale(task, method, device, precision)
+    config: dict[str, Any] = {"task": task, "method": method, "budget": budget, "epochs": n_epochs}
+    # Only off the defaults, so that the studies started before these settings keep their identity.
+    device_type = device.partition(":")[0]
+    if device_type != "cpu":
+        config["device"] = device_type
+    if precision != "fp32":
+        config["precision"] = precision
     result = search(
-        bench_train_fn(task, method, budget, epochs), space, n_trials=n_trials, seeds=seeds,
-        out=out, pruner=pruner, warmup=int(warmup * n_epochs), timeout=timeout,
-        spread_penalty=spread_penalty, progress=progress,
-        config={"task": task, "method": method, "budget": budget, "epochs": n_epochs},
+        bench_train_fn(task, method, budget, epochs, device=device, precision=precision), space,
+        n_trials=n_trials, seeds=seeds, out=out, pruner=pruner, warmup=int(warmup * n_epochs),
+        timeout=timeout, spread_penalty=spread_penalty, progress=progress, config=config,
     )  # fmt: skip
     best = result.best
     if best is None:
-        raise RuntimeError(
+        raise NoTrialCompleted(
             f"No trial completed for {task} {method} ({result.count('pruned')} pruned, "
             f"{result.count('failed')} failed): nothing to suggest"
         )

@@ -12,12 +12,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# flatmin.cli imports this module lazily (when it builds its parser): no import cycle.
+from flatmin.cli import (
+    _add_scale_options,
+    _error,
+    _int_at_least,
+    _out_dir_problem,
+    _real,
+    _torch_threads,
+)
+
 if TYPE_CHECKING:
     from flatmin.tune.result import TuneResult
 
 __all__ = ["DESCRIPTION", "EPILOG", "add_arguments", "run"]
 
-PROG = "flatmin tune"
 DESCRIPTION = (
     "Search a method's hyper-parameters (rho on a log scale; SWA's start) on a task's validation "
     "split: each trial trains seeds 100, 101, ...; trials clearly worse than the finished ones "
@@ -26,29 +35,11 @@ DESCRIPTION = (
 )
 EPILOG = (
     "Rerun the same command to resume: finished trials are kept. Exit codes: 0 ok; 1 no trial "
-    "completed or a dataset is unavailable; 2 bad arguments, OUT holds another search, or "
-    "Optuna is not installed (pip install 'flatmin[tune]'); 130 interrupted."
+    "completed, a dataset is unavailable or a run raised an exception; 2 bad arguments (an "
+    "unavailable --device included), OUT holds another search, or Optuna is not installed "
+    "(pip install 'flatmin[tune]'); 130/143 interrupted by SIGINT/SIGTERM."
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value: {value} (expected >= 1)")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"invalid value: {text} (expected > 0)")
-    return value
+_POSITIVE_INT = _int_at_least(1)
 
 
 def _range(text: str) -> tuple[str, float, float]:
@@ -72,17 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="method whose hyper-parameters are searched")
     p.add_argument(
         "--trials",
-        type=_positive_int,
+        type=_POSITIVE_INT,
         default=12,
         metavar="N",
         help="finished trials the study should hold (default 12)",
     )
     p.add_argument(
-        "--timeout", type=_positive_float, metavar="S", help="start no new trial after S seconds"
+        "--timeout",
+        type=_real(0, strict_low=True),
+        metavar="S",
+        help="start no new trial after S seconds",
     )
     p.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=_POSITIVE_INT,
         default=2,
         metavar="K",
         help="tuning seeds 100..100+K-1 per trial (default 2)",
@@ -90,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="study directory (default runs/tune/TASK-METHOD)")
     p.add_argument("--pruner", choices=PRUNERS, default="median")
     p.add_argument("--budget", choices=("quick", "full"), default="quick")
-    p.add_argument("--epochs", type=_positive_int, metavar="N", help="override the epoch budget")
+    p.add_argument("--epochs", type=_POSITIVE_INT, metavar="N", help="override the epoch budget")
     p.add_argument(
         "--warmup",
         type=float,
@@ -113,31 +107,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=LOW:HIGH",
         help="search range of a parameter, e.g. rho=0.01:2",
     )
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch threads")
+    p.add_argument("--threads", type=_POSITIVE_INT, default=1, metavar="N", help="torch threads")
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="progress bar on stderr",
     )
-
-
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    _add_scale_options(p, defaults="cpu, fp32")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``flatmin tune`` with parsed ``args``; return the exit code."""
+    """Run ``flatmin tune`` with parsed ``args``; return the exit code.
+
+    SIGINT and SIGTERM reach :func:`flatmin.cli.main` (exit 130 / 143): the study keeps the
+    finished trials, and the same command resumes it.
+    """
     from flatmin.tune.search import StudyConflictError, import_optuna
 
     try:
         optuna = import_optuna()
     except ImportError as exc:
-        return _error(exc)
-    from flatmin.tune.bench import bench_epochs, bench_space, grid_size, suggest_hyper
+        return _error(args, exc)
+    from flatmin.data import DataUnavailableError
+    from flatmin.tune.bench import (
+        NoTrialCompleted,
+        bench_epochs,
+        bench_space,
+        check_scale,
+        check_warmup,
+        grid_size,
+        suggest_hyper,
+    )
     from flatmin.tune.result import check_spread_penalty
 
+    precision = args.precision or "fp32"
     try:
         ranges = {}
         for name, low, high in args.range:
@@ -147,51 +151,45 @@ def run(args: argparse.Namespace) -> int:
         bench_space(args.method, ranges)  # validates the method and the ranges
         bench_epochs(args.task, args.budget, args.epochs)
         check_spread_penalty(args.spread_penalty)
-        if not 0.0 <= args.warmup < 1.0:
-            raise ValueError(f"Invalid warmup: {args.warmup} (expected a fraction in [0, 1))")
+        check_warmup(args.warmup)
+        device = check_scale(args.task, args.method, args.device or "cpu", precision)
     except ValueError as exc:
-        return _error(exc)
+        return _error(args, exc)
     out = Path(args.out or f"runs/tune/{args.task}-{args.method}")
+    problem = _out_dir_problem("--out", out)
+    if problem:
+        return _error(args, problem)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    import torch
-
-    from flatmin.data import DataUnavailableError
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        hyper, result = suggest_hyper(
-            args.task,
-            args.method,
-            args.budget,
-            args.seeds,
-            args.trials,
-            pruner=args.pruner,
-            warmup=args.warmup,
-            epochs=args.epochs,
-            out=out,
-            timeout=args.timeout,
-            spread_penalty=args.spread_penalty,
-            ranges=ranges,
-            progress=args.progress,
-        )
+        with _torch_threads(args.threads):
+            hyper, result = suggest_hyper(
+                args.task,
+                args.method,
+                args.budget,
+                args.seeds,
+                args.trials,
+                pruner=args.pruner,
+                warmup=args.warmup,
+                epochs=args.epochs,
+                out=out,
+                timeout=args.timeout,
+                spread_penalty=args.spread_penalty,
+                ranges=ranges,
+                progress=args.progress,
+                device=device,
+                precision=precision,
+            )
     except StudyConflictError as exc:
-        return _error(exc)
-    except DataUnavailableError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:  # no trial completed
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        torch.set_num_threads(previous)
+        return _error(args, exc)
+    except (DataUnavailableError, NoTrialCompleted) as exc:
+        return _error(args, exc, 1)
     wall = time.perf_counter() - t0
-    figure = _save_figure(result, out / "tune.png")
+    try:
+        figure = _save_figure(result, out / "tune.png")
+    except OSError as exc:
+        return _error(args, f"could not write {str(out / 'tune.png')!r}: {exc}", 1)
 
     best = result.best
     if best is None or best.score is None:  # pragma: no cover - suggest_hyper raised
@@ -230,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save_figure(result: TuneResult, path: Path) -> Path | None:
+    """Write the search's figure to ``path`` atomically (``None``: no matplotlib)."""
+    from flatmin._io import save_figure
+
     try:
         from flatmin.tune.report import plot_search
 
@@ -237,5 +238,5 @@ def _save_figure(result: TuneResult, path: Path) -> Path | None:
     except ImportError:
         print("figure skipped: pip install 'flatmin[plot]'", file=sys.stderr)
         return None
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path

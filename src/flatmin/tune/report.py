@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flatmin._io import atomic_write_text, finite_json
 from flatmin.tune.result import TuneResult
@@ -23,17 +23,13 @@ from flatmin.tune.result import TuneResult
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_search", "write_json_atomic", "write_result"]
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as strict JSON (NaN/inf as ``null``) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(finite_json(data)[0], indent=1, allow_nan=False) + "\n")
+__all__ = ["plot_search", "write_result"]
 
 
 def write_result(path: str | os.PathLike[str], result: TuneResult) -> None:
-    """Write ``result.as_dict()`` to ``path`` atomically."""
-    write_json_atomic(path, result.as_dict())
+    """Write ``result.as_dict()`` to ``path`` atomically, as strict JSON (NaN/inf as ``null``)."""
+    data = finite_json(result.as_dict())[0]
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 def plot_search(result: TuneResult) -> Figure:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatmin._io import finite_json
 from flatmin.tune._study import STUDY_NAME, StudyConflictError, best_score, collect, open_study
 from flatmin.tune.result import (
     SeedRun,
@@ -345,7 +346,8 @@ def _run(
         def finish(rep: Reporter, state: str, final: float | None, t0: float) -> None:
             run = SeedRun(rep.seed, state, tuple(rep.epochs), tuple(rep.values), final,
                           time.perf_counter() - t0)  # fmt: skip
-            runs.append(_json_safe(run.as_dict()))
+            # Strict JSON (NaN → null): Optuna stores user attributes as JSON.
+            runs.append(finite_json(run.as_dict())[0])
             trial.set_user_attr("runs", runs)
             trial.set_user_attr("outcome", state)
 
@@ -420,9 +422,3 @@ def _run(
 
 def _fmt_params(params: Mapping[str, float | int]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in params.items())
-
-
-def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """Non-finite floats → ``None`` (Optuna stores user attributes as strict JSON)."""
-    values = [v if math.isfinite(v) else None for v in d["values"]]
-    return {**d, "values": values}
