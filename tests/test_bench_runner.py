@@ -362,6 +362,26 @@ def test_error_runs_are_retried(tmp_path):
     assert [r["status"] for r in read_records(tmp_path / "results.jsonl")] == ["error", "ok"]
 
 
+def test_a_failed_tuning_run_is_retrained_once_and_its_new_record_chosen_from(tmp_path):
+    """An ``error`` record in the validation grid is retrained, and the choice reads the new one."""
+    kw = dict(tasks=("toy-a",), methods=("baseline", "sam"), seeds=(0,), tune=True,
+              tune_seeds=(100, 101), epochs=1)  # fmt: skip
+    clean = run_grid(_cfg(tmp_path / "clean", **kw), resolver=ToyResolver())
+    rho = clean.hypers[("toy-a", "sam")].rho
+    recs = read_records(tmp_path / "clean" / "results.jsonl")
+    (tmp_path / "again").mkdir()
+    for r in recs:
+        append_record(tmp_path / "again" / "results.jsonl", r)
+    chosen = next(r for r in recs if r["stage"] == "tune" and r["method"] == "sam"
+                  and r["seed"] == 100 and r["hyper"]["rho"] == rho)  # fmt: skip
+    append_record(tmp_path / "again" / "results.jsonl",
+                  {"hash": chosen["hash"], "status": "error", "reason": "boom"})  # fmt: skip
+    again = run_grid(_cfg(tmp_path / "again", **kw), resolver=ToyResolver())
+    assert again.ran == 1 and again.hypers == clean.hypers
+    sam = next(c for c in again.tuning if c.method == "sam")
+    assert None not in sam.scores
+
+
 def test_tuned_grid_runs_validation_grid_first(tmp_path):
     cfg = _cfg(tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam", "wasam"),
                seeds=(0,), tune=True, tune_seeds=(100, 101), epochs=1)  # fmt: skip
@@ -559,7 +579,11 @@ def test_flatness_study_reproduces_the_runs_and_is_resumed(tmp_path):
         for split in ("train", "test"):
             v = study["measures"][m][split]
             assert v["lambda_max"] > 0 and v["trace"] > 0 and v["worst_case_sharpness"] >= 0
-        assert (tmp_path / "checkpoints" / f"{m}.pt").stat().st_size > 0
+        # Each checkpoint carries its method's own result: a view's is its average's.
+        meta = torch.load(tmp_path / "checkpoints" / f"{m}.pt", weights_only=True)["record"]
+        (result,) = [r for r in summary.records if r["method"] == m]
+        assert meta["method"] == m and "averages" not in meta
+        assert meta["final"]["test_acc"] == result["final"]["test_acc"]
     assert set(study["interpolations"]) == {"baseline→swa", "baseline→sam", "baseline→wasam"}
     line = study["interpolations"]["baseline→sam"]
     assert line["coords"][0] == -0.5 and line["coords"][-1] == 1.5

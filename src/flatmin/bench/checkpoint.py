@@ -103,25 +103,19 @@ def full_state_dicts(result: TrainResult) -> tuple[dict[str, Any], dict[str, Any
     For an FSDP2-sharded model this gathers the shards — a collective: every rank must call it
     (then rank 0 alone writes); for a plain model it is ``state_dict()``.
     """
-    from torch.distributed.tensor import DTensor
+    from flatmin.optim._vec import is_sharded
 
-    averaged = None
     avg = result.averager
-    sharded = any(isinstance(p, DTensor) for p in result.model.parameters())
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        final = get_model_state_dict(result.model, options=options)
-        if avg is not None and avg.n_averaged > 0:
-            averaged = avg.averaged_state_dict(full=True)
-        return final, averaged
+    # full=True gathers sharded averages and leaves plain tensors as they are.
+    averaged = None
     if avg is not None and avg.n_averaged > 0:
-        averaged = avg.averaged_state_dict()
-    return result.model.state_dict(), averaged
+        averaged = avg.averaged_state_dict(full=True)
+    if not is_sharded(list(result.model.parameters())):
+        return result.model.state_dict(), averaged
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(result.model, options=options), averaged
 
 
 def save_checkpoint(

@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 
 from flatmin._io import save_figure
+from flatmin.bench.methods import ABLATION_METHODS
 from flatmin.bench.stats import mean_ci
 
 __all__ = ["report_figures"]
 
 
-def _pyplot() -> Any:
+def pyplot_agg() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend; ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -34,7 +36,7 @@ def report_figures(
     ablation: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
     """Write the report's figures into ``out`` and return their file names."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     if plt is None:
         return []
     names = []
@@ -112,6 +114,23 @@ def _curves_figure(
     return drawn
 
 
+def ablation_accuracies(
+    ablation: Sequence[Mapping[str, Any]], main: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[float, list[float]]]:
+    """Test accuracies (%) by method and budget factor, for the ablation's methods that ran.
+
+    The ablation's runs, and the main grid's runs of the same task at factor 1.
+    """
+    task = ablation[0]["task"]
+    pts: dict[str, dict[float, list[float]]] = {m: {} for m in ABLATION_METHODS}
+    for r in [*ablation, *({**x, "budget_factor": 1.0} for x in main if x["task"] == task)]:
+        if r.get("status") == "ok" and r["method"] in pts:
+            pts[r["method"]].setdefault(float(r["budget_factor"]), []).append(
+                100.0 * float(r["final"]["test_acc"])
+            )
+    return {m: by for m, by in pts.items() if by}
+
+
 def _ablation_figure(
     plt: Any,
     path: Path,
@@ -119,14 +138,7 @@ def _ablation_figure(
     records: Sequence[Mapping[str, Any]],
 ) -> None:
     task = ablation[0]["task"]
-    pts: dict[str, dict[float, list[float]]] = {}
-    main = [{**r, "budget_factor": 1.0} for r in records if r["task"] == task]
-    for r in [*ablation, *main]:
-        if r.get("status") != "ok" or r["method"] not in ("baseline", "swa", "sam", "wasam"):
-            continue
-        pts.setdefault(r["method"], {}).setdefault(float(r["budget_factor"]), []).append(
-            100.0 * float(r["final"]["test_acc"])
-        )
+    pts = ablation_accuracies(ablation, records)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for m, by in pts.items():
         factors = sorted(by)

@@ -51,7 +51,9 @@ from flatmin.analysis import (
     sharpness,
 )
 from flatmin.bench.checkpoint import save_checkpoint
-from flatmin.bench.methods import Hyper
+from flatmin.bench.figures import pyplot_agg
+from flatmin.bench.methods import Hyper, get_method
+from flatmin.bench.plan import method_result
 from flatmin.bench.train import RunSpec, TrainResult, train
 from flatmin.tasks import Task
 
@@ -97,7 +99,7 @@ def _solutions(
     for name in methods:
         res = results[name]
         start = hypers[name].start
-        if name in ("baseline", "sam") or start is None:
+        if get_method(name).is_trajectory or start is None:
             models[name] = res.model
             continue
         model = res.data.make_model()
@@ -204,10 +206,11 @@ def _study(
     for m in models:
         res = results[m]
         start = hypers[m].start
+        trajectory = get_method(m).is_trajectory
         view = TrainResult(
-            record={**res.record, "method": m, "hyper": hypers[m].as_dict()},
+            record=method_result(res.record, m, hypers[m]),  # a view's record: its average
             model=res.model,
-            averager=res.averagers[start] if m in ("swa", "wasam") and start is not None else None,
+            averager=res.averagers[start] if not trajectory and start is not None else None,
             data=res.data,
         )
         # The standard format: `flatmin landscape checkpoints/*.pt` works on them.
@@ -266,12 +269,8 @@ def _study(
 
 
 def _figures(out: Path, study: Mapping[str, Any], spectra: Mapping[str, SpectrumResult]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_agg()
+    if plt is None:  # the plot extra is optional
         return
     fig = plot_spectrum(dict(spectra), title=f"{study['task']}: Hessian eigenvalue density "
                         "(SLQ, training set with its noisy labels)")  # fmt: skip

@@ -150,6 +150,10 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+# The methods of the budget ablation (the issue's baseline / SWA / SAM / WASAM).
+ABLATION_METHODS = ("baseline", "swa", "sam", "wasam")
+
+
 def start_epoch(start: float, epochs: int) -> int:
     """First epoch (1-based) whose end-of-epoch weights enter the SWA average.
 
@@ -283,11 +287,6 @@ class Method:
     def is_trajectory(self) -> bool:
         """Whether this method trains (its own run) rather than reads another's."""
         return self.trajectory == self.name
-
-    @property
-    def averages(self) -> bool:
-        """Whether the method reports an average of its iterates (SWA-style)."""
-        return self.averaged
 
     def resolve(self, hyper: Hyper | None = None, **values: float | None) -> Hyper:
         """Hyper-parameters of a run: the given values, else this method's defaults.

@@ -39,6 +39,7 @@ from flatmin.bench.methods import (
     Hyper,
     Method,
     get_method,
+    start_epoch,
 )
 from flatmin.bench.train import RunSpec, average_key
 from flatmin.tasks import Task
@@ -49,6 +50,7 @@ __all__ = [
     "TuningPlan",
     "eval_trajectory",
     "free_params",
+    "method_result",
     "method_score",
     "plan_eval",
     "plan_tuning",
@@ -208,6 +210,32 @@ def method_score(record: Mapping[str, Any] | None, method: Method, hyper: Hyper)
         return None
     value = block.get("val_acc")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def method_result(record: Mapping[str, Any], method: str, hyper: Hyper) -> dict[str, Any]:
+    """A method's result read from its trajectory's record.
+
+    For a trajectory the record itself (with ``method`` and ``hyper`` of the method); for a view
+    (swa, wasam) the average from its ``start``: ``final`` becomes that average's metrics (with
+    ``live_test_acc`` the trajectory's final test accuracy) and ``trajectory`` names the run.
+    """
+    m = get_method(method)
+    out = dict(record)
+    out["method"] = method
+    out["trajectory"] = record.get("method")
+    out["hyper"] = hyper.as_dict()
+    start = hyper.start
+    if free_params(m) and start is not None and record.get("status") == "ok":
+        avg = (record.get("averages") or {}).get(average_key(start))
+        if avg is None:
+            out["status"] = "error"
+            out["reason"] = f"no average from start {start} in run {record.get('hash')}"
+        else:
+            live = record.get("final", {}).get("test_acc")
+            out["final"] = {**avg, "live_test_acc": live}
+            out["averaging_start_epoch"] = start_epoch(start, int(record["epochs_planned"]))
+    out.pop("averages", None)
+    return out
 
 
 def _grid_values(state: GridState, task: str, method: Method, param: str) -> tuple[float, ...]:

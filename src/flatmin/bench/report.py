@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from flatmin._io import atomic_write_text
+from flatmin.bench.figures import ablation_accuracies
 from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
 
 __all__ = ["TaskRow", "summarize", "write_csv", "write_report"]
@@ -378,19 +379,10 @@ def _ablation_table(
     ablation: Sequence[Mapping[str, Any]], main: Sequence[Mapping[str, Any]]
 ) -> list[str]:
     task = ablation[0]["task"]
-    rows: dict[tuple[str, float], list[float]] = {}
-    for r in [*ablation, *({**x, "budget_factor": 1.0} for x in main if x["task"] == task)]:
-        if r.get("status") != "ok" or r["method"] not in ("baseline", "swa", "sam", "wasam"):
-            continue
-        rows.setdefault((r["method"], float(r["budget_factor"])), []).append(
-            100.0 * float(r["final"]["test_acc"])
-        )
-    factors = sorted({f for _, f in rows})
-    methods = [
-        m for m in ("baseline", "swa", "sam", "wasam") if any((m, f) in rows for f in factors)
-    ]
+    pts = ablation_accuracies(ablation, main)
+    factors = sorted({f for by in pts.values() for f in by})
     body = [
-        [_label(m), *(mean_ci(rows.get((m, f), [])).format() for f in factors)] for m in methods
+        [_label(m), *(mean_ci(by.get(f, [])).format() for f in factors)] for m, by in pts.items()
     ]
     epochs = {float(r["budget_factor"]): r.get("epochs_planned") for r in ablation}
     head = [f"{f:g}× ({epochs.get(f, '1×')} ep)" if f != 1.0 else "1× (main grid)" for f in factors]
@@ -541,7 +533,8 @@ def write_report(
             "Wall time of a run relative to the baseline's, its difference to the baseline, "
             "SAM's, and the share of SAM's gain it keeps ((variant − baseline) / (SAM − "
             "baseline); pooled: the sum of the mean differences over tasks). Variants use SAM's "
-            "rho; LookSAM's alpha is tuned.",
+            "rho; LookSAM's alpha is tuned. `*`: p < 0.05 after Holm's correction over the "
+            "headline cells and the variants' cells together.",
             "",
             *_variant_table(variant_rows, variants),
             "",
@@ -584,9 +577,19 @@ def write_report(
         "",
         "## p-values",
         "",
-        *_pvalue_table(variant_rows or rows, all_methods),
+        "Headline methods; Holm over every tested cell of the headline table (the `*` above).",
+        "",
+        *_pvalue_table(rows, methods),
         "",
     ]
+    if variant_rows and variants:
+        lines += [
+            "Cheap SAM variants; Holm over the headline cells and the variants' cells together "
+            "(the `*` of the variants table).",
+            "",
+            *_pvalue_table(variant_rows, variants),
+            "",
+        ]
     bad = [
         r for r in [*records, *summary.tune_records, *summary.ablation] if r.get("status") != "ok"
     ]

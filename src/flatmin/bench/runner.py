@@ -34,18 +34,18 @@ from typing import Any, Protocol
 from flatmin._proc import interrupt_on_signals
 from flatmin.bench.device import check_precision, check_support, resolve_device
 from flatmin.bench.execute import check_executor, exclusive_output, executor_session, run_specs
-from flatmin.bench.methods import Hyper, get_method
+from flatmin.bench.methods import ABLATION_METHODS, Hyper, get_method
 from flatmin.bench.plan import (
     GridState,
     TuneChoice,
     eval_trajectory,
-    free_params,
+    method_result,
     plan_eval,
     plan_tuning,
 )
 from flatmin.bench.store import latest_by_hash, read_records
 from flatmin.bench.suites import Suite
-from flatmin.bench.train import RunSpec, average_key
+from flatmin.bench.train import RunSpec
 from flatmin.data import Dataset, load_dataset
 from flatmin.tasks import BUDGETS, Task, get_task
 
@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 RESULTS = "results.jsonl"
-ABLATION_METHODS = ("baseline", "swa", "sam", "wasam")
 
 
 class Resolver(Protocol):
@@ -293,31 +292,6 @@ class GridSummary:
     out: Path = Path()
 
 
-def method_result(record: Mapping[str, Any], method: str, hyper: Hyper) -> dict[str, Any]:
-    """A method's result read from its trajectory's record.
-
-    For a trajectory the record itself (with ``method`` and ``hyper`` of the method); for a view
-    (swa, wasam) the average from its ``start``: ``final`` becomes that average's metrics (with
-    ``live_test_acc`` the trajectory's final test accuracy) and ``trajectory`` names the run.
-    """
-    m = get_method(method)
-    out = dict(record)
-    out["method"] = method
-    out["trajectory"] = record.get("method")
-    out["hyper"] = hyper.as_dict()
-    if free_params(m) and record.get("status") == "ok":
-        avg = (record.get("averages") or {}).get(average_key(hyper.start))  # type: ignore[arg-type]
-        if avg is None:
-            out["status"] = "error"
-            out["reason"] = f"no average from start {hyper.start} in run {record.get('hash')}"
-        else:
-            live = record.get("final", {}).get("test_acc")
-            out["final"] = {**avg, "live_test_acc": live}
-            out["averaging_start_epoch"] = None
-    out.pop("averages", None)
-    return out
-
-
 def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSummary:
     """Run (or resume) the grid and write the report.
 
@@ -355,16 +329,20 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
         for task_obj in task_of.values():
             look.dataset(task_obj)
     counted: set[str] = set()
+    attempted: set[str] = set()  # trained in this invocation: an error is retried next time
 
     def records() -> dict[str, dict[str, Any]]:
         return latest_by_hash(read_records(results))
 
-    def run(specs: Sequence[RunSpec], desc: str) -> dict[str, dict[str, Any]]:
-        """Train the specs not recorded yet (once each); return the records by hash."""
+    def hash_of(spec: RunSpec) -> str:
+        return spec.config_hash(task_of[spec.task])
+
+    def run(specs: Sequence[RunSpec], desc: str) -> int:
+        """Train the specs without a finished record, each once per invocation; return how many."""
         done = records()
         left, hashes = [], set()
         for spec in specs:
-            h = spec.config_hash(task_of[spec.task])
+            h = hash_of(spec)
             if h in hashes:
                 continue
             hashes.add(h)
@@ -374,16 +352,13 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
                 counted.add(h)
                 summary.planned += 1
                 summary.skipped += finished
-            if not finished and cfg.run:
+            if not finished and cfg.run and h not in attempted:
+                attempted.add(h)
                 left.append(spec)
         summary.ran += len(left)
         if left:
             run_specs(left, cfg, look, results, desc)
-            done = records()
-        return done
-
-    def hash_of(spec: RunSpec) -> str:
-        return spec.config_hash(task_of[spec.task])
+        return len(left)
 
     # -- 1. tuning ----------------------------------------------------------------------------
     hypers: dict[tuple[str, str], Hyper] = {}
@@ -395,11 +370,9 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
         while True:
             found = records()
             plan = plan_tuning(cfg, state, found, task_of)
-            missing = [s for s in plan.specs if hash_of(s) not in found]
-            if missing and cfg.run:
-                run(plan.specs, "validation grid")  # then plan again with the same grids
-                continue
-            run(plan.specs, "validation grid")  # counts what was found
+            if run(plan.specs, "validation grid"):
+                continue  # plan again with the same grids, on the new records
+            missing = any(hash_of(s) not in found for s in plan.specs)  # only without cfg.run
             if plan.state == state or missing:
                 break
             state = plan.state
@@ -422,7 +395,7 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
             device=cfg.device, precision=cfg.precision,
         )  # fmt: skip
         eval_specs.update(planned)
-    found = run(list(eval_specs.values()), "benchmark")
+    run(list(eval_specs.values()), "benchmark")
 
     # -- 3. budget ablation -------------------------------------------------------------------
     ablation: dict[tuple[str, str, int, float], RunSpec] = {}
@@ -437,7 +410,7 @@ def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
                 precision=cfg.precision,
             ).items():  # fmt: skip
                 ablation[(t, name, seed, factor)] = spec
-        found = run(list(ablation.values()), "budget ablation")
+        run(list(ablation.values()), "budget ablation")
 
     # -- results --------------------------------------------------------------------------------
     found = records()
@@ -507,6 +480,7 @@ def _optuna_tuning(
                     task, name, cfg.budget_of(task), seeds=cfg.tune_seeds,
                     n_trials=cfg.tune_trials, epochs=cfg.epochs,
                     out=cfg.out / "tune" / f"{task}-{name}", progress=cfg.progress,
+                    device=cfg.device, precision=cfg.precision,
                 )  # fmt: skip
                 hypers[(task, name)] = m.resolve(hyper)
                 searches[(task, name)] = result
