@@ -16,8 +16,7 @@ from flatmin._io import FileLock
 from flatmin.bench import BenchConfig, RunSpec, read_records, run_grid
 from flatmin.bench.execute import LOCK
 from flatmin.cli import main
-from test_bench_support import TASKS, ToyResolver
-from test_faults import _all_gone, _descendants
+from test_bench_support import TASKS, DyingResolver, ToyResolver, _all_gone, _descendants
 
 TESTS = Path(__file__).parent
 NO_RAY = "Ray is not installed (pip install 'flatmin[ray]'; CI installs it with the test extra)"
@@ -87,30 +86,13 @@ def test_ray_grid_equals_the_local_executor_and_a_rerun_adds_nothing(
     assert (tmp_path / "results.jsonl").read_text() == lines
 
 
-class DyingResolver(ToyResolver):
-    """The first run that starts in a Ray worker kills that worker (an OOM kill, a crash)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.driver, self.marker = os.getpid(), marker  # pickled into the tasks
-
-    def task(self, name):
-        if os.getpid() != self.driver:
-            try:
-                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))  # only the first one
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return super().task(name)
-
-
 @pytest.mark.slow
 def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_redoes(
     ray, reference, tmp_path
 ):
     out = tmp_path / "out"
     cfg = _cfg(out, executor="ray")
-    summary = run_grid(cfg, resolver=DyingResolver(tmp_path / "died"))
+    summary = run_grid(cfg, resolver=DyingResolver(tmp_path / "died", hook="task"))
     assert (tmp_path / "died").exists()
     recs = read_records(out / "results.jsonl")
     errors = [r for r in recs if r["status"] == "error"]

@@ -170,10 +170,16 @@ def test_report_markdown_and_csv(tmp_path):
     assert text.index("### vision") < text.index("### graph")
     rows = {r.task: r for r in summarize(_records(), ["baseline", "swa", "sam"])}
     a = rows["alpha"]
-    line = (
-        f"| alpha | net-alpha | 400 (0.25) | {a.baseline.mean:.2f} ± {a.baseline.ci:.2f} | "
-        f"{a.diffs['swa'].format(signed=True)} | {a.diffs['sam'].format(signed=True)} |"
-    )
+    # By hand (percent; t_{0.975,2} = 4.302652729749462, t_{0.975,1} = 12.706204736174694):
+    #   baseline 80, 82, 84: mean 82, sd 2 -> CI 4.3027 * 2 / sqrt(3) = 4.968 -> "82.00 ± 4.97"
+    #   swa - baseline d = (1, 0, 2): mean 1, sd 1 -> CI 4.3027 / sqrt(3) = 2.484;
+    #     t = 1 / (1 / sqrt(3)) = 1.732, p = 0.2254 -> "+1.00 ± 2.48"
+    #   sam - baseline d = (5, 5, 4): mean 4.667, sd 0.5774 -> CI 4.3027 * 0.5774 / sqrt(3)
+    #     = 1.434; t = 14.0, p = 0.005063 -> "+4.67 ± 1.43"
+    #   beta swa - baseline d = (5, 0): mean 2.5, sd 3.536, t = 1.0, p = 0.5 (beta sam: n = 1)
+    #   Holm over the 3 tested cells, ascending: 3 * 0.005063 = 0.0152 (sam: "*"),
+    #     max(0.0152, 2 * 0.2254) = 0.4508 (swa), max(0.4508, 1 * 0.5) = 0.5.
+    line = "| alpha | net-alpha | 400 (0.25) | 82.00 ± 4.97 | +1.00 ± 2.48 | +4.67 ± 1.43* |"
     assert line in text
     # SAM on alpha: d = (5, 5, 4), p ≈ 0.0051; Holm over 3 cells keeps it < 0.05 → marked.
     assert a.diffs["sam"].p_holm < 0.05 and line.endswith("* |")

@@ -3,12 +3,17 @@
 ``ToyResolver`` serves tasks on a 3-class Gaussian-cluster dataset with a BatchNorm MLP, so a run
 takes a fraction of a second and every method (SWA's BN recomputation included) is exercised.
 ``toy-nan`` has a model whose output is NaN: its runs must end ``failed``.
+``DyingResolver`` kills the first worker that uses it; ``_descendants``/``_all_gone`` watch the
+processes a grid leaves behind (Linux /proc).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -113,3 +118,69 @@ class ToyResolver:
         if delay:
             time.sleep(delay)
         return toy_graph_dataset() if task.dataset == "toy-graphs" else toy_dataset()
+
+
+class DyingResolver(ToyResolver):
+    """The first run that calls ``hook`` outside this process kills its own process (an OOM kill,
+    a crash): ``"dataset"`` for a pool worker (test_faults), ``"task"`` for a Ray worker
+    (test_bench_ray). The ``marker`` file, created exclusively, makes it only the first one.
+    """
+
+    def __init__(self, marker: Path, hook: Literal["task", "dataset"]) -> None:
+        if hook not in ("task", "dataset"):
+            raise ValueError(f"hook: {hook!r} (expected 'task' or 'dataset')")
+        self.parent, self.marker, self.hook = os.getpid(), marker, hook  # pickled into workers
+
+    def _maybe_die(self, hook: str) -> None:
+        if hook != self.hook or os.getpid() == self.parent:
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))  # only the first one
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def task(self, name: str) -> Task:
+        self._maybe_die("task")
+        return super().task(name)
+
+    def dataset(self, task: Task) -> Dataset:
+        self._maybe_die("dataset")
+        return super().dataset(task)
+
+
+# -- processes (Linux /proc) -----------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie is dead (an init that does not reap keeps it)
+
+
+def _all_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left

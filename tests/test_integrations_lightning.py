@@ -634,5 +634,7 @@ def test_documentation_code_blocks_run(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "lightning_doc"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # ... but an example that misuses SAM (backward() before step(closure)) fails.
+        warnings.filterwarnings("error", message=".*found gradients computed before")
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), namespace)

@@ -105,6 +105,9 @@ def test_resume_refuses_another_runs_state_and_a_damaged_one(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "Invalid --resume" in err and "state of another run" in err
     assert main([*argv, "--out", str(out), "--resume", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err  # the precision is part of the run's identity (its hash)
+    assert err.startswith("flatmin train: error: Invalid --resume: ")
+    assert "state of another run" in err and "precision must be the same" in err
     data = bytearray((out / STATE_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / STATE_FILE).write_bytes(bytes(data))

@@ -361,10 +361,14 @@ def test_a_backward_before_step_closure_warns_once(member: Member) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(opt, model, batches[:2])  # the contract: no warning
-    with pytest.warns(UserWarning, match="backward"):
-        for x, y in batches[2:]:  # davda54/sam's usage: backward, then step(closure)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a repeat would be recorded, not deduplicated
+        for x, y in batches[2:]:  # davda54/sam's usage: backward, then step(closure), twice
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step(Closure(opt, model, x, y), model=model)
+    misuse = [w for w in caught if "found gradients computed before" in str(w.message)]
+    assert len(misuse) == 1, [str(w.message) for w in caught]  # two misused steps, one warning
+    assert issubclass(misuse[0].category, UserWarning) and "backward" in str(misuse[0].message)
 
 
 @pytest.mark.parametrize("member", MEMBERS, ids=IDS)

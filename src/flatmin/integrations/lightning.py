@@ -57,6 +57,7 @@ from flatmin.integrations._common import (
 )
 from flatmin.integrations._lightning_averaging import WeightAveragingCallback
 from flatmin.optim import ESAM, SAM
+from flatmin.optim._driver import remember_grad
 from flatmin.optim.bn import frozen_bn_stats
 
 __all__ = ["SAMModule", "WeightAveragingCallback"]
@@ -359,6 +360,10 @@ class SAMModule(pl.LightningModule):
                     rng.restore()
                 return first_pass()
 
+        if replays:
+            # The earlier micro-batches' gradients are meant to be there: the first pass adds the
+            # last one's to them. Tell step(closure) so that it does not warn of a stray backward.
+            remember_grad(sam)
         scaler = self._sam_scaler()
         if scaler is None:
             # SAM.step calls this twice: at w, then (perturbed) at w + ε̂.
