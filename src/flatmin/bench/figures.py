@@ -92,7 +92,8 @@ def differences_figure(plt: Any, rows: Sequence[Any], methods: Sequence[str]) ->
         for i, m in enumerate(others):
             c = r.diffs.get(m)
             if c is None or math.isnan(c.mean):
-                ax.annotate("–", (i, 0), ha="center", va="bottom", color="grey")  # not run
+                ax.annotate("not run", (i, 0), ha="center", va="bottom", color="grey",
+                            rotation=90, fontsize="x-small")  # fmt: skip
                 continue
             ci = 0.0 if math.isnan(c.ci) else c.ci
             ax.bar(i, c.mean, 0.7, yerr=ci, color=colors[m], capsize=2)
