@@ -27,7 +27,8 @@ CONFIG = ROOT / "mkdocs.yml"
 # Every package whose __all__ is public API (flatmin.integrations has submodules instead).
 PACKAGES = [
     "flatmin", "flatmin.optim", "flatmin.optim.rules", "flatmin.optim.migrate",
-    "flatmin.analysis", "flatmin.data", "flatmin.tasks", "flatmin.bench", "flatmin.tune",
+    "flatmin.analysis", "flatmin.data", "flatmin.tasks", "flatmin.bench", "flatmin.bench.loggers",
+    "flatmin.tune",
     "flatmin.integrations.lightning", "flatmin.integrations.transformers",
 ]  # fmt: skip
 

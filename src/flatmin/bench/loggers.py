@@ -18,7 +18,8 @@ step is the epoch; the folds of a cross-validated task follow each other (fold `
 Live, in one process (``flatmin train``)::
 
     logger = open_logger("tensorboard", "runs/tb")
-    with logger.run(run_name(spec), run_params(spec.config())) as on_epoch:
+    config = spec.config()
+    with logger.run(run_name(config), run_params(config)) as on_epoch:
         result = train(spec, on_epoch=on_epoch)
         logger.finish(result.record)
 
