@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -107,6 +108,10 @@ def test_tensorboard_events_equal_the_logged_values(tmp_path):
     _log_by_hand(logger, "by-hand")
     scalars = _tb_scalars(tmp_path / "by-hand")
     wall = scalars.pop("time/wall_s")
+    assert set(scalars) == {
+        "train/loss", "train/acc", "val/loss", "val/acc", "lr", "rho", "final/test_acc",
+        "final/train_acc", "final/wall_time",
+    }  # fmt: skip
     assert scalars == {t: [(s, _f32(v)) for s, v in e] for t, e in _expected().items()}
     # The wall clock of each epoch, in order (the train/loss NaN of epoch 3 is not logged).
     assert [s for s, _ in wall] == [1, 2, 3]
@@ -258,6 +263,16 @@ def test_missing_extra_is_a_clear_import_error(cls, blocked, monkeypatch, tmp_pa
     extra = "tensorboard" if cls is TensorBoardLogger else "mlflow"
     with pytest.raises(ImportError, match=rf"pip install 'flatmin\[{extra}\]'"):
         cls(tmp_path)
+
+
+def test_importing_the_module_imports_no_backend():
+    code = (
+        "import sys, flatmin.bench.loggers; "
+        "print(sorted(m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_run_params_and_name():
