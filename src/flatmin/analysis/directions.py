@@ -22,6 +22,7 @@ from flatmin.analysis._common import check_choice
 
 __all__ = ["Direction", "direction_norm", "model_direction", "random_direction"]
 
+#: A direction in weight space: one tensor per parameter name, shaped like the parameter.
 Direction = dict[str, Tensor]
 Norm = Literal["filter", "layer", "unit", "none"]
 OneD = Literal["zero", "copy", "normalize"]

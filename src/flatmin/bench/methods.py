@@ -304,6 +304,7 @@ class Method:
         return Hyper(**out)
 
 
+#: The registered methods by name (:func:`register_method` adds one).
 METHODS: dict[str, Method] = {}
 
 

@@ -114,6 +114,7 @@ GPU_HYPERS: Mapping[str, Mapping[str, Hyper]] = {
     },
 }
 
+#: The built-in suites by name (``quick``, ``full``, ``gpu``).
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (

@@ -86,6 +86,7 @@ class NodeSplit:
         return int((self.targets != IGNORE_INDEX).sum())
 
 
+#: Any split of a dataset: tensors, graphs or the labelled nodes of one graph.
 Split = TensorSplit | GraphSplit | NodeSplit
 
 

@@ -143,6 +143,8 @@ class Reporter:
             raise optuna.TrialPruned(f"seed {self.seed}, epoch {epoch}: {value:.4g}")
 
 
+#: ``train_fn(params, seed, report)``: train one seed with ``params``, call
+#: ``report(epoch, value)`` per epoch, return the final value (``None``: the last reported one).
 TrainFn = Callable[[dict[str, float | int], int, Reporter], float | None]
 
 
