@@ -27,6 +27,13 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _state
 from flatmin.optim._backup import WeightBackup
+from flatmin.optim._base import (
+    ambiguous_keys,
+    base_name,
+    check_base,
+    check_no_clash,
+    family_keys,
+)
 from flatmin.optim._checks import check_nonneg, check_real
 from flatmin.optim._driver import remember_grad, run_step
 from flatmin.optim._policy import Policy
@@ -156,9 +163,17 @@ class SAM(Policy, Optimizer):
             check(name, value)
             setattr(self, name, value)
         variant = {k: base_kwargs.pop(k, v) for k, v in self._group_defaults.items()}
-        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
-        self._check_group(defaults)
+        family = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
+        for name, check in self._group_checks.items():
+            check(name, family[name])
+        check_base(base_optimizer)
+        # A family value the base uses too (Adadelta's rho) gets its own key (_base.py).
+        self._keys = family_keys(self._group_checks, base_optimizer)
+        self._base_name = base_name(base_optimizer)
+        defaults = {self._keys[name]: value for name, value in family.items()}
         self._base_defaults: dict[str, Any] = {}
+        # The groups of an instance are the base's: their keys are the base's, not ambiguous.
+        self._adopting = isinstance(base_optimizer, Optimizer)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -167,16 +182,13 @@ class SAM(Policy, Optimizer):
                 )
             super().__init__(base_optimizer.param_groups, defaults)
             base = base_optimizer
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        else:
             if params is None:
                 raise TypeError("params is None but base_optimizer is a class (expected params)")
             super().__init__(params, defaults)
             base = base_optimizer(self.param_groups, **base_kwargs)
-        else:
-            raise TypeError(
-                "Invalid base_optimizer: "
-                f"{base_optimizer!r} (expected a torch.optim.Optimizer subclass or instance)"
-            )
+            check_no_clash(self._keys, base)
+        self._adopting = False
         self.base_optimizer = base
         # One list of group dicts for both: schedulers and add_param_group reach the base too.
         self.param_groups = base.param_groups
@@ -212,10 +224,42 @@ class SAM(Policy, Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"Invalid param group: {type(param_group).__name__} (expected a dict)")
+        ambiguous = [] if self._adopting else ambiguous_keys(self._keys, param_group)
+        if ambiguous:
+            name = ambiguous[0]
+            raise ValueError(
+                f"Invalid param group: {name!r} is a key of both {type(self).__name__} and "
+                f"{self._base_name}; write {self._keys[name]!r} for {type(self).__name__}'s "
+                f"{name} and {name!r} for {self._base_name}'s"
+            )
         self._check_group({**getattr(self, "defaults", {}), **param_group})
         for key, value in self._base_defaults.items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
+
+    def group_key(self, name: str) -> str:
+        """The param-group key that holds the family value ``name`` (``"rho"``, ``"alpha"``, ...).
+
+        ``name`` itself, or ``"sam_" + name`` where the base optimizer uses ``name`` too
+        (Adadelta's decay ``rho``, RMSprop's smoothing ``alpha``): both share one group dict,
+        so the family's value gets its own key and the base keeps its own (``docs/variants.md``).
+        Schedulers that drive a family value write ``group[opt.group_key("rho")]``.
+
+        Raises:
+            ValueError: ``name`` is not a param-group value of this optimizer.
+
+        Example:
+            >>> import torch, flatmin
+            >>> w = torch.nn.Parameter(torch.zeros(2))
+            >>> opt = flatmin.SAM([w], torch.optim.Adadelta, rho=0.05)
+            >>> opt.group_key("rho"), opt.param_groups[0]["sam_rho"], opt.param_groups[0]["rho"]
+            ('sam_rho', 0.05, 0.9)
+        """
+        if name not in self._keys:
+            raise ValueError(
+                f"Invalid name: {name!r} (expected one of {sorted(self._keys)})"
+            )
+        return self._keys[name]
 
     # -- the two halves of a step ---------------------------------------------------------------
     def _use_foreach(self) -> bool:
@@ -420,7 +464,11 @@ class SAM(Policy, Optimizer):
     def hyper_parameters(self) -> dict[str, Any]:
         """Constructor hyper-parameters a checkpoint must agree with (``k``, ``eps``, rule...)."""
         names = ("eps", "max_grad_norm", *self._options)
-        return {**{name: getattr(self, name) for name in names}, "rule": repr(self.rule)}
+        return {
+            **{name: getattr(self, name) for name in names},
+            "rule": repr(self.rule),
+            "base_optimizer": self._base_name,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """SAM's groups and state, the base optimizer's state, and the variant's section.
