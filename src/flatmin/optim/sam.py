@@ -35,7 +35,7 @@ from flatmin.optim._base import (
     family_keys,
 )
 from flatmin.optim._checks import check_nonneg, check_real
-from flatmin.optim._driver import remember_grad, run_step
+from flatmin.optim._driver import refuse_lightning_wrapper, remember_grad, run_step
 from flatmin.optim._policy import Policy
 from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup, compile_perturbation
 
@@ -278,9 +278,11 @@ class SAM(Policy, Optimizer):
 
         Raises:
             RuntimeError: Called twice without :meth:`second_step` in between (more than
-                ``steps`` times for multi-step ascent), or a gradient is sparse.
+                ``steps`` times for multi-step ascent), a gradient is sparse, or called on
+                Lightning's optimizer wrapper (use ``SAMModule.sam_step``).
             ValueError: A param group holds an invalid value (e.g. ``rho < 0`` from a scheduler).
         """
+        refuse_lightning_wrapper(self, "first_step")
         if self._ascents_done >= self._ascent_steps:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
@@ -363,8 +365,10 @@ class SAM(Policy, Optimizer):
             zero_grad: Clear the gradients after the base step.
 
         Raises:
-            RuntimeError: Called before :meth:`first_step`.
+            RuntimeError: Called before :meth:`first_step`, or on Lightning's optimizer
+                wrapper (use ``SAMModule.sam_step``).
         """
+        refuse_lightning_wrapper(self, "second_step")
         self._second_step(None)
         if zero_grad:
             self.zero_grad()
