@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from flatmin.optim._policy import Policy
 
-__all__ = ["ambiguous_keys", "base_name", "check_base", "check_no_clash", "family_keys"]
+__all__ = ["base_name", "check_base", "check_no_clash", "check_unambiguous", "family_keys"]
 
 #: The prefix of a family key that the base optimizer uses too.
 PREFIX = "sam_"
@@ -101,7 +101,15 @@ def check_no_clash(keys: dict[str, str], base: Optimizer) -> None:
         )
 
 
-def ambiguous_keys(keys: dict[str, str], group: dict[str, Any]) -> list[str]:
-    """Family names given in ``group`` under the base's key, without the ``sam_`` key."""
-    shared = [name for name, key in keys.items() if name != key]
-    return [name for name in shared if name in group and keys[name] not in group]
+def check_unambiguous(keys: dict[str, str], group: dict[str, Any], family: str, base: str) -> None:
+    """Refuse a group that gives a shared name (``rho``) without the family's key (``sam_rho``).
+
+    Raises:
+        ValueError: Whose value it is cannot be told; the message says which key is whose.
+    """
+    for name, key in keys.items():
+        if name != key and name in group and key not in group:
+            raise ValueError(
+                f"Invalid param group: {name!r} is a key of both {family} and {base}; write "
+                f"{key!r} for {family}'s {name} and {name!r} for {base}'s"
+            )

@@ -28,10 +28,10 @@ from torch.optim import Optimizer
 from flatmin.optim import _state
 from flatmin.optim._backup import WeightBackup
 from flatmin.optim._base import (
-    ambiguous_keys,
     base_name,
     check_base,
     check_no_clash,
+    check_unambiguous,
     family_keys,
 )
 from flatmin.optim._checks import check_nonneg, check_real
@@ -83,6 +83,8 @@ class SAM(Policy, Optimizer):
 
     Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
     at every step that uses them, so a scheduler that sets an invalid value fails at that step.
+    Where the base optimizer uses the same name (Adadelta's ``rho``, RMSprop's ``alpha``), the
+    family's value lives under ``sam_<name>`` and the base keeps its own (:meth:`group_key`).
 
     Args:
         params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
@@ -111,8 +113,9 @@ class SAM(Policy, Optimizer):
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
-        TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, or an
-            option has the wrong type.
+        TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, is
+            one SAM cannot drive (LBFGS: its step needs a closure; SparseAdam: sparse
+            gradients; a member of the SAM family), or an option has the wrong type.
         ValueError: ``rho`` or ``eps`` negative or non-finite, ``p <= 1``, ``eta < 0``,
             ``max_grad_norm <= 0``.
 
@@ -172,7 +175,6 @@ class SAM(Policy, Optimizer):
         self._base_name = base_name(base_optimizer)
         defaults = {self._keys[name]: value for name, value in family.items()}
         self._base_defaults: dict[str, Any] = {}
-        # The groups of an instance are the base's: their keys are the base's, not ambiguous.
         self._adopting = isinstance(base_optimizer, Optimizer)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -224,14 +226,8 @@ class SAM(Policy, Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"Invalid param group: {type(param_group).__name__} (expected a dict)")
-        ambiguous = [] if self._adopting else ambiguous_keys(self._keys, param_group)
-        if ambiguous:
-            name = ambiguous[0]
-            raise ValueError(
-                f"Invalid param group: {name!r} is a key of both {type(self).__name__} and "
-                f"{self._base_name}; write {self._keys[name]!r} for {type(self).__name__}'s "
-                f"{name} and {name!r} for {self._base_name}'s"
-            )
+        if not self._adopting:  # an adopted instance's groups hold the base's own keys
+            check_unambiguous(self._keys, param_group, type(self).__name__, self._base_name)
         self._check_group({**getattr(self, "defaults", {}), **param_group})
         for key, value in self._base_defaults.items():
             param_group.setdefault(key, value)
@@ -256,9 +252,7 @@ class SAM(Policy, Optimizer):
             ('sam_rho', 0.05, 0.9)
         """
         if name not in self._keys:
-            raise ValueError(
-                f"Invalid name: {name!r} (expected one of {sorted(self._keys)})"
-            )
+            raise ValueError(f"Invalid name: {name!r} (expected one of {sorted(self._keys)})")
         return self._keys[name]
 
     # -- the two halves of a step ---------------------------------------------------------------
@@ -487,10 +481,11 @@ class SAM(Policy, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: all of it, or (on any error) nothing.
 
-        Everything is validated first: the layout, the class and hyper-parameters it was saved
-        with (a mismatch, e.g. another ``k``, is an error), every group value, the group sizes of
-        both sections, the counters and the variant's own state. A ``{"sam", "base"}`` dict from
-        an older flatmin ``SAM`` (no ``"variant"``) loads into :class:`SAM`.
+        Everything is validated first: the layout, the class, base optimizer class and
+        hyper-parameters it was saved with (a mismatch, e.g. another ``k``, is an error), every
+        group value, the group sizes of both sections, the counters and the variant's own state.
+        A ``{"sam", "base"}`` dict from an older flatmin ``SAM`` (no ``"variant"``) loads into
+        :class:`SAM`.
 
         Raises:
             ValueError: The state dict does not fit this optimizer (the message says why).
