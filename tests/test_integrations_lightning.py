@@ -141,26 +141,54 @@ def test_automatic_equals_hand_written_sam(k):
     _assert_same(module.net, ref, atol=1e-6)
 
 
-def test_plain_lightning_module_with_accumulation_is_what_samodule_fixes():
-    # The trap: a plain LightningModule returning SAM with accumulate_grad_batches=2 trains
-    # differently from SAM on the accumulated batch (ε̂ from both micro-batches, the second
-    # pass from the last one only). SAMModule equals the reference (test above); this does not.
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _net(dropout=0.0, bn=False)
+class _Plain(pl.LightningModule):
+    """A plain LightningModule returning SAM: what SAMModule exists to replace."""
 
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self.net(batch[0]), batch[1])
+    def __init__(self, manual=False):
+        super().__init__()
+        self.net = _net(dropout=0.0, bn=False)
+        self.automatic_optimization = not manual
 
-        def configure_optimizers(self):
-            return _sam(self.parameters())
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        self.manual_backward(loss)
+        opt.first_step(zero_grad=True)
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+        opt.second_step(zero_grad=True)
+        return None
 
-    plain = Plain()
-    _fit(plain, accumulate_grad_batches=2)
-    ref, _ = _reference(k=2, dropout=0.0, bn=False)
-    diff = max((a - b).abs().max().item() for a, b in zip(plain.net.parameters(), ref.parameters()))
-    assert diff > 1e-3
+    def configure_optimizers(self):
+        return _sam(self.parameters())
+
+
+def test_plain_lightning_module_with_accumulation_is_refused_naming_samodule():
+    # The trap: with accumulate_grad_batches=2 a plain LightningModule would take ε̂ from both
+    # micro-batches and the second pass from the last one only (0.2 off SAM on the accumulated
+    # batch after 2 steps). SAMModule equals the reference (test above); this stops at step 1.
+    plain = _Plain()
+    before = [w.detach().clone() for w in plain.parameters()]
+    with pytest.raises(RuntimeError, match=r"accumulate_grad_batches > 1.*SAMModule"):
+        _fit(plain, accumulate_grad_batches=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))  # no step taken
+    # Without accumulation the plain module is SAM on each batch: neither refused nor warned.
+    plain = _Plain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
+        _fit(plain, max_epochs=1)
+    ref, _ = _reference(epochs=1, k=1, dropout=0.0, bn=False)
+    _assert_same(plain.net, ref)
+
+
+def test_plain_lightning_module_manual_first_step_is_refused_naming_samodule():
+    # first_step/second_step on self.optimizers() left global_step at 0 (max_steps, schedulers,
+    # checkpoints never moved).
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called on Lightning's optimizer "
+                                           r"wrapper.*SAMModule.*sam_step\(closure\)"):
+        _fit(_Plain(manual=True), max_epochs=1)
 
 
 def test_bn_statistics_frozen_and_logging_at_w():

@@ -147,3 +147,75 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing() -> None:
     assert ours.state_dict() == before
     with pytest.raises(ValueError, match="migrate"):  # the plain loader points here
         ours.load_state_dict(theirs.state_dict())
+
+
+def _sgd_checkpoint() -> dict:
+    model = _mlp()
+    theirs = _DavdaLayout(model.parameters(), torch.optim.SGD, 0.2, False, lr=0.05, momentum=0.8)
+    x, y = _batches(1)[0]
+    theirs.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    theirs.base_optimizer.step()  # momentum buffers to save, as pytorch-optimizer's SAM does
+    saved = copy.deepcopy(theirs.state_dict())
+    for index, entry in enumerate(theirs.base_optimizer.state.values()):
+        saved["state"][index]["momentum_buffer"] = entry["momentum_buffer"].clone()
+    return saved
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "error", "message"),
+    [
+        (lambda s: s["param_groups"][0].update(lr=float("nan")), ValueError,
+         r"Invalid group value 'lr': nan \(expected a finite value\)"),
+        (lambda s: s["param_groups"][0].update(lr="0.1"), TypeError,
+         r"Invalid group value 'lr': '0.1' \(expected a float\)"),
+        (lambda s: s["param_groups"][0].update(nesterov=1), TypeError,
+         r"Invalid group value 'nesterov': 1 \(expected a bool\)"),
+        (lambda s: s["state"][1]["momentum_buffer"].fill_(float("inf")), ValueError,
+         r"'momentum_buffer' of parameter 1 is not finite"),
+        (lambda s: s["state"][0].update(momentum_buffer=[0.0] * 24), ValueError,
+         r"'momentum_buffer' of parameter 0: list \(expected a tensor\)"),
+        (lambda s: s["state"][0].update(momentum_buffer=0.5), ValueError,
+         r"'momentum_buffer' of parameter 0: float \(expected a tensor\)"),
+    ],
+    ids=["nan-lr", "str-lr", "int-flag", "inf-momentum", "list-momentum", "float-momentum"],
+)  # fmt: skip
+def test_values_that_would_break_training_are_refused_and_change_nothing(corrupt, error, message):
+    saved = _sgd_checkpoint()
+    assert load_foreign_state(
+        flatmin.SAM(_mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9), saved
+    ).loaded  # the intact checkpoint loads
+    corrupt(saved)
+    ours = flatmin.SAM(_mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(error, match=message):
+        load_foreign_state(ours, saved)
+    assert ours.state_dict() == before
+
+
+def test_pytorch_optimizer_gsam_reports_the_values_it_cannot_carry() -> None:
+    po = pytest.importorskip("pytorch_optimizer")
+    model = _mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rho_scheduler = po.ProportionScheduler(
+        torch.optim.lr_scheduler.StepLR(base, 1), max_lr=0.1, min_lr=0.0, max_value=0.3,
+        min_value=0.1,
+    )  # fmt: skip
+    theirs = po.GSAM(model.parameters(), base, model, rho_scheduler, alpha=0.25)
+    ours = flatmin.GSAM(_mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    report = load_foreign_state(ours, copy.deepcopy(theirs.state_dict()))
+    missing = "\n".join(report.missing)
+    assert "group value 'rho' of GSAM: not in the checkpoint" in missing
+    assert "'alpha' of GSAM" in missing and "it stays 0.4" in missing
+    assert "'adaptive'" in missing and "'p'" not in missing and "'eta'" not in missing
+    assert (ours.param_groups[0]["rho"], ours.param_groups[0]["alpha"]) == (0.05, 0.4)
+
+
+def test_a_value_their_wrapper_shared_with_its_base_goes_to_both_of_ours() -> None:
+    # davda54/sam on Adadelta: one 'rho' was both SAM's radius and Adadelta's decay.
+    model = _mlp()
+    theirs = _DavdaLayout(model.parameters(), torch.optim.Adadelta, 0.3, False, lr=1.0)
+    ours = flatmin.SAM(_mlp().parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    report = load_foreign_state(ours, copy.deepcopy(theirs.state_dict()))
+    assert (ours.param_groups[0]["rho"], ours.param_groups[0]["sam_rho"]) == (0.3, 0.3)
+    assert any("both ['rho', 'sam_rho'] get it" in note for note in report.notes)

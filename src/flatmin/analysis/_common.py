@@ -81,8 +81,31 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_batch(batch: Any, index: int | None = None) -> None:
+    """Raise unless ``batch`` is a pair ``(inputs, targets)`` (a tuple or a list of two).
+
+    Unpacking anything else fails far from the cause ("too many values to unpack"), or, for a
+    tensor of two rows, silently takes its rows as inputs and targets.
+
+    Raises:
+        TypeError: ``batch`` is a tensor or not a tuple/list.
+        ValueError: ``batch`` holds other than two values.
+    """
+    which = "batch" if index is None else f"batch {index}"
+    if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)):
+        raise TypeError(
+            f"Invalid {which}: {type(batch).__name__} (expected a pair (inputs, targets); "
+            "pass [(x, y)] for a single batch)"
+        )
+    if len(batch) != 2:
+        raise ValueError(
+            f"Invalid {which}: {len(batch)} values (expected a pair (inputs, targets))"
+        )
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move ``(inputs, targets)`` to ``device`` (inputs may be a tensor or a tuple of tensors)."""
+    check_batch(batch)
     inputs, targets = batch
     if isinstance(inputs, Tensor):
         inputs = inputs.to(device)
@@ -109,6 +132,8 @@ def materialize(batches: Batches, max_batches: int | None) -> list[Batch]:
     out = list(islice(iter(batches), max_batches))
     if not out:
         raise ValueError("Invalid batches: the iterable yielded no batch")
+    for i, batch in enumerate(out):
+        check_batch(batch, i)
     return out
 
 

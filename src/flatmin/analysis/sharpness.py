@@ -155,7 +155,9 @@ def sharpness(
         number standing in for it), and ``result.finite`` is then ``False``.
 
     Raises:
-        ValueError: for a negative ``rho``, unknown ``kind`` or ``p``, or bad counts.
+        ValueError: for a negative ``rho``, unknown ``kind`` or ``p``, or bad counts, or a batch
+            of other than two values.
+        TypeError: A batch is not a pair ``(inputs, targets)`` (e.g. a bare tensor ``[x]``).
 
     References:
         Foret et al. 2021 (arXiv:2010.01412); Kwon et al. 2021 (arXiv:2102.11600);

@@ -1,15 +1,17 @@
 r"""SAM, WASAM and weight averaging in PyTorch Lightning (2.x), correct in every training mode.
 
 Returning :class:`flatmin.SAM` from ``configure_optimizers`` of a plain ``LightningModule`` runs
-two closures per step, but Lightning's paths around the optimizer train silently wrong:
+two closures per step, but Lightning's paths around the optimizer train wrong:
 
-* ``accumulate_grad_batches=k``: ε̂ comes from the gradient of all k micro-batches, the second
-  pass from the last micro-batch only, scaled by 1/k.
+* ``accumulate_grad_batches=k``: ε̂ would come from the gradient of all k micro-batches, the
+  second pass from the last micro-batch only, scaled by 1/k (SAM refuses it: it finds the
+  earlier micro-batches' gradients when Lightning's closure arrives).
 * ``step(closure, model=...)``: the strategy consumes ``model=`` (BatchNorm is not frozen), and
   ``model=self.net`` fails an assertion inside Lightning.
 * ``precision="16-mixed"``: the plugin runs the closure once and calls ``scaler.step(sam)``.
-* Manual optimization with ``first_step``/``second_step`` through ``self.optimizers()`` leaves
-  ``global_step`` at 0, and ``opt.step()`` after ``first_step()`` starts a new step at w + ε̂.
+* Manual optimization with ``first_step``/``second_step`` through ``self.optimizers()`` would
+  leave ``global_step`` at 0 (SAM refuses it on Lightning's wrapper), and ``opt.step()`` after
+  ``first_step()`` starts a new step at w + ε̂.
 
 :class:`SAMModule` (use it instead of ``LightningModule``) steps SAM so that one Lightning step
 is one SAM step on the whole (accumulated) batch::

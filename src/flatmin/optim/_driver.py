@@ -21,6 +21,7 @@ the perturbed point) are the optimizer's hooks; this sequence exists only here.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections import defaultdict
@@ -37,7 +38,13 @@ from flatmin.optim.distributed import perturbation_pass
 if TYPE_CHECKING:
     from flatmin.optim.sam import SAM
 
-__all__ = ["StepResult", "remember_grad", "run_step", "warn_on_pending_grad"]
+__all__ = [
+    "StepResult",
+    "refuse_lightning_wrapper",
+    "remember_grad",
+    "run_step",
+    "warn_on_pending_grad",
+]
 
 
 class StepResult(NamedTuple):
@@ -111,7 +118,7 @@ def run_step(
     if optimizer.perturbed:
         raise RuntimeError(f"{caller} called between first_step() and second_step()")
     optimizer._check_groups()  # before any pass: a bad value fails here and changes nothing
-    warn_on_pending_grad(optimizer)
+    warn_on_pending_grad(optimizer, closure)
     amp = scaler if scaler is not None and scaler.is_enabled() else None
     rng = RNGState.capture() if same_rng else None
     ascents = optimizer._ascents_this_step()
@@ -191,9 +198,43 @@ def remember_grad(optimizer: SAM) -> None:
     )  # fmt: skip
 
 
-def warn_on_pending_grad(optimizer: SAM) -> None:
-    """Warn once when ``step(closure)`` finds a gradient computed before it was called."""
-    if optimizer._pending_grad_warned:
+# Where Lightning's automatic optimization keeps the closure it hands to ``optimizer.step``,
+# wrapped by its precision plugin as partial(Precision._wrap_closure, module, optimizer, Closure).
+# Matched by module name: flatmin.optim never imports a trainer.
+_LIGHTNING_LOOPS = ("lightning.pytorch.loops.", "pytorch_lightning.loops.")
+_LIGHTNING_WRAPPERS = ("lightning.pytorch.core.", "pytorch_lightning.core.")
+
+
+def _from_lightning_loop(closure: Any) -> bool:
+    parts = [closure, *closure.args] if isinstance(closure, functools.partial) else [closure]
+    return any(type(part).__module__.startswith(_LIGHTNING_LOOPS) for part in parts)
+
+
+def refuse_lightning_wrapper(optimizer: Any, name: str) -> None:
+    """Refuse ``first_step``/``second_step`` called on Lightning's optimizer wrapper.
+
+    Raises:
+        RuntimeError: ``optimizer`` is Lightning's ``LightningOptimizer`` (``self.optimizers()``).
+    """
+    if type(optimizer).__module__.startswith(_LIGHTNING_WRAPPERS):
+        raise RuntimeError(
+            f"{name}() called on Lightning's optimizer wrapper (self.optimizers()): Lightning does "
+            "not count it as an optimizer step (global_step, max_steps, LR schedulers and "
+            "checkpoints stay put). Subclass flatmin.integrations.lightning.SAMModule instead of "
+            "LightningModule and call self.sam_step(closure) (docs/integrations/lightning.md)"
+        )
+
+
+def warn_on_pending_grad(optimizer: SAM, closure: Any = None) -> None:
+    """Warn once when ``step(closure)`` finds a gradient computed before it was called.
+
+    Raises:
+        RuntimeError: The closure comes from Lightning's automatic optimization: the gradient is
+            that of earlier micro-batches (``accumulate_grad_batches > 1``), which a plain
+            ``LightningModule`` mixes into SAM's first pass only.
+    """
+    lightning = closure is not None and _from_lightning_loop(closure)
+    if optimizer._pending_grad_warned and not lightning:
         return
     found = None
     if optimizer._left_grad is not None:
@@ -206,17 +247,28 @@ def warn_on_pending_grad(optimizer: SAM) -> None:
             None,
         )
     # Only here, on the unusual path, a device sync: zeroed gradients are not a pass.
-    if found is not None and bool(found.ne(0).any()):
-        optimizer._pending_grad_warned = True
-        warnings.warn(
-            f"{type(optimizer).__name__}.step(closure) found gradients computed before it was "
-            "called. step(closure) runs every pass itself (the closure at w, then at the "
-            "perturbed point), so a backward() before it is an extra pass whose gradient is "
-            "added to the first (davda54/sam's usage). Remove that backward, or drive the "
-            "step by hand with first_step()/second_step(). (Warned once.)",
-            UserWarning,
-            stacklevel=3,
+    if found is None or not bool(found.ne(0).any()):
+        return
+    name = type(optimizer).__name__
+    if lightning:
+        raise RuntimeError(
+            f"{name}.step(closure) was called by Lightning with the gradients of earlier "
+            "micro-batches in .grad (accumulate_grad_batches > 1): with a plain LightningModule, "
+            "ε̂ would come from all of them and the second pass from the last micro-batch alone, "
+            "a wrong SAM step. Subclass flatmin.integrations.lightning.SAMModule instead of "
+            "LightningModule (it runs both passes over the whole accumulated batch), or set "
+            "accumulate_grad_batches=1"
         )
+    optimizer._pending_grad_warned = True
+    warnings.warn(
+        f"{name}.step(closure) found gradients computed before it was "
+        "called. step(closure) runs every pass itself (the closure at w, then at the "
+        "perturbed point), so a backward() before it is an extra pass whose gradient is "
+        "added to the first (davda54/sam's usage). Remove that backward, or drive the "
+        "step by hand with first_step()/second_step(). (Warned once.)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _finish_plain(

@@ -14,6 +14,9 @@ asks the optimizer at fixed points::
 
 and declares its param-group keys (``_group_defaults``, ``_group_checks``: per group, checked every
 step) and structural options (``_options``: attributes saved and checked in ``state_dict``).
+A family key that the base optimizer also uses (Adadelta's ``rho``, RMSprop's ``alpha``) is
+stored as ``sam_<name>`` (``_keys``), so neither overwrites the other; the hooks read every
+family value through :meth:`Policy._hp`.
 A variant is these declarations plus a few overrides; nothing else of SAM is written again.
 """
 
@@ -37,6 +40,8 @@ class Policy:
 
     param_groups: list[dict[str, Any]]
     _checked: bool
+    #: Family name → its param-group key: the name, or ``sam_<name>`` where the base uses it.
+    _keys: dict[str, str]
     # Copies of the first-pass gradient (_keep_first_grads), made on first use, reused after.
     _kept_params: list[Tensor] = []  # noqa: RUF012 (reassigned, never mutated)
 
@@ -63,8 +68,13 @@ class Policy:
     #: The ascent directions may be overwritten (not so for Momentum-SAM's momentum buffers).
     _direction_is_scratch: ClassVar[bool] = True
 
+    def _hp(self, group: dict[str, Any], name: str) -> Any:
+        """The family's value ``name`` (``rho``, ``alpha``, ...) in ``group``, under its key."""
+        return group[self._keys[name]]
+
     def _check_group(self, group: dict[str, Any]) -> None:
-        for key, check in self._group_checks.items():
+        for name, check in self._group_checks.items():
+            key = self._keys[name]
             if key not in group:
                 raise ValueError(f"Invalid param group: no {key!r} (keys {sorted(group)})")
             check(key, group[key])
@@ -90,12 +100,13 @@ class Policy:
         for group in self.param_groups:
             params = [w for w in group["params"] if w.grad is not None]
             grads = [w.grad for w in params]
-            groups.append(
-                PerturbGroup(
-                    params, grads, group["rho"], group["p"], group["adaptive"], group["eta"]
-                )
-            )
+            groups.append(PerturbGroup(params, grads, *self._ball(group)))
         return groups
+
+    def _ball(self, group: dict[str, Any]) -> tuple[float, float, bool, float]:
+        """``rho``, ``p``, ``adaptive``, ``eta`` of ``group``."""
+        keys = self._keys
+        return group[keys["rho"]], group[keys["p"]], group[keys["adaptive"]], group[keys["eta"]]
 
     def _on_first_pass(self) -> None:
         """Called with the gradient at ``w`` in ``.grad``, before the first ascent."""

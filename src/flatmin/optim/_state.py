@@ -86,6 +86,7 @@ def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any]
             f"{sorted(expected)}; was it saved by {name}.state_dict()? For davda54/sam or "
             "pytorch-optimizer checkpoints see flatmin.optim.migrate)"
         )
+    _check_base_class(optimizer, state_dict.get("variant"))
     live = [len(g["params"]) for g in optimizer.param_groups]
     for key in ("sam", "base"):
         for i, group in enumerate(_section(name, key, state_dict[key], live)):
@@ -105,6 +106,8 @@ def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any]
             f"Invalid {name} state_dict: saved by {variant['type']!r}, loading into {name!r}"
         )
     hyper, live_hyper = variant["hyper"], optimizer.hyper_parameters()
+    if isinstance(hyper, Mapping) and "base_optimizer" not in hyper:
+        live_hyper.pop("base_optimizer")  # saved before flatmin recorded it
     if not isinstance(hyper, Mapping) or set(hyper) != set(live_hyper):
         raise ValueError(f"Invalid {name} state_dict: hyper-parameters {hyper!r}")
     for key, value in live_hyper.items():
@@ -122,6 +125,19 @@ def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any]
         raise ValueError(f"Invalid {name} state_dict: 'extra' is not a dict")
     optimizer._check_extra_state(dict(extra))
     return dict(variant)
+
+
+def _check_base_class(optimizer: SAM, variant: Any) -> None:
+    # First of all: another base class's groups and state fail later, inside its step.
+    hyper = variant.get("hyper") if isinstance(variant, Mapping) else None
+    saved = hyper.get("base_optimizer") if isinstance(hyper, Mapping) else None
+    live = type(optimizer.base_optimizer).__name__
+    if saved is not None and saved != live:
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"Invalid {name} state_dict: saved with base optimizer {saved}, but this {name}'s "
+            f"base optimizer is {live} (their states do not fit; build the {name} on {saved})"
+        )
 
 
 def load(optimizer: SAM, state_dict: Any, *, legacy: bool) -> None:

@@ -97,8 +97,8 @@ class FriendlySAM(SAM):
                 grads = [pg.grads[i] for i in ready]
                 ms = [self.state[pg.params[i]][_M_KEY] for i in ready]
                 # d = g − σ m with the old m; then m ← λ m + (1 − λ) g (the plain gradient).
-                d = foreach(torch._foreach_sub, grads, ms, alpha=group["sigma"])
-                foreach(torch._foreach_lerp_, ms, grads, 1.0 - group["lmbda"])
+                d = foreach(torch._foreach_sub, grads, ms, alpha=self._hp(group, "sigma"))
+                foreach(torch._foreach_lerp_, ms, grads, 1.0 - self._hp(group, "lmbda"))
                 for i, di in zip(ready, d):
                     directions[i] = di
             pg.grads = directions

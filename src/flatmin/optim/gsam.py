@@ -80,5 +80,6 @@ class GSAM(SAM):
         c = dot(g, g_s, dtype) / (sum_sq(g_s, dtype) + self.eps)
         add_scaled_(g, g_s, -c)
         for group, _, kept, grads in parts:
-            if group["alpha"] != 0.0:
-                foreach(torch._foreach_add_, grads, kept, alpha=-group["alpha"])
+            alpha = self._hp(group, "alpha")
+            if alpha != 0.0:
+                foreach(torch._foreach_add_, grads, kept, alpha=-alpha)

@@ -208,7 +208,7 @@ class LookSAM(SAMEveryK):
 
     @torch.no_grad()
     def _adjust_plain_grad_(self) -> None:
-        if all(group["alpha"] == 0.0 for group in self.param_groups):
+        if all(self._hp(group, "alpha") == 0.0 for group in self.param_groups):
             return
         params = [w for w in self._with_grad() if _U_KEY in self.state.get(w, {})]
         params = [w for w in params if self.state[w][_U_KEY].shape == w.shape]
@@ -220,9 +220,9 @@ class LookSAM(SAMEveryK):
         # g ← g + α‖g‖·u with u = g_v/‖g_v‖ stored: one norm and one fused pass per group.
         for group in self.param_groups:
             mine = [w for w in group["params"] if id(w) in chosen]
-            if mine and group["alpha"] != 0.0:
+            if mine and self._hp(group, "alpha") != 0.0:
                 add_scaled_(
                     [w.grad for w in mine if w.grad is not None],
                     [self.state[w][_U_KEY] for w in mine],
-                    group["alpha"] * norm,
+                    self._hp(group, "alpha") * norm,
                 )

@@ -15,12 +15,15 @@ default is η = 0.01, so adaptive groups get ``eta = 0``; pytorch-optimizer's WS
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from flatmin.optim._checks import check_real
 from flatmin.optim.sam import SAM
 
 __all__ = ["MigrationReport", "load_foreign_state"]
@@ -65,6 +68,12 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
     optimizer state the checkpoint holds are loaded; everything goes through
     :meth:`SAM.load_state_dict`, so a checkpoint that does not fit changes nothing.
 
+    What is loaded is checked first: each group value has the kind of ours (a finite number
+    where ours is a number: ``lr = nan`` is refused), each state entry is a tensor (a Python
+    number for ``step``) with finite values. Family values the checkpoint cannot carry
+    (pytorch-optimizer's GSAM keeps ``rho`` in its ``rho_scheduler`` and ``alpha`` outside its
+    state dict) are listed in ``report.missing`` with the value ours keeps.
+
     Args:
         optimizer: The flatmin optimizer to load into (any member of the family).
         state_dict: The foreign ``optimizer.state_dict()``.
@@ -73,8 +82,10 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
         A :class:`MigrationReport`; ``str(report)`` lists it line by line.
 
     Raises:
-        ValueError: Not a torch optimizer state dict, other group sizes, or a tensor whose shape
-            differs from its parameter's.
+        ValueError: Not a torch optimizer state dict, other group sizes, a tensor whose shape
+            differs from its parameter's, a non-finite number or tensor, a state entry that is
+            not a tensor.
+        TypeError: A group value of another kind than ours (a string for ``lr``).
 
     Example:
         >>> import torch, flatmin
@@ -104,36 +115,144 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
     missing: list[str] = []
     ignored: set[str] = set()
     notes: list[str] = []
+    groups = _merge_groups(
+        optimizer, ours["base"]["param_groups"], saved_groups, outer["param_groups"], ignored, notes
+    )
+    loaded.append(
+        "param groups: " + ", ".join(sorted({k for g in saved_groups for k in g} - {"params"}))
+    )
+    missing += _family_values_missing(optimizer, saved_groups, outer["param_groups"])
+    base_entries, sam_entries = _split_state(
+        optimizer, outer, base_state, bool(nested), params, ignored
+    )
+    if base_entries:
+        keys = sorted({k for e in base_entries.values() for k in e})
+        loaded.append(f"base optimizer state: {', '.join(keys)} for {len(base_entries)} tensors")
+    else:
+        missing.append(
+            "base optimizer state (momentum / moments): not in the checkpoint (davda54/sam never "
+            "saves it); it starts from zero"
+        )
+    if sam_entries:
+        loaded.append(f"FriendlySAM EMA for {len(sam_entries)} tensors")
+    new = {
+        "sam": {"state": {**ours["sam"]["state"], **sam_entries}, "param_groups": groups},
+        "base": {"state": base_entries, "param_groups": groups},
+        "variant": ours["variant"],
+    }
+    optimizer.load_state_dict(new)
+    return MigrationReport(
+        tuple(loaded), tuple(missing), tuple(sorted(ignored)), tuple(dict.fromkeys(notes))
+    )
 
-    # -- group values -------------------------------------------------------------------------
-    wrapper_groups = outer["param_groups"]
+
+def _check_like(where: str, value: Any, live: Any) -> None:
+    """Raise unless a loaded group value has the live value's kind (finite where a number)."""
+    if live is None:  # "use the default" (foreach, fused): any setting may be saved
+        return
+    if isinstance(live, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {where}: {value!r} (expected a bool)")
+    elif isinstance(live, (int, float)):
+        check_real(where, value, allow_inf=math.isinf(live))
+    elif isinstance(live, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(live):
+            raise TypeError(f"Invalid {where}: {value!r} (expected {len(live)} values)")
+        for i, (v, lv) in enumerate(zip(value, live)):
+            _check_like(f"{where}[{i}]", v, lv)
+    elif not isinstance(value, type(live)):
+        raise TypeError(f"Invalid {where}: {value!r} (expected a {type(live).__name__})")
+
+
+def _merge_groups(
+    optimizer: SAM,
+    live_groups: list[dict[str, Any]],
+    saved_groups: list[Mapping[str, Any]],
+    wrapper_groups: list[Mapping[str, Any]],
+    ignored: set[str],
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """Our groups with the checkpoint's values in them, each checked against ours."""
     groups = []
-    for live, saved, wrapper in zip(ours["base"]["param_groups"], saved_groups, wrapper_groups):
+    for live, saved, wrapper in zip(live_groups, saved_groups, wrapper_groups):
         group = dict(live)
         merged = {**wrapper, **saved}
-        if "gamma" in live and "alpha" in merged and "gamma" not in merged:  # their WSAM
+        if "gamma" in optimizer._keys and "alpha" in merged and "gamma" not in merged:  # WSAM
             a = merged.pop("alpha")
+            check_real("WSAM alpha", a, low=0.0)
             merged["gamma"] = a / (1.0 + a)
             notes.append("WSAM: gamma = alpha / (1 + alpha) from their alpha = gamma / (1 - gamma)")
         for key, value in merged.items():
             if key == "params":
                 continue
-            if key in live:
-                group[key] = value
-            else:
+            # A name their wrapper and its base shared (Adadelta's rho): both of ours get it.
+            targets = {key, optimizer._keys.get(key, key)} & set(live)
+            if len(targets) > 1:
+                notes.append(
+                    f"{key!r} was one value for their wrapper and its base optimizer: both "
+                    f"{sorted(targets)} get it"
+                )
+            for target in targets:
+                _check_like(f"group value {key!r}", value, live[target])
+                group[target] = value
+            if not targets:
                 ignored.add(f"group key {key!r}")
-        if group.get("adaptive") and "eta" not in merged:
-            group["eta"] = 0.0
+        if optimizer._hp(group, "adaptive") and "eta" not in merged:
+            group[optimizer._keys["eta"]] = 0.0
             notes.append(
                 "adaptive group: eta = 0 (their ASAM uses T = |w|; flatmin's default is 0.01)"
             )
         groups.append(group)
-    loaded.append(
-        "param groups: " + ", ".join(sorted({k for g in saved_groups for k in g} - {"params"}))
-    )
+    return groups
 
-    # -- per-parameter state ------------------------------------------------------------------
-    fsam = "fsam_momentum" if "sigma" in optimizer.param_groups[0] else None
+
+def _family_values_missing(
+    optimizer: SAM, saved_groups: list[Mapping[str, Any]], wrapper_groups: list[Mapping[str, Any]]
+) -> list[str]:
+    """The family's group values the checkpoint does not hold (``p`` and ``eta`` excepted).
+
+    pytorch-optimizer keeps some outside its state dict (GSAM's ``rho`` in its ``rho_scheduler``,
+    GSAM's ``alpha`` and LookSAM's as attributes): ours keep the values they were built with.
+    """
+    found = {k for groups in (saved_groups, wrapper_groups) for g in groups for k in g}
+    if "gamma" in optimizer._keys and "alpha" in found:  # their WSAM's alpha is our gamma
+        found.add("gamma")
+    live = optimizer.param_groups[0]
+    # p (always 2 there) and eta (bridged by a note) have no counterpart in either library.
+    return [
+        f"group value {name!r} of {type(optimizer).__name__}: not in the checkpoint (their "
+        f"wrapper keeps it outside its state dict); it stays {optimizer._hp(live, name)!r}, set "
+        "it as the run that saved it had it"
+        for name in optimizer._keys
+        if name not in ("p", "eta") and name not in found
+    ]
+
+
+def _check_state_value(key: str, index: int, value: Any, param: Tensor) -> None:
+    where = f"Invalid state_dict: {key!r} of parameter {index}"
+    if isinstance(value, Tensor):
+        if value.dim() > 0 and value.shape != param.shape:
+            raise ValueError(
+                f"{where} has shape {tuple(value.shape)} (the parameter: {tuple(param.shape)})"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where} is not finite (NaN or infinite entries)")
+    elif key == "step":  # some optimizers count steps in a Python number
+        check_real(f"state_dict 'step' of parameter {index}", value, low=0.0)
+    elif value is not None:
+        raise ValueError(f"{where}: {type(value).__name__} (expected a tensor)")
+
+
+def _split_state(
+    optimizer: SAM,
+    outer: Mapping[str, Any],
+    base_state: Mapping[str, Any],
+    nested: bool,
+    params: list[Tensor],
+    ignored: set[str],
+) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The checkpoint's per-parameter state, checked: the base optimizer's and ours."""
+    fsam = "fsam_momentum" if "sigma" in optimizer._keys else None
     base_entries: dict[int, dict[str, Any]] = {}
     sam_entries: dict[int, dict[str, Any]] = {}
     # Without a nested "base_optimizer" the wrapper's state is the base's (pytorch-optimizer's
@@ -145,40 +264,14 @@ def load_foreign_state(optimizer: SAM, state_dict: Mapping[str, Any]) -> Migrati
                 raise ValueError(f"Invalid state_dict: state index {index!r} for {len(params)} "
                                  "parameters")  # fmt: skip
             for key, value in entry.items():
-                if (
-                    isinstance(value, Tensor)
-                    and value.dim() > 0
-                    and value.shape != params[index].shape
-                ):
-                    raise ValueError(
-                        f"Invalid state_dict: {key!r} of parameter {index} has shape "
-                        f"{tuple(value.shape)} (the parameter: {tuple(params[index].shape)})"
-                    )
                 if key in _WRAPPER_KEYS:
                     ignored.add(f"state {key!r} (a buffer of their step, not needed to resume)")
-                elif key == "momentum" and fsam is not None and not is_base:
+                    continue
+                _check_state_value(key, index, value, params[index])
+                if key == "momentum" and fsam is not None and not is_base:
                     sam_entries.setdefault(index, {})[fsam] = value
                 elif is_base or not nested:
                     base_entries.setdefault(index, {})[key] = value
                 else:
                     ignored.add(f"state {key!r} of their wrapper")
-    if base_entries:
-        keys = sorted({k for e in base_entries.values() for k in e})
-        loaded.append(f"base optimizer state: {', '.join(keys)} for {len(base_entries)} tensors")
-    else:
-        missing.append(
-            "base optimizer state (momentum / moments): not in the checkpoint (davda54/sam never "
-            "saves it); it starts from zero"
-        )
-    if sam_entries:
-        loaded.append(f"FriendlySAM EMA for {len(sam_entries)} tensors")
-
-    new = {
-        "sam": {"state": {**ours["sam"]["state"], **sam_entries}, "param_groups": groups},
-        "base": {"state": base_entries, "param_groups": groups},
-        "variant": ours["variant"],
-    }
-    optimizer.load_state_dict(new)
-    return MigrationReport(
-        tuple(loaded), tuple(missing), tuple(sorted(ignored)), tuple(dict.fromkeys(notes))
-    )
+    return base_entries, sam_entries

@@ -88,9 +88,6 @@ class MomentumSAM(SAM):
             params = [w for w in group["params"] if state.get(w, {}).get(key) is not None]
             bufs = [state[w][key] for w in params]
             # ε̂ is odd in its direction: the rule applied to m with radius −ρ is ε̂(−m).
-            groups.append(
-                PerturbGroup(
-                    params, bufs, -group["rho"], group["p"], group["adaptive"], group["eta"]
-                )
-            )
+            rho, p, adaptive, eta = self._ball(group)
+            groups.append(PerturbGroup(params, bufs, -rho, p, adaptive, eta))
         return groups

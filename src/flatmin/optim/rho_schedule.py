@@ -34,6 +34,8 @@ class ProportionalRho:
 
     Args:
         optimizer: A SAM optimizer (anything with ``param_groups`` holding ``lr`` and ``rho``).
+            Where the base optimizer has a ``rho`` of its own (Adadelta), the schedule drives
+            SAM's, ``sam_rho`` (:meth:`flatmin.SAM.group_key`), never the base's.
         rho_max: ``rho`` at ``lr = lr_max``; defaults to each group's current ``rho``.
         rho_min: ``rho`` at ``lr = lr_min``.
         lr_max: The peak learning rate; defaults to each group's ``initial_lr`` (set by LR
@@ -74,15 +76,18 @@ class ProportionalRho:
     ) -> None:
         groups = optimizer.param_groups
         n = len(groups)
-        missing = [i for i, g in enumerate(groups) if "rho" not in g or "lr" not in g]
+        group_key = getattr(optimizer, "group_key", None)
+        self._key = "rho" if group_key is None else group_key("rho")
+        key = self._key
+        missing = [i for i, g in enumerate(groups) if key not in g or "lr" not in g]
         if missing:
             raise TypeError(
-                f"Invalid optimizer: param groups {missing} have no 'rho' and 'lr' "
+                f"Invalid optimizer: param groups {missing} have no {key!r} and 'lr' "
                 "(expected a flatmin.SAM optimizer)"
             )
         self.optimizer = optimizer
         self.rho_max = _per_group(
-            "rho_max", [g["rho"] for g in groups] if rho_max is None else rho_max, n
+            "rho_max", [g[key] for g in groups] if rho_max is None else rho_max, n
         )
         self.rho_min = _per_group("rho_min", rho_min, n)
         default_lr = [g.get("initial_lr", g["lr"]) for g in groups]
@@ -109,8 +114,8 @@ class ProportionalRho:
                 f"{len(self.rho_max)}: build a new ProportionalRho after add_param_group()"
             )
         for i, group in enumerate(groups):
-            group["rho"] = self.rho_at(float(group["lr"]), i)
-        self._last_rho = [g["rho"] for g in groups]
+            group[self._key] = self.rho_at(float(group["lr"]), i)
+        self._last_rho = [g[self._key] for g in groups]
 
     def get_last_rho(self) -> list[float]:
         """Return the radius set in each group by the last :meth:`step`."""

@@ -27,8 +27,15 @@ from torch.optim import Optimizer
 
 from flatmin.optim import _state
 from flatmin.optim._backup import WeightBackup
+from flatmin.optim._base import (
+    base_name,
+    check_base,
+    check_no_clash,
+    check_unambiguous,
+    family_keys,
+)
 from flatmin.optim._checks import check_nonneg, check_real
-from flatmin.optim._driver import remember_grad, run_step
+from flatmin.optim._driver import refuse_lightning_wrapper, remember_grad, run_step
 from flatmin.optim._policy import Policy
 from flatmin.optim.rules import LpBall, PerturbationRule, PerturbGroup, compile_perturbation
 
@@ -76,6 +83,8 @@ class SAM(Policy, Optimizer):
 
     Param-group values (``rho``, ``p``, ``adaptive``, ``eta`` and a variant's own) are checked
     at every step that uses them, so a scheduler that sets an invalid value fails at that step.
+    Where the base optimizer uses the same name (Adadelta's ``rho``, RMSprop's ``alpha``), the
+    family's value lives under ``sam_<name>`` and the base keeps its own (:meth:`group_key`).
 
     Args:
         params: Parameters or param-group dicts (ignored when ``base_optimizer`` is an instance,
@@ -104,8 +113,9 @@ class SAM(Policy, Optimizer):
         **base_kwargs: Arguments of the base optimizer class (``lr``, ``momentum``, ...).
 
     Raises:
-        TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, or an
-            option has the wrong type.
+        TypeError: ``base_optimizer`` is neither an ``Optimizer`` subclass nor an instance, is
+            one SAM cannot drive (LBFGS: its step needs a closure; SparseAdam: sparse
+            gradients; a member of the SAM family), or an option has the wrong type.
         ValueError: ``rho`` or ``eps`` negative or non-finite, ``p <= 1``, ``eta < 0``,
             ``max_grad_norm <= 0``.
 
@@ -156,9 +166,16 @@ class SAM(Policy, Optimizer):
             check(name, value)
             setattr(self, name, value)
         variant = {k: base_kwargs.pop(k, v) for k, v in self._group_defaults.items()}
-        defaults = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
-        self._check_group(defaults)
+        family = {"rho": rho, "p": p, "adaptive": adaptive, "eta": eta, **variant}
+        for name, check in self._group_checks.items():
+            check(name, family[name])
+        check_base(base_optimizer)
+        # A family value the base uses too (Adadelta's rho) gets its own key (_base.py).
+        self._keys = family_keys(self._group_checks, base_optimizer)
+        self._base_name = base_name(base_optimizer)
+        defaults = {self._keys[name]: value for name, value in family.items()}
         self._base_defaults: dict[str, Any] = {}
+        self._adopting = isinstance(base_optimizer, Optimizer)
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -167,16 +184,13 @@ class SAM(Policy, Optimizer):
                 )
             super().__init__(base_optimizer.param_groups, defaults)
             base = base_optimizer
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        else:
             if params is None:
                 raise TypeError("params is None but base_optimizer is a class (expected params)")
             super().__init__(params, defaults)
             base = base_optimizer(self.param_groups, **base_kwargs)
-        else:
-            raise TypeError(
-                "Invalid base_optimizer: "
-                f"{base_optimizer!r} (expected a torch.optim.Optimizer subclass or instance)"
-            )
+            check_no_clash(self._keys, base)
+        self._adopting = False
         self.base_optimizer = base
         # One list of group dicts for both: schedulers and add_param_group reach the base too.
         self.param_groups = base.param_groups
@@ -212,10 +226,34 @@ class SAM(Policy, Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"Invalid param group: {type(param_group).__name__} (expected a dict)")
+        if not self._adopting:  # an adopted instance's groups hold the base's own keys
+            check_unambiguous(self._keys, param_group, type(self).__name__, self._base_name)
         self._check_group({**getattr(self, "defaults", {}), **param_group})
         for key, value in self._base_defaults.items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
+
+    def group_key(self, name: str) -> str:
+        """The param-group key that holds the family value ``name`` (``"rho"``, ``"alpha"``, ...).
+
+        ``name`` itself, or ``"sam_" + name`` where the base optimizer uses ``name`` too
+        (Adadelta's decay ``rho``, RMSprop's smoothing ``alpha``): both share one group dict,
+        so the family's value gets its own key and the base keeps its own (``docs/variants.md``).
+        Schedulers that drive a family value write ``group[opt.group_key("rho")]``.
+
+        Raises:
+            ValueError: ``name`` is not a param-group value of this optimizer.
+
+        Example:
+            >>> import torch, flatmin
+            >>> w = torch.nn.Parameter(torch.zeros(2))
+            >>> opt = flatmin.SAM([w], torch.optim.Adadelta, rho=0.05)
+            >>> opt.group_key("rho"), opt.param_groups[0]["sam_rho"], opt.param_groups[0]["rho"]
+            ('sam_rho', 0.05, 0.9)
+        """
+        if name not in self._keys:
+            raise ValueError(f"Invalid name: {name!r} (expected one of {sorted(self._keys)})")
+        return self._keys[name]
 
     # -- the two halves of a step ---------------------------------------------------------------
     def _use_foreach(self) -> bool:
@@ -234,9 +272,11 @@ class SAM(Policy, Optimizer):
 
         Raises:
             RuntimeError: Called twice without :meth:`second_step` in between (more than
-                ``steps`` times for multi-step ascent), or a gradient is sparse.
+                ``steps`` times for multi-step ascent), a gradient is sparse, or called on
+                Lightning's optimizer wrapper (use ``SAMModule.sam_step``).
             ValueError: A param group holds an invalid value (e.g. ``rho < 0`` from a scheduler).
         """
+        refuse_lightning_wrapper(self, "first_step")
         if self._ascents_done >= self._ascent_steps:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
@@ -319,8 +359,10 @@ class SAM(Policy, Optimizer):
             zero_grad: Clear the gradients after the base step.
 
         Raises:
-            RuntimeError: Called before :meth:`first_step`.
+            RuntimeError: Called before :meth:`first_step`, or on Lightning's optimizer
+                wrapper (use ``SAMModule.sam_step``).
         """
+        refuse_lightning_wrapper(self, "second_step")
         self._second_step(None)
         if zero_grad:
             self.zero_grad()
@@ -420,7 +462,11 @@ class SAM(Policy, Optimizer):
     def hyper_parameters(self) -> dict[str, Any]:
         """Constructor hyper-parameters a checkpoint must agree with (``k``, ``eps``, rule...)."""
         names = ("eps", "max_grad_norm", *self._options)
-        return {**{name: getattr(self, name) for name in names}, "rule": repr(self.rule)}
+        return {
+            **{name: getattr(self, name) for name in names},
+            "rule": repr(self.rule),
+            "base_optimizer": self._base_name,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """SAM's groups and state, the base optimizer's state, and the variant's section.
@@ -435,10 +481,11 @@ class SAM(Policy, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: all of it, or (on any error) nothing.
 
-        Everything is validated first: the layout, the class and hyper-parameters it was saved
-        with (a mismatch, e.g. another ``k``, is an error), every group value, the group sizes of
-        both sections, the counters and the variant's own state. A ``{"sam", "base"}`` dict from
-        an older flatmin ``SAM`` (no ``"variant"``) loads into :class:`SAM`.
+        Everything is validated first: the layout, the class, base optimizer class and
+        hyper-parameters it was saved with (a mismatch, e.g. another ``k``, is an error), every
+        group value, the group sizes of both sections, the counters and the variant's own state.
+        A ``{"sam", "base"}`` dict from an older flatmin ``SAM`` (no ``"variant"``) loads into
+        :class:`SAM`.
 
         Raises:
             ValueError: The state dict does not fit this optimizer (the message says why).

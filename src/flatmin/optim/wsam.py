@@ -88,7 +88,8 @@ class WSAM(SAM):
     def _combine_(self) -> None:
         pending = []
         for group, params, kept, grads in self._kept_by_group():
-            a = group["gamma"] / (1.0 - group["gamma"])
+            gamma = self._hp(group, "gamma")
+            a = gamma / (1.0 - gamma)
             if not self.decouple:
                 # a g_s + (1 − a) g  ==  g_s + (1 − a)(g − g_s)
                 foreach(torch._foreach_lerp_, grads, kept, 1.0 - a)
