@@ -1,0 +1,5 @@
+"""``python -m flatmin.cli``: the ``flatmin`` command."""
+
+from flatmin.cli import main
+
+raise SystemExit(main())
