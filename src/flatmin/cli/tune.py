@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         ranges, device = _check(args)
     except ValueError as exc:
         return error(args, exc)
-    out = Path(args.out or f"runs/tune/{args.task}-{args.method}")
+    # An import path's colon stays out of the default directory name (mytasks:t -> mytasks.t).
+    out = Path(args.out or f"runs/tune/{args.task.replace(':', '.')}-{args.method}")
     problem = out_dir_problem("--out", out)
     if problem:
         return error(args, problem)
