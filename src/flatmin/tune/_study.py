@@ -62,6 +62,7 @@ def open_study(
     import optuna
 
     with _locked(out) if out is not None else _nolock():
+        storage: Any
         if out is None:
             storage = optuna.storages.InMemoryStorage()
         else:
