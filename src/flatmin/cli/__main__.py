@@ -2,4 +2,5 @@
 
 from flatmin.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing this module (e.g. to collect doctests) runs nothing
+    raise SystemExit(main())
