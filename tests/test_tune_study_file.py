@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -141,3 +144,26 @@ def test_a_read_only_study_is_refused_by_name(tmp_path, good_study):
     assert message.startswith(f"Invalid out: {str(db)!r} is not readable and writable")
     assert "chmod u+rw" in message
     assert _digest(db) == before
+
+
+_KILLED_MID_WRITE = textwrap.dedent("""
+    import os, signal, sqlite3, sys
+    con = sqlite3.connect(sys.argv[1])
+    con.execute("PRAGMA cache_size = 1")  # spill the changed pages into the file mid-transaction
+    con.execute("BEGIN")
+    con.execute("UPDATE studies SET study_name = 'half-written'")
+    con.execute("CREATE TABLE junk AS SELECT * FROM trial_values")
+    for _ in range(6):
+        con.execute("INSERT INTO junk SELECT * FROM junk")
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_study_killed_mid_write_is_rolled_back_and_resumed(tmp_path, good_study):
+    db = tmp_path / "study.db"
+    db.write_bytes(good_study)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(db)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "study.db-journal").stat().st_size > 0  # left for the next opener
+    result = search(_train, [RHO], n_trials=2, out=tmp_path, pruner="none")
+    assert result.finished == 2 and [t.number for t in result.trials] == [0, 1]
