@@ -67,8 +67,9 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
         help="choose hyper-parameters on validation data",
     )  # fmt: skip
     p.add_argument(
-        "--ablation-task", metavar="TASK", help="also train TASK at 0.5x and 2x its epoch budget"
-    )
+        "--ablation-task", metavar="TASK",
+        help="also train TASK (a name or package.module:attr) at 0.5x and 2x its epoch budget",
+    )  # fmt: skip
     p.add_argument(
         "--analysis-task", metavar="TASK", help="measure the flatness of TASK's first-seed models"
     )
