@@ -117,3 +117,50 @@ def test_train_landscape_sharpness(tmp_path, capsys):
         assert key in printed
     assert math.isfinite(printed["hessian_top_eigenvalue"])
     assert printed["worst_case_sharpness"]["rho"] == 0.05 and printed["weights"] == "final"
+
+
+@pytest.mark.parametrize("device", ["", "  "])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--task", "digits", "--method", "sam", "--out", "x"],
+        ["bench", "--tasks", "digits"],
+        ["tune", "--task", "digits", "--method", "sam"],
+        ["landscape", "c.pt"],
+        ["sharpness", "c.pt"],
+    ],
+)
+def test_an_empty_device_is_refused_not_taken_for_the_cpu(argv, device, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--device", device])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"flatmin {argv[0]}: error: argument --device: {device!r} (expected auto, cpu, cuda, "
+        "cuda:N or mps)\n"
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_landscape_refuses_checkpoints_of_different_tasks(tmp_path, capsys):
+    ckpts = []
+    for task in ("digits", "digits-noisy40"):
+        out = tmp_path / task
+        argv = ["train", "--task", task, "--method", "baseline", "--epochs", "1", "--out",
+                str(out), "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        ckpts.append(str(out / "checkpoint.pt"))
+    capsys.readouterr()
+    land = tmp_path / "land"
+    argv = ["landscape", *ckpts, "--out", str(land), "--points", "3", "--max-batches", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"flatmin landscape: error: Invalid checkpoints: the tasks differ ({ckpts[0]}: digits, "
+        f"{ckpts[1]}: digits-noisy40); landscape compares checkpoints of one task (with --task "
+        "T, all are evaluated on T if they share its dataset and model)\n"
+    )
+    assert not land.exists()
+    # Evaluated on one task (same dataset and model), the two are comparable.
+    assert main([*argv, "--task", "digits"]) == 0
+    assert (land / "interpolation_baseline-s0_to_baseline-s0_2.npz").exists()

@@ -316,6 +316,22 @@ def test_search_rejects_bad_arguments(kwargs, error, match):
         search(lambda p, s, r: 0.5, [RHO], **kwargs)
 
 
+def test_every_pruner_name_builds_its_pruner():
+    # search.PRUNERS (no Optuna needed: the CLI's choices) and _pruners.FACTORIES stay one list.
+    from flatmin.tune._pruners import FACTORIES, CurrentMedianPruner, make_pruner
+    from flatmin.tune.search import PRUNERS
+
+    assert tuple(FACTORIES) == PRUNERS
+    built = {name: type(make_pruner(name, 3)) for name in PRUNERS}
+    assert built == {
+        "median": CurrentMedianPruner,
+        "halving": optuna.pruners.SuccessiveHalvingPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    with pytest.raises(ValueError, match="Invalid pruner: 'hyperband' \\(expected one of median"):
+        make_pruner("hyperband", 3)
+
+
 def test_reporter_rejects_epochs_that_do_not_increase():
     def train_fn(params, seed, report):
         report(2, 0.5)

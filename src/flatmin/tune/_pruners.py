@@ -12,11 +12,10 @@ before a seed's first ``warmup`` epochs (:class:`flatmin.tune.Reporter`).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-
-from flatmin.tune.search import PRUNERS
 
 __all__ = ["CurrentMedianPruner", "make_pruner"]
 
@@ -51,18 +50,22 @@ class CurrentMedianPruner(optuna.pruners.BasePruner):
         return trial.intermediate_values[step] < statistics.median(others)
 
 
+#: The pruner of each name of :data:`flatmin.tune.search.PRUNERS`, built from the warm-up.
+FACTORIES: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "median": lambda warmup: CurrentMedianPruner(),
+    "halving": lambda warmup: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=max(1, warmup), reduction_factor=3
+    ),
+    "none": lambda warmup: optuna.pruners.NopPruner(),
+}
+
+
 def make_pruner(name: str, warmup: int) -> optuna.pruners.BasePruner:
-    """The pruner ``name`` (one of :data:`PRUNERS`); ``warmup`` epochs set halving's first rung.
+    """The pruner ``name``; ``warmup`` epochs set halving's first rung.
 
     Raises:
         ValueError: unknown name.
     """
-    if name == "median":
-        return CurrentMedianPruner()
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, warmup), reduction_factor=3
-        )
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ValueError(f"Invalid pruner: {name!r} (expected one of {', '.join(PRUNERS)})")
+    if name not in FACTORIES:
+        raise ValueError(f"Invalid pruner: {name!r} (expected one of {', '.join(FACTORIES)})")
+    return FACTORIES[name](warmup)

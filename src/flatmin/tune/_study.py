@@ -6,10 +6,17 @@ the user attribute ``identity``; a search with other settings is refused. A proc
 mid-trial leaves that trial ``RUNNING`` for ever: since ``out/study.lock`` (a
 :class:`flatmin._io.FileLock`, holding the searcher's pid) guarantees a single searcher, every
 running trial found on opening is stale, and is marked interrupted.
+
+Before Optuna opens ``out/study.db`` (and would write into it), :func:`check_study_file` reads
+it through SQLite read-only: a file that is not a flatmin study (random bytes, a damaged or
+truncated database, another program's database, a directory) or that cannot be written is
+refused with a message that names it and says what to do; flatmin never adds its tables to a
+database it did not create.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +25,20 @@ from typing import Any
 from flatmin._io import FileLock, LockedError
 from flatmin.tune.result import Score, SeedRun, TrialRecord, TuneResult
 
-__all__ = ["STUDY_NAME", "StudyConflictError", "best_score", "collect", "open_study"]
+__all__ = [
+    "STUDY_FILE",
+    "STUDY_NAME",
+    "StudyConflictError",
+    "best_score",
+    "check_study_file",
+    "collect",
+    "open_study",
+]
 
 STUDY_NAME = "flatmin-tune"
+STUDY_FILE = "study.db"
 LOCK_FILE = "study.lock"
+_SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 
 
 class StudyConflictError(ValueError):
@@ -45,11 +62,12 @@ def open_study(
     import optuna
 
     with _locked(out) if out is not None else _nolock():
-        storage = (
-            optuna.storages.InMemoryStorage()
-            if out is None
-            else optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}")
-        )
+        storage: Any
+        if out is None:
+            storage = optuna.storages.InMemoryStorage()
+        else:
+            check_study_file(out / STUDY_FILE)
+            storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY_FILE).resolve()}")
         study = optuna.create_study(
             storage=storage, sampler=sampler, pruner=pruner, study_name=STUDY_NAME,
             direction="maximize", load_if_exists=True,
@@ -76,6 +94,83 @@ def open_study(
             )
         _recover(study, storage)
         yield study
+
+
+def check_study_file(path: Path) -> None:
+    """Refuse ``path`` unless it is missing, empty or a flatmin study this process can write.
+
+    Read-only: the file is opened through SQLite in read-only mode (read-write only when a
+    journal left by a killed process must be rolled back first, as SQLite requires), so a
+    refused file is left exactly as it was.
+
+    Raises:
+        StudyConflictError: (a ``ValueError``) ``path`` is a directory, not a SQLite database,
+            damaged, another program's database, or read-only; the message names the file.
+    """
+    name = repr(str(path))
+    other_dir = "move it away or use another directory"
+    if path.is_dir():
+        raise StudyConflictError(f"Invalid out: {name} is a directory, not a study ({other_dir})")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StudyConflictError(
+            f"Invalid out: cannot write into {str(path.parent)!r}, where the study {name} lives "
+            "(make the directory writable or use another one)"
+        )
+    if not path.exists():
+        return
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StudyConflictError(
+            f"Invalid out: {name} is not readable and writable (a search records every trial "
+            "in it): chmod u+rw it, or use another directory"
+        )
+    with path.open("rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    if not header:
+        return  # empty: SQLite's own new database, nothing in it to damage
+    if header != _SQLITE_HEADER:
+        raise StudyConflictError(
+            f"Invalid out: {name} is not a flatmin study (not a SQLite database: damaged, "
+            f"truncated or another program's file); {other_dir} to start a new search"
+        )
+    names = _study_names(path, name, other_dir)
+    if names is not None and names - {STUDY_NAME}:
+        raise StudyConflictError(
+            f"Invalid out: {name} is a database that is not a flatmin study (it holds "
+            f"{', '.join(sorted(names - {STUDY_NAME}))}); flatmin does not write into it: "
+            f"{other_dir}"
+        )
+
+
+def _study_names(path: Path, name: str, other_dir: str) -> set[str] | None:
+    """The Optuna studies in the SQLite file ``path`` (``None``: no table at all).
+
+    A database with tables but no Optuna ``studies`` table yields its table names (prefixed
+    ``table``), so that the caller refuses it.
+    """
+    import sqlite3
+
+    recover = any(path.with_name(path.name + s).exists() for s in ("-journal", "-wal"))
+    uri = f"{path.resolve().as_uri()}?mode={'rw' if recover else 'ro'}"
+    try:
+        con = sqlite3.connect(uri, uri=True)
+        try:
+            problems = [r[0] for r in con.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {r[0] for r in rows}
+            if not tables:
+                return None
+            if "studies" not in tables:
+                return {f"table {t}" for t in tables}
+            return {r[0] for r in con.execute("SELECT study_name FROM studies")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StudyConflictError(
+            f"Invalid out: {name} is a damaged or foreign SQLite file (SQLite: {exc}); "
+            f"{other_dir} to start a new search"
+        ) from None
 
 
 @contextmanager

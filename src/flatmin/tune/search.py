@@ -252,26 +252,13 @@ def search(
         ImportError: Optuna is not installed.
     """
     optuna = import_optuna()
-    from flatmin.tune._pruners import make_pruner
-
     space = _check_space(space)
     seed_list = resolve_seeds(seeds)
     penalty = check_spread_penalty(spread_penalty)
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"Invalid n_trials: {n_trials!r} (expected an integer >= 1)")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"Invalid warmup: {warmup!r} (expected an integer >= 0)")
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"Invalid timeout: {timeout} (expected > 0 seconds)")
+    _check_counts(n_trials, warmup, timeout)
     points = _check_initial(initial, space)
-    if n_startup is None:
-        n_startup = max(len(points), min(n_trials, max(3, min(10, n_trials // 3))))
-    if n_startup < len(points):
-        raise ValueError(f"Invalid n_startup: {n_startup} (< {len(points)} initial points)")
-    pruner_obj = make_pruner(pruner, warmup) if isinstance(pruner, str) else pruner
-    if not isinstance(pruner_obj, optuna.pruners.BasePruner):
-        raise TypeError(f"Invalid pruner: {pruner!r} (expected a name or an Optuna pruner)")
-    pruner_name = pruner if isinstance(pruner, str) else type(pruner).__name__
+    n_startup = _startup_count(n_startup, n_trials, len(points))
+    pruner_obj = _pruner(pruner, warmup)
     identity = {
         "space": [p.as_dict() for p in space],
         "seeds": list(seed_list),
@@ -283,47 +270,167 @@ def search(
         "seeds": seed_list,
         "spread_penalty": penalty,
         "n_trials": n_trials,
-        "pruner": pruner_name,
+        "pruner": pruner if isinstance(pruner, str) else type(pruner).__name__,
         "config": dict(config or {}),
     }
-    out_dir = None if out is None else Path(out)
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise StudyConflictError(f"Invalid out: {str(out_dir)!r} (not a directory)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-
+    out_dir = None if out is None else _make_out(Path(out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
             n_startup_trials=n_startup, seed=sampler_seed, multivariate=len(space) > 1
         )
-
     startup = points + startup_points(space, n_startup - len(points))
     with open_study(out_dir, sampler, pruner_obj, identity, startup) as study:
-        return _run(
-            study, train_fn, space, seed_list, penalty, warmup, n_trials, timeout,
-            out_dir, result_args, progress,
-            not isinstance(pruner_obj, optuna.pruners.NopPruner),
+        objective = _Objective(
+            study, train_fn, space, seed_list, penalty, warmup,
+            stop_hopeless=not isinstance(pruner_obj, optuna.pruners.NopPruner),
         )  # fmt: skip
+        return _run(study, objective, n_trials, timeout, out_dir, result_args, progress)
+
+
+def _startup_count(n_startup: int | None, n_trials: int, n_points: int) -> int:
+    """Trials spread over the space before TPE (default: a third of ``n_trials``, 3 to 10)."""
+    if n_startup is None:
+        return max(n_points, min(n_trials, max(3, min(10, n_trials // 3))))
+    if n_startup < n_points:
+        raise ValueError(f"Invalid n_startup: {n_startup} (< {n_points} initial points)")
+    return n_startup
+
+
+def _make_out(out: Path) -> Path:
+    """``out``, created if missing (``StudyConflictError``: a file is there)."""
+    if out.exists() and not out.is_dir():
+        raise StudyConflictError(f"Invalid out: {str(out)!r} (not a directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _check_counts(n_trials: int, warmup: int, timeout: float | None) -> None:
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"Invalid n_trials: {n_trials!r} (expected an integer >= 1)")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"Invalid warmup: {warmup!r} (expected an integer >= 0)")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"Invalid timeout: {timeout} (expected > 0 seconds)")
+
+
+def _pruner(pruner: str | optuna.pruners.BasePruner, warmup: int) -> optuna.pruners.BasePruner:
+    """The pruner named ``pruner`` (one of :data:`PRUNERS`), or ``pruner`` itself."""
+    import optuna
+
+    if isinstance(pruner, str):
+        if pruner not in PRUNERS:
+            raise ValueError(f"Invalid pruner: {pruner!r} (expected one of {', '.join(PRUNERS)})")
+        from flatmin.tune._pruners import make_pruner  # imports Optuna
+
+        return make_pruner(pruner, warmup)
+    if not isinstance(pruner, optuna.pruners.BasePruner):
+        raise TypeError(f"Invalid pruner: {pruner!r} (expected a name or an Optuna pruner)")
+    return pruner
+
+
+def _finish(
+    trial: Any, runs: list[dict[str, Any]], rep: Reporter, state: str, final: float | None,
+    t0: float,
+) -> None:  # fmt: skip
+    """Record seed ``rep.seed``'s run (``state``, ``final`` value) in the trial's attributes."""
+    run = SeedRun(rep.seed, state, tuple(rep.epochs), tuple(rep.values), final,
+                  time.perf_counter() - t0)  # fmt: skip
+    # Strict JSON (NaN → null): Optuna stores user attributes as JSON.
+    runs.append(finite_json(run.as_dict())[0])
+    trial.set_user_attr("runs", runs)
+    trial.set_user_attr("outcome", state)
+
+
+class _Objective:
+    """Optuna's objective: a trial trains every seed in turn and returns its stability score.
+
+    ``on_report`` (set by :func:`_run`) sees every :class:`Reporter` call.
+    """
+
+    def __init__(
+        self, study: Any, train_fn: TrainFn, space: tuple[Param, ...], seeds: tuple[int, ...],
+        penalty: float, warmup: int, *, stop_hopeless: bool,
+    ) -> None:  # fmt: skip
+        self.study, self.train_fn, self.space, self.seeds = study, train_fn, space, seeds
+        self.penalty, self.warmup, self.stop_hopeless = penalty, warmup, stop_hopeless
+        self.on_report: Callable[[Reporter], None] | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = {p.name: p.suggest(trial) for p in self.space}
+        runs: list[dict[str, Any]] = []
+        offset = 0
+        for seed in self.seeds:
+            if runs and self.stop_hopeless:
+                self._stop_if_hopeless(trial, runs)
+            rep = Reporter(trial, seed, params, offset, self.warmup, self.on_report)
+            if not self._train_seed(trial, rep, params, runs):
+                return math.nan  # Optuna records a NaN objective as a failed trial
+            offset = rep.next_offset
+        score = stability_score([r["final"] for r in runs], self.penalty)
+        trial.set_user_attr("score", score.as_dict())
+        return score.value
+
+    def _stop_if_hopeless(self, trial: optuna.Trial, runs: list[dict[str, Any]]) -> None:
+        """Prune the trial when its best possible score is below the best complete trial's."""
+        import optuna
+
+        finals = [r["final"] for r in runs]
+        bound, best = score_bound(finals, len(self.seeds), self.penalty), best_score(self.study)
+        if best is not None and bound < best:
+            last = runs[-1]
+            trial.set_user_attr("pruned_at", [last["seed"], last["epochs"][-1]])
+            trial.set_user_attr("outcome", "pruned")
+            trial.set_user_attr(
+                "reason",
+                f"cannot win: after {len(finals)} of {len(self.seeds)} seeds the score can "
+                f"reach at most {bound:.4g} < best {best:.4g}",
+            )
+            raise optuna.TrialPruned(f"score at most {bound:.4g} < best {best:.4g}")
+
+    def _train_seed(
+        self, trial: optuna.Trial, rep: Reporter, params: dict[str, Any],
+        runs: list[dict[str, Any]],
+    ) -> bool:  # fmt: skip
+        """Train seed ``rep.seed`` and record its run; ``False``: the trial failed."""
+        import optuna
+
+        seed, t0 = rep.seed, time.perf_counter()
+        try:
+            returned = self.train_fn(dict(params), seed, rep)
+        except optuna.TrialPruned:
+            _finish(trial, runs, rep, "pruned", None, t0)
+            trial.set_user_attr("pruned_at", [seed, rep.epochs[-1] if rep.epochs else 0])
+            raise
+        except TrialFailed as exc:
+            _finish(trial, runs, rep, "failed", None, t0)
+            trial.set_user_attr("reason", str(exc))
+            return False
+        except BaseException as exc:  # killed, interrupted or a bug: not a result
+            _finish(trial, runs, rep, "interrupted", None, t0)
+            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+            raise
+        if returned is None and not rep.values:
+            raise ValueError(f"train_fn returned None for seed {seed} and reported no value")
+        final = rep.values[-1] if returned is None else float(returned)
+        if not math.isfinite(final):
+            _finish(trial, runs, rep, "failed", None, t0)
+            trial.set_user_attr("reason", f"seed {seed}: non-finite final value {final}")
+            return False
+        _finish(trial, runs, rep, "complete", final, t0)
+        return True
 
 
 def _run(
     study: Any,
-    train_fn: TrainFn,
-    space: tuple[Param, ...],
-    seeds: tuple[int, ...],
-    penalty: float,
-    warmup: int,
+    objective: _Objective,
     n_trials: int,
     timeout: float | None,
     out: Path | None,
     result_args: dict[str, Any],
     progress: bool,
-    stop_hopeless: bool,
 ) -> TuneResult:
     """Run the missing trials of ``study``; write the result after each one."""
-    import optuna
-
     from flatmin.tune.report import write_result
 
     result = collect(study, result_args)
@@ -334,67 +441,12 @@ def _run(
         bar = tqdm(total=n_trials, initial=min(n_trials, result.finished), unit="trial",
                    desc="tune", dynamic_ncols=True)  # fmt: skip
 
-    def show(rep: Reporter) -> None:
-        if bar is not None:
+        def show(rep: Reporter) -> None:
             bar.set_postfix_str(
                 f"#{rep.number} seed {rep.seed} epoch {rep.epochs[-1]}: {rep.values[-1]:.4f}"
             )
 
-    def objective(trial: optuna.Trial) -> float:
-        params = {p.name: p.suggest(trial) for p in space}
-        runs: list[dict[str, Any]] = []
-        offset = 0
-
-        def finish(rep: Reporter, state: str, final: float | None, t0: float) -> None:
-            run = SeedRun(rep.seed, state, tuple(rep.epochs), tuple(rep.values), final,
-                          time.perf_counter() - t0)  # fmt: skip
-            # Strict JSON (NaN → null): Optuna stores user attributes as JSON.
-            runs.append(finite_json(run.as_dict())[0])
-            trial.set_user_attr("runs", runs)
-            trial.set_user_attr("outcome", state)
-
-        for seed in seeds:
-            if runs and stop_hopeless:
-                finals = [r["final"] for r in runs]
-                bound, best = score_bound(finals, len(seeds), penalty), best_score(study)
-                if best is not None and bound < best:
-                    last = runs[-1]
-                    trial.set_user_attr("pruned_at", [last["seed"], last["epochs"][-1]])
-                    trial.set_user_attr("outcome", "pruned")
-                    trial.set_user_attr(
-                        "reason",
-                        f"cannot win: after {len(finals)} of {len(seeds)} seeds the score can "
-                        f"reach at most {bound:.4g} < best {best:.4g}",
-                    )
-                    raise optuna.TrialPruned(f"score at most {bound:.4g} < best {best:.4g}")
-            rep = Reporter(trial, seed, params, offset, warmup, show)
-            t0 = time.perf_counter()
-            try:
-                returned = train_fn(dict(params), seed, rep)
-            except optuna.TrialPruned:
-                finish(rep, "pruned", None, t0)
-                trial.set_user_attr("pruned_at", [seed, rep.epochs[-1] if rep.epochs else 0])
-                raise
-            except TrialFailed as exc:
-                finish(rep, "failed", None, t0)
-                trial.set_user_attr("reason", str(exc))
-                return math.nan  # Optuna records a NaN objective as a failed trial
-            except BaseException as exc:  # killed, interrupted or a bug: not a result
-                finish(rep, "interrupted", None, t0)
-                trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
-                raise
-            if returned is None and not rep.values:
-                raise ValueError(f"train_fn returned None for seed {seed} and reported no value")
-            final = rep.values[-1] if returned is None else float(returned)
-            if not math.isfinite(final):
-                finish(rep, "failed", None, t0)
-                trial.set_user_attr("reason", f"seed {seed}: non-finite final value {final}")
-                return math.nan
-            finish(rep, "complete", final, t0)
-            offset = rep.next_offset
-        score = stability_score([r["final"] for r in runs], penalty)
-        trial.set_user_attr("score", score.as_dict())
-        return score.value
+        objective.on_report = show
 
     def after_trial(study: Any, _: Any) -> None:
         res = collect(study, result_args)

@@ -1,6 +1,5 @@
-"""``flatmin tune``: choose a method's hyper-parameters on a benchmark task with a search.
+"""``flatmin tune``: choose a method's hyper-parameters on a task with a search.
 
-``flatmin.cli`` registers the subcommand with :func:`add_arguments` and calls :func:`run`.
 Writes ``OUT/study.db`` (the resumable study), ``OUT/tune.json`` and ``OUT/tune.png``.
 """
 
@@ -10,22 +9,21 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-# flatmin.cli imports this module lazily (when it builds its parser): no import cycle.
-from flatmin.cli import (
-    _add_scale_options,
-    _error,
-    _int_at_least,
-    _out_dir_problem,
-    _real,
-    _torch_threads,
+from flatmin.cli._common import (
+    TASK_HELP,
+    Subparsers,
+    add_scale_options,
+    error,
+    int_at_least,
+    out_dir_problem,
+    real,
+    torch_threads,
 )
 
 if TYPE_CHECKING:
-    from flatmin.tune.result import TuneResult
-
-__all__ = ["DESCRIPTION", "EPILOG", "add_arguments", "run"]
+    from flatmin.tune.result import Score, TrialRecord, TuneResult
 
 DESCRIPTION = (
     "Search a method's hyper-parameters (rho on a log scale; SWA's start) on a task's validation "
@@ -36,10 +34,11 @@ DESCRIPTION = (
 EPILOG = (
     "Rerun the same command to resume: finished trials are kept. Exit codes: 0 ok; 1 no trial "
     "completed, a dataset is unavailable or a run raised an exception; 2 bad arguments (an "
-    "unavailable --device included), OUT holds another search, or Optuna is not installed "
-    "(pip install 'flatmin[tune]'); 130/143 interrupted by SIGINT/SIGTERM."
+    "unavailable --device included), OUT holds another search or a file that is not a flatmin "
+    "study, or Optuna is not installed (pip install 'flatmin[tune]'); 130/143 interrupted by "
+    "SIGINT/SIGTERM."
 )
-_POSITIVE_INT = _int_at_least(1)
+_POSITIVE_INT = int_at_least(1)
 
 
 def _range(text: str) -> tuple[str, float, float]:
@@ -55,66 +54,75 @@ def _range(text: str) -> tuple[str, float, float]:
         ) from None
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add ``flatmin tune``'s options to the subparser ``p``."""
+def add_parser(sub: Subparsers) -> None:
+    """Register ``flatmin tune``."""
+    p = sub.add_parser(
+        "tune",
+        help="choose a method's rho (and start) on a task with a pruned, resumable search",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    _add_options(p)
+    p.set_defaults(handler=run)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
     from flatmin.tune.search import PRUNERS
 
-    p.add_argument("--task", required=True, help="benchmark task (flatmin tasks)")
+    p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--method", required=True, help="method whose hyper-parameters are searched")
     p.add_argument(
-        "--trials",
-        type=_POSITIVE_INT,
-        default=12,
-        metavar="N",
+        "--trials", type=_POSITIVE_INT, default=12, metavar="N",
         help="finished trials the study should hold (default 12)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--timeout",
-        type=_real(0, strict_low=True),
-        metavar="S",
+        "--timeout", type=real(0, strict_low=True), metavar="S",
         help="start no new trial after S seconds",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--seeds",
-        type=_POSITIVE_INT,
-        default=2,
-        metavar="K",
+        "--seeds", type=_POSITIVE_INT, default=2, metavar="K",
         help="tuning seeds 100..100+K-1 per trial (default 2)",
-    )
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="study directory (default runs/tune/TASK-METHOD)")
     p.add_argument("--pruner", choices=PRUNERS, default="median")
     p.add_argument("--budget", choices=("quick", "full"), default="quick")
     p.add_argument("--epochs", type=_POSITIVE_INT, metavar="N", help="override the epoch budget")
     p.add_argument(
-        "--warmup",
-        type=float,
-        default=0.5,
-        metavar="F",
+        "--warmup", type=float, default=0.5, metavar="F",
         help="fraction of each seed's epochs never pruned (default 0.5)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--spread-penalty",
-        type=float,
-        default=1.0,
-        metavar="X",
+        "--spread-penalty", type=float, default=1.0, metavar="X",
         help="score = mean - X * std over seeds (default 1: the worse of 2 seeds)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--range",
-        type=_range,
-        action="append",
-        default=[],
-        metavar="NAME=LOW:HIGH",
+        "--range", type=_range, action="append", default=[], metavar="NAME=LOW:HIGH",
         help="search range of a parameter, e.g. rho=0.01:2",
-    )
+    )  # fmt: skip
     p.add_argument("--threads", type=_POSITIVE_INT, default=1, metavar="N", help="torch threads")
     p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--progress", action=argparse.BooleanOptionalAction, default=True,
         help="progress bar on stderr",
-    )
-    _add_scale_options(p, defaults="cpu, fp32")
+    )  # fmt: skip
+    add_scale_options(p, defaults="cpu, fp32")
+
+
+def _check(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], Any]:
+    """The ``--range`` values by name and the device (``ValueError``: bad arguments)."""
+    from flatmin.tune.bench import bench_epochs, bench_space, check_scale, check_warmup
+    from flatmin.tune.result import check_spread_penalty
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, low, high in args.range:
+        if name in ranges:
+            raise ValueError(f"Invalid range: {name!r} given twice")
+        ranges[name] = (low, high)
+    bench_space(args.method, ranges)  # validates the method and the ranges
+    bench_epochs(args.task, args.budget, args.epochs)
+    check_spread_penalty(args.spread_penalty)
+    check_warmup(args.warmup)
+    device = check_scale(args.task, args.method, args.device or "cpu", args.precision or "fp32")
+    return ranges, device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,73 +136,56 @@ def run(args: argparse.Namespace) -> int:
     try:
         optuna = import_optuna()
     except ImportError as exc:
-        return _error(args, exc)
+        return error(args, exc)
     from flatmin.data import DataUnavailableError
-    from flatmin.tune.bench import (
-        NoTrialCompleted,
-        bench_epochs,
-        bench_space,
-        check_scale,
-        check_warmup,
-        grid_size,
-        suggest_hyper,
-    )
-    from flatmin.tune.result import check_spread_penalty
+    from flatmin.tune import bench as tune_bench  # suggest_hyper looked up at call time
 
-    precision = args.precision or "fp32"
     try:
-        ranges = {}
-        for name, low, high in args.range:
-            if name in ranges:
-                raise ValueError(f"Invalid range: {name!r} given twice")
-            ranges[name] = (low, high)
-        bench_space(args.method, ranges)  # validates the method and the ranges
-        bench_epochs(args.task, args.budget, args.epochs)
-        check_spread_penalty(args.spread_penalty)
-        check_warmup(args.warmup)
-        device = check_scale(args.task, args.method, args.device or "cpu", precision)
+        ranges, device = _check(args)
     except ValueError as exc:
-        return _error(args, exc)
-    out = Path(args.out or f"runs/tune/{args.task}-{args.method}")
-    problem = _out_dir_problem("--out", out)
+        return error(args, exc)
+    # An import path's colon stays out of the default directory name (mytasks:t -> mytasks.t).
+    out = Path(args.out or f"runs/tune/{args.task.replace(':', '.')}-{args.method}")
+    problem = out_dir_problem("--out", out)
     if problem:
-        return _error(args, problem)
+        return error(args, problem)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     t0 = time.perf_counter()
     try:
-        with _torch_threads(args.threads):
-            hyper, result = suggest_hyper(
-                args.task,
-                args.method,
-                args.budget,
-                args.seeds,
-                args.trials,
-                pruner=args.pruner,
-                warmup=args.warmup,
-                epochs=args.epochs,
-                out=out,
-                timeout=args.timeout,
-                spread_penalty=args.spread_penalty,
-                ranges=ranges,
-                progress=args.progress,
-                device=device,
-                precision=precision,
-            )
+        with torch_threads(args.threads):
+            hyper, result = tune_bench.suggest_hyper(
+                args.task, args.method, args.budget, args.seeds, args.trials,
+                pruner=args.pruner, warmup=args.warmup, epochs=args.epochs, out=out,
+                timeout=args.timeout, spread_penalty=args.spread_penalty, ranges=ranges,
+                progress=args.progress, device=device, precision=args.precision or "fp32",
+            )  # fmt: skip
     except StudyConflictError as exc:
-        return _error(args, exc)
-    except (DataUnavailableError, NoTrialCompleted) as exc:
-        return _error(args, exc, 1)
+        return error(args, exc)
+    except (DataUnavailableError, tune_bench.NoTrialCompleted) as exc:
+        return error(args, exc, 1)
     wall = time.perf_counter() - t0
     try:
         figure = _save_figure(result, out / "tune.png")
     except OSError as exc:
-        return _error(args, f"could not write {str(out / 'tune.png')!r}: {exc}", 1)
-
+        return error(args, f"could not write {str(out / 'tune.png')!r}: {exc}", 1)
     best = result.best
     if best is None or best.score is None:  # pragma: no cover - suggest_hyper raised
         return 1
-    s = best.score
+    _print_summary(args, result, best, best.score, wall)
+    print(f"hyper-parameters: {hyper}")
+    print(
+        f"wrote {out / 'tune.json'}" + (f", {figure}" if figure else "") + f", {out / 'study.db'}"
+    )
+    return 0
+
+
+def _print_summary(
+    args: argparse.Namespace, result: TuneResult, best: TrialRecord, s: Score, wall: float
+) -> None:
+    """The best trial (``best``, its score ``s``), the trials' outcomes, the cost vs a grid's."""
+    from flatmin.tune.bench import grid_size
+
     values = ", ".join(f"{r.final:.4f}" for r in best.runs if r.final is not None)
     params = " ".join(f"{k}={v:.4g}" for k, v in best.params.items())
     print(
@@ -220,11 +211,6 @@ def run(args: argparse.Namespace) -> int:
             f"the search trained {cost.epochs} epochs ({cost.epochs / grid_e:.2f}x), "
             f"{cost.seconds:.0f} s ({cost.seconds / grid_s:.2f}x)"
         )
-    print(f"hyper-parameters: {hyper}")
-    print(
-        f"wrote {out / 'tune.json'}" + (f", {figure}" if figure else "") + f", {out / 'study.db'}"
-    )
-    return 0
 
 
 def _save_figure(result: TuneResult, path: Path) -> Path | None:
