@@ -412,6 +412,16 @@ def _device(name: str | None) -> Any:
     return resolve_device(name or "cpu")
 
 
+def _tuner(args: argparse.Namespace) -> Any:
+    """``--tuner`` as the BenchConfig's tuner (``None``: the grid, the default)."""
+    if args.tuner == "optuna":  # its trials run on the grid's executor: one per --jobs worker
+        from flatmin.tune.bench import OptunaTuner
+
+        trials = 12 if args.tune_trials is None else args.tune_trials
+        return OptunaTuner(trials=trials, batch=args.jobs or 1)
+    return None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from flatmin import bench
     from flatmin.bench.execute import OutputLockedError
@@ -426,7 +436,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
-            tune_seeds=tune_seeds, tuner=args.tuner, tune_trials=args.tune_trials,
+            tune_seeds=tune_seeds, tuner=_tuner(args),
             ablation_task=args.ablation_task,
             analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
@@ -443,6 +453,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _error(args, problem)
     try:
         summary = bench.run_grid(cfg)
+    except ValueError as exc:  # a Ray cluster that cannot be reached or host a run
+        return _error(args, exc)
     except (DataUnavailableError, OutputLockedError, OSError) as exc:
         return _error(args, exc, 1)
     report = cfg.out / "report.md"
@@ -455,8 +467,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         start = text.find("## Test accuracy (final epoch)")
         end = text.find("\n## ", start + 1)
         print("\n" + text[start : end if end > 0 else None].strip())
-    errors = [r for r in summary.records + summary.tune_records if r.get("status") == "error"]
-    ok = [r for r in summary.records if r.get("status") == "ok"]
+    errors = [r for r in [*summary.records, *summary.tune_records] if r.status == "error"]
+    ok = [r for r in summary.records if r.status == "ok"]
     return 1 if errors or not ok else 0
 
 
