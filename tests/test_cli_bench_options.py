@@ -27,7 +27,8 @@ def grid(monkeypatch):
     def fake_run_grid(*args, **kwargs):
         calls.append((args, kwargs))
         return GridSummary(
-            planned=7, skipped=2, ran=5, failed=0, wall_time=3.0, records=[SimpleNamespace(status="ok")]
+            planned=7, skipped=2, ran=5, failed=0, wall_time=3.0,
+            records=[SimpleNamespace(status="ok")],
         )
 
     monkeypatch.setattr(bench, "run_grid", fake_run_grid)
