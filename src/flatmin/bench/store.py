@@ -81,15 +81,18 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
             rec = parse_record(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # a torn line from an interrupted write
-        except (InvalidRecordError, RecursionError) as exc:
-            problem = str(exc) if isinstance(exc, InvalidRecordError) else "nested too deep"
-            warnings.warn(
-                f"{p}:{number}: skipped a corrupt record ({problem}); its run will be redone",
-                stacklevel=2,
-            )
+        except InvalidRecordError as exc:
+            _skipped(p, number, f"a malformed record ({exc})")
+            continue
+        except RecursionError:  # json's parser recurses once per level
+            _skipped(p, number, "a corrupt record (nested too deep to parse)")
             continue
         out.append(rec)
     return out
+
+
+def _skipped(path: Path, number: int, what: str) -> None:
+    warnings.warn(f"{path}:{number}: skipped {what}; its run will be redone", stacklevel=3)
 
 
 def latest_by_hash(records: Iterable[Record]) -> dict[str, Record]:
