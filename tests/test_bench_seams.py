@@ -109,7 +109,8 @@ def test_a_line_nested_too_deep_is_skipped_as_corrupt_and_kept_in_the_file(tmp_p
     with open(results, "a") as f:
         f.write('{"hash": "x", "a": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
     size = results.stat().st_size
-    with pytest.warns(UserWarning, match=r"results\.jsonl:2: skipped a corrupt record \(nested too deep"):
+    corrupt = r"results\.jsonl:2: skipped a corrupt record \(nested too deep to parse\)"
+    with pytest.warns(UserWarning, match=corrupt):
         records = read_records(results)
     assert [r.method for r in records] == ["baseline"]
     with pytest.warns(UserWarning, match="nested too deep"):

@@ -34,7 +34,7 @@ from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -193,10 +193,13 @@ class Executor(Protocol):
         ...
 
 
+_S = TypeVar("_S", bound="_Stateless")
+
+
 class _Stateless:
     """Executors with nothing to start or release."""
 
-    def __enter__(self) -> _Stateless:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(

@@ -123,6 +123,11 @@ class _Base:
         return dict(self.data)
 
     @property
+    def ok(self) -> bool:
+        """The run finished with finite losses."""
+        return self.status == "ok"
+
+    @property
     def finished(self) -> bool:
         """An ``ok`` or ``failed`` run: not retrained by a later invocation."""
         return self.status != "error"
@@ -182,7 +187,7 @@ def _curves(rec: Mapping[str, Any], ok: bool) -> Mapping[str, tuple[float, ...]]
     good = isinstance(curves, Mapping) and all(
         isinstance(c, list) and all(_is_number(v) for v in c) for c in curves.values()
     )
-    if not good:
+    if not good or not isinstance(curves, Mapping):
         if ok:
             raise InvalidRecordError("'curves' is not an object of number lists")
         return {}
@@ -256,11 +261,11 @@ def parse_record(obj: object) -> Record:
             task=rec.get("task") if isinstance(rec.get("task"), str) else None,
             method=rec.get("method") if isinstance(rec.get("method"), str) else None,
             seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-            traceback=rec.get("traceback") if isinstance(rec.get("traceback"), str) else "",
+            traceback=str(rec.get("traceback") or ""),
             wall_time=_number(rec.get("wall_time")),
             **common,
         )  # fmt: skip
-    identity = {
+    identity: dict[str, Any] = {
         "task": _text(rec, "task"), "method": _text(rec, "method"), "seed": _int(rec, "seed"),
     }  # fmt: skip
     kind = TuneRecord if stage == "tune" else EvalRecord

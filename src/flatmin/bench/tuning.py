@@ -98,13 +98,12 @@ class TuningSession(Protocol):
 
 
 class Tuner(Protocol):
-    """A way to choose hyper-parameters on the validation split (a :class:`BenchConfig` field).
+    """A way to choose hyper-parameters on the validation split (a :class:`BenchConfig` field)."""
 
-    Attributes:
-        name: ``"grid"``, ``"optuna"``, ... (the report's metadata).
-    """
-
-    name: str
+    @property
+    def name(self) -> str:
+        """``"grid"``, ``"optuna"``, ... (the report's metadata)."""
+        ...
 
     def check(self) -> None:
         """Raise ``ValueError`` for a bad setting or a missing optional dependency."""

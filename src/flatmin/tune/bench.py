@@ -364,6 +364,11 @@ class _Search:
     finished: int = 0
 
 
+def _val_acc(record: Record) -> float | None:
+    """A tuning run's final validation accuracy (``None``: it failed or raised)."""
+    return record.final.val_acc if isinstance(record, RunRecord) and record.ok else None
+
+
 class _OptunaSession:
     """The searches of one grid, asked and told by the runner (:class:`TuningSession`)."""
 
@@ -409,14 +414,16 @@ class _OptunaSession:
         told = 0
         for srch in self.searches:
             for trial in list(srch.pending):
-                recs = [found.get(s.config_hash(self.task_of[s.task])) for s in trial.specs]
-                if any(r is None for r in recs):
+                hashes = [s.config_hash(self.task_of[s.task]) for s in trial.specs]
+                if any(h not in found for h in hashes):
                     continue  # not trained (only without --run)
-                values = [r.final.val_acc if isinstance(r, RunRecord) else None for r in recs]
-                if any(r.status != "ok" or v is None for r, v in zip(recs, values, strict=True)):
+                recs = [found[h] for h in hashes]
+                values = [_val_acc(r) for r in recs]
+                if None in values:  # a failed run, or an error (retried once per invocation)
                     srch.study.tell(trial.trial, state=optuna.trial.TrialState.FAIL)
                 else:
-                    score = stability_score(values, self.tuner.spread_penalty)  # type: ignore[arg-type]
+                    scores = [v for v in values if v is not None]
+                    score = stability_score(scores, self.tuner.spread_penalty)
                     trial.trial.set_user_attr("mean", score.mean)
                     srch.study.tell(trial.trial, score.value)
                 srch.pending.remove(trial)
