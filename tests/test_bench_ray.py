@@ -50,7 +50,7 @@ def _by_hash(out: Path) -> dict[str, dict]:
     """The records of ``out`` by hash, without their wall-clock times."""
     records = {}
     for r in read_records(out / "results.jsonl"):
-        records[r["hash"]] = {k: v for k, v in r.items() if k != "wall_time"}
+        records[r.hash] = {k: v for k, v in r.to_dict().items() if k != "wall_time"}
     return records
 
 
@@ -95,18 +95,18 @@ def test_a_killed_worker_loses_only_its_run_which_the_next_invocation_redoes(
     summary = run_grid(cfg, resolver=DyingResolver(tmp_path / "died", hook="task"))
     assert (tmp_path / "died").exists()
     recs = read_records(out / "results.jsonl")
-    errors = [r for r in recs if r["status"] == "error"]
+    errors = [r for r in recs if r.status == "error"]
     assert len(recs) == 8 and len(errors) == 1 and summary.failed == 1
-    assert "WorkerCrashedError" in errors[0]["reason"]
+    assert "WorkerCrashedError" in errors[0].reason
     # Recorded under the run's own hash, so the next invocation retries it and nothing else.
     died = errors[0]
-    spec = RunSpec(died["task"], died["method"], died["seed"], epochs=2)
-    assert died["hash"] == spec.config_hash(TASKS[spec.task])
-    assert {r["hash"] for r in recs if r["status"] == "ok"} == set(reference) - {died["hash"]}
+    spec = RunSpec(died.task, died.method, died.seed, epochs=2)
+    assert died.hash == spec.config_hash(TASKS[spec.task])
+    assert {r.hash for r in recs if r.status == "ok"} == set(reference) - {died.hash}
     again = run_grid(cfg, resolver=ToyResolver())
     assert (again.ran, again.skipped, again.failed) == (1, 7, 0)
     recs = read_records(out / "results.jsonl")
-    assert len(recs) == 9 and recs[-1]["hash"] == died["hash"]
+    assert len(recs) == 9 and recs[-1].hash == died.hash
     assert _by_hash(out) == reference
 
 
@@ -140,7 +140,7 @@ def test_the_cli_runs_on_an_existing_cluster_and_leaves_it_running(ray, tmp_path
     assert proc.returncode == 0, err
     assert "ray::flatmin-bench-run" in ours  # a run's task, on this module's instance
     assert not any("raylet" in c or "gcs_server" in c for c in theirs)  # no instance of its own
-    assert [r["status"] for r in read_records(tmp_path / "results.jsonl")] == ["ok", "ok"]
+    assert [r.status for r in read_records(tmp_path / "results.jsonl")] == ["ok", "ok"]
     assert ray.is_initialized() and ray.get(ray.put(7)) == 7  # the cluster is still up
 
 
@@ -188,9 +188,52 @@ def test_a_signal_stops_a_ray_grid_keeping_results_and_its_local_ray_instance_go
         warnings.simplefilter("error")  # every record is whole and well-formed
         records = read_records(results)
     assert results.read_text().startswith(kept) and len(records) < 6
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     with FileLock(tmp_path / LOCK):  # released
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
+    """Ray's agents (DashboardAgent, RuntimeEnvAgent) outlived a SIGKILL-ed driver."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    exe = Path(sys.executable).with_name("flatmin")
+    proc = subprocess.Popen([str(exe), *_BENCH, "--out", str(tmp_path)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        wanted = ("raylet", "dashboard/agent.py", "runtime_env/agent")
+        while not all(any(w in _cmdline(p) for p in family) for w in wanted):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            family |= _descendants(proc.pid)
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _all_gone(family, timeout=30) == set()
+
+
+@pytest.mark.slow
+def test_a_run_no_node_can_host_is_refused_instead_of_waiting_forever(tmp_path):
+    pytest.importorskip("ray", reason=NO_RAY)
+    pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has a GPU")
+    exe = Path(sys.executable).with_name("flatmin")
+    argv = [str(exe), "bench", "--tasks", "digits", "--methods", "baseline", "--seeds", "1",
+            "--epochs", "1", "--no-progress", "--executor", "ray", "--gpus-per-run", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    # The timeout bounds the test if the refusal regresses into Ray's endless wait.
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Invalid cpus/gpus per run: 1/1 (no node of the Ray cluster has them" in proc.stderr
+    # One line of ours (Ray may log its own warnings before it).
+    assert proc.stderr.splitlines()[-1].startswith("flatmin bench: error: Invalid cpus/gpus")
+    assert "Traceback" not in proc.stderr
 
 
 def _cmdline(pid: int) -> str:

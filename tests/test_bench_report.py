@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flatmin.bench import Hyper, summarize, write_report
+from flatmin.bench import GridTuner, Hyper, MethodResult, parse_record, summarize, write_report
 from flatmin.bench.stats import holm, mean_ci, paired_difference, with_holm
 
 # Test accuracy (fraction) by (task, method) and seed.
@@ -63,8 +63,14 @@ def _pct(task, method):
     return {s: 100 * a for s, a in ACC[(task, method)].items()}
 
 
-def _summary(records, **kw):
-    base = dict(records=records, tune_records=[], ablation=[], tuning=[], flatness=None,
+def _results(records):
+    """The fixture's records as the typed results the report reads (parsed like results.jsonl)."""
+    return [MethodResult.parse(r, parse_record(r), r.get("budget_factor")) for r in records]
+
+
+def _summary(records, ablation=(), **kw):
+    base = dict(records=_results(records), tune_records=[], ablation=_results(ablation),
+                tuning=[], searches=[], flatness=None,
                 hypers={("alpha", "sam"): Hyper(rho=0.5)})  # fmt: skip
     base.update(kw)
     return SimpleNamespace(**base)
@@ -128,7 +134,7 @@ def test_zero_variance_is_one_rule():
 
 
 def test_summary_numbers_by_hand():
-    rows = {r.task: r for r in summarize(_records(), ["baseline", "swa", "sam"])}
+    rows = {r.task: r for r in summarize(_results(_records()), ["baseline", "swa", "sam"])}
     alpha = rows["alpha"]
     base = list(_pct("alpha", "baseline").values())
     assert alpha.baseline.mean == pytest.approx(statistics.mean(base))
@@ -156,7 +162,7 @@ def test_summary_numbers_by_hand():
 
 
 def test_memorisation_columns_from_the_fixture():
-    rows = {r.task: r for r in summarize(_records(), ["baseline", "swa", "sam"])}
+    rows = {r.task: r for r in summarize(_results(_records()), ["baseline", "swa", "sam"])}
     for m, (tr, clean, memo) in FIT.items():
         assert rows["alpha"].fit[m] == pytest.approx((100 * tr, 100 * clean, 100 * memo))
     assert rows["beta"].fit["baseline"][1] is None
@@ -165,10 +171,10 @@ def test_memorisation_columns_from_the_fixture():
 def test_report_markdown_and_csv(tmp_path):
     out = tmp_path / "report"
     meta = {"suite": "fixture", "budget": "full", "methods": ["baseline", "swa", "sam"],
-            "tune": True, "tune_seeds": [100, 101]}  # fmt: skip
+            "tune": True, "tuning": GridTuner().describe([100, 101])}  # fmt: skip
     text = write_report(out, _summary(_records()), meta=meta, figures=False).read_text()
     assert text.index("### vision") < text.index("### graph")
-    rows = {r.task: r for r in summarize(_records(), ["baseline", "swa", "sam"])}
+    rows = {r.task: r for r in summarize(_results(_records()), ["baseline", "swa", "sam"])}
     a = rows["alpha"]
     # By hand (percent; t_{0.975,2} = 4.302652729749462, t_{0.975,1} = 12.706204736174694):
     #   baseline 80, 82, 84: mean 82, sd 2 -> CI 4.3027 * 2 / sqrt(3) = 4.968 -> "82.00 ± 4.97"
@@ -229,7 +235,7 @@ def test_report_figures(tmp_path):
 def test_summary_table_counts():
     from flatmin.bench.report import summary_table
 
-    rows = summarize(_records(), ["baseline", "swa", "sam"])
+    rows = summarize(_results(_records()), ["baseline", "swa", "sam"])
     table = "\n".join(summary_table(rows, ["baseline", "swa", "sam"]))
     swa = [statistics.mean([1.0, 0.0, 2.0]), statistics.mean([5.0, 0.0])]
     sam = [statistics.mean([5.0, 5.0, 4.0]), 1.0]

@@ -17,8 +17,10 @@ import torch
 
 from flatmin.bench import (
     BenchConfig,
+    EvalRecord,
     Hyper,
     RunSpec,
+    TuneRecord,
     get_method,
     method_names,
     read_records,
@@ -326,12 +328,12 @@ def test_memorisation_counts_against_a_lookup_model():
 def test_nonfinite_loss_fails_the_run_and_the_grid_goes_on(tmp_path):
     cfg = _cfg(tmp_path, tasks=("toy-nan", "toy-a"), methods=("baseline", "sam"), seeds=(0,))
     summary = run_grid(cfg, resolver=ToyResolver())
-    recs = {(r["task"], r["method"]): r for r in read_records(tmp_path / "results.jsonl")}
+    recs = {(r.task, r.method): r for r in read_records(tmp_path / "results.jsonl")}
     assert len(recs) == 4
     for m in ("baseline", "sam"):
-        assert recs[("toy-nan", m)]["status"] == "failed"
-        assert "non-finite training loss" in recs[("toy-nan", m)]["reason"]
-        assert recs[("toy-a", m)]["status"] == "ok"
+        assert recs[("toy-nan", m)].status == "failed"
+        assert "non-finite training loss" in recs[("toy-nan", m)].reason
+        assert recs[("toy-a", m)].status == "ok"
     assert summary.failed == 2
     assert "## Failed runs" in (tmp_path / "report.md").read_text()
     # A rerun skips the failed runs (a non-finite loss is deterministic).
@@ -350,7 +352,7 @@ def test_rerun_skips_everything_and_survives_a_torn_line(tmp_path):
     second = run_grid(cfg2, resolver=ToyResolver())
     assert (second.ran, second.skipped) == (1, 1)
     recs = read_records(tmp_path / "results.jsonl")
-    assert sorted(r["method"] for r in recs) == ["baseline", "sam"]
+    assert sorted(r.method for r in recs) == ["baseline", "sam"]
 
 
 def test_error_runs_are_retried(tmp_path):
@@ -359,7 +361,7 @@ def test_error_runs_are_retried(tmp_path):
     append_record(tmp_path / "results.jsonl", {"hash": h, "status": "error", "reason": "boom"})
     summary = run_grid(cfg, resolver=ToyResolver())
     assert summary.ran == 1
-    assert [r["status"] for r in read_records(tmp_path / "results.jsonl")] == ["error", "ok"]
+    assert [r.status for r in read_records(tmp_path / "results.jsonl")] == ["error", "ok"]
 
 
 def test_a_failed_tuning_run_is_retrained_once_and_its_new_record_chosen_from(tmp_path):
@@ -371,11 +373,11 @@ def test_a_failed_tuning_run_is_retrained_once_and_its_new_record_chosen_from(tm
     recs = read_records(tmp_path / "clean" / "results.jsonl")
     (tmp_path / "again").mkdir()
     for r in recs:
-        append_record(tmp_path / "again" / "results.jsonl", r)
-    chosen = next(r for r in recs if r["stage"] == "tune" and r["method"] == "sam"
-                  and r["seed"] == 100 and r["hyper"]["rho"] == rho)  # fmt: skip
+        append_record(tmp_path / "again" / "results.jsonl", r.to_dict())
+    chosen = next(r for r in recs if r.stage == "tune" and r.method == "sam"
+                  and r.seed == 100 and r.hyper["rho"] == rho)  # fmt: skip
     append_record(tmp_path / "again" / "results.jsonl",
-                  {"hash": chosen["hash"], "status": "error", "reason": "boom"})  # fmt: skip
+                  {"hash": chosen.hash, "status": "error", "reason": "boom"})  # fmt: skip
     again = run_grid(_cfg(tmp_path / "again", **kw), resolver=ToyResolver())
     assert again.ran == 1 and again.hypers == clean.hypers
     sam = next(c for c in again.tuning if c.method == "sam")
@@ -387,17 +389,18 @@ def test_tuned_grid_runs_validation_grid_first(tmp_path):
                seeds=(0,), tune=True, tune_seeds=(100, 101), epochs=1)  # fmt: skip
     summary = run_grid(cfg, resolver=ToyResolver())
     recs = read_records(tmp_path / "results.jsonl")
-    tune = [r for r in recs if r["stage"] == "tune"]
-    assert {r["seed"] for r in tune} == {100, 101}
-    assert {r["method"] for r in tune} == {"baseline", "sam"}  # views train nothing
+    tune = [r for r in recs if isinstance(r, TuneRecord)]
+    assert {r.seed for r in tune} == {100, 101}
+    assert {r.method for r in tune} == {"baseline", "sam"}  # views train nothing
     sam = next(c for c in summary.tuning if c.method == "sam")
-    rhos = sorted({r["hyper"]["rho"] for r in tune if r["method"] == "sam"})
+    rhos = sorted({r.hyper["rho"] for r in tune if r.method == "sam"})
     assert rhos == sorted(p[0] for p in sam.points) and len(rhos) >= 6
     best = max(s for s in sam.scores if s is not None)
     assert sam.scores[[p[0] for p in sam.points].index(sam.chosen[0])] == best
-    evals = [r for r in recs if r["stage"] == "eval"]
-    assert {r["method"] for r in evals} == {"baseline", "sam"}
-    sam_rhos = {r["hyper"]["rho"] for r in evals if r["method"] == "sam"}
+    evals = [r for r in recs if isinstance(r, EvalRecord)]
+    assert len(evals) + len(tune) == len(recs)
+    assert {r.method for r in evals} == {"baseline", "sam"}
+    sam_rhos = {r.hyper["rho"] for r in evals if r.method == "sam"}
     assert sam_rhos == {
         summary.hypers[("toy-a", "sam")].rho,
         summary.hypers[("toy-a", "wasam")].rho,
@@ -417,15 +420,15 @@ def test_fixed_hypers_ablation_and_variants(tmp_path):
         ablation_factors=(0.5, 2.0), epochs=2,
     )  # fmt: skip
     summary = run_grid(cfg, resolver=ToyResolver())
-    res = {(r["task"], r["method"], r["seed"]): r for r in summary.records}
+    res = {(r.task, r.method, r.seed): r for r in summary.records}
     assert len(res) == (5 + 4) * 2
-    assert res[("toy-a", "sam", 0)]["hyper"] == {"rho": 0.2}
-    assert res[("toy-b", "sam", 0)]["hyper"] == {"rho": 0.05}  # default elsewhere
-    assert res[("toy-a", "samk", 1)]["hyper"] == {"rho": 0.05}  # samk has no fixed rho
+    assert res[("toy-a", "sam", 0)].hyper == {"rho": 0.2}
+    assert res[("toy-b", "sam", 0)].hyper == {"rho": 0.05}  # default elsewhere
+    assert res[("toy-a", "samk", 1)].hyper == {"rho": 0.05}  # samk has no fixed rho
     assert ("toy-b", "samk", 0) not in res
     # 2 tasks x 2 seeds x (baseline, sam) + samk on toy-a x 2 seeds; ablation: 2 factors x 4.
     assert summary.planned == 8 + 2 + 8
-    assert {(r["budget_factor"], r["epochs"]) for r in summary.ablation} == {(0.5, 1), (2.0, 4)}
+    assert {(r.budget_factor, r.record.epochs) for r in summary.ablation} == {(0.5, 1), (2.0, 4)}
     text = (tmp_path / "report.md").read_text()
     assert "## Budget ablation" in text and "## Cheap SAM variants" in text
 
@@ -467,7 +470,7 @@ def test_resume_after_kill_gives_each_run_once_and_the_same_report(tmp_path):
     assert k <= done < 8
     summary = run_grid(_cfg(out), resolver=ToyResolver())
     assert summary.skipped == done and summary.ran == 8 - done
-    hashes = [r["hash"] for r in read_records(results)]
+    hashes = [r.hash for r in read_records(results)]
     assert len(hashes) == len(set(hashes)) == 8
     assert _masked_report(out) == _masked_report(ref)
     assert _csv_without_time(out) == _csv_without_time(ref)
@@ -581,9 +584,9 @@ def test_flatness_study_reproduces_the_runs_and_is_resumed(tmp_path):
             assert v["lambda_max"] > 0 and v["trace"] > 0 and v["worst_case_sharpness"] >= 0
         # Each checkpoint carries its method's own result: a view's is its average's.
         meta = torch.load(tmp_path / "checkpoints" / f"{m}.pt", weights_only=True)["record"]
-        (result,) = [r for r in summary.records if r["method"] == m]
+        (result,) = [r for r in summary.records if r.method == m]
         assert meta["method"] == m and "averages" not in meta
-        assert meta["final"]["test_acc"] == result["final"]["test_acc"]
+        assert meta["final"]["test_acc"] == result.final.test_acc
     assert set(study["interpolations"]) == {"baseline→swa", "baseline→sam", "baseline→wasam"}
     line = study["interpolations"]["baseline→sam"]
     assert line["coords"][0] == -0.5 and line["coords"][-1] == 1.5

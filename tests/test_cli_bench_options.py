@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +27,8 @@ def grid(monkeypatch):
     def fake_run_grid(*args, **kwargs):
         calls.append((args, kwargs))
         return GridSummary(
-            planned=7, skipped=2, ran=5, failed=0, wall_time=3.0, records=[{"status": "ok"}]
+            planned=7, skipped=2, ran=5, failed=0, wall_time=3.0,
+            records=[SimpleNamespace(status="ok")],
         )
 
     monkeypatch.setattr(bench, "run_grid", fake_run_grid)
@@ -49,8 +51,8 @@ def _assert_tuning_options(cfg: BenchConfig) -> None:
     assert cfg.tasks == ("digits",)
     assert cfg.tune is True
     assert cfg.tune_seeds == (100, 101, 102)
-    assert cfg.tuner == "optuna"
-    assert cfg.tune_trials == 3
+    assert cfg.tuner.name == "optuna"
+    assert cfg.tuner.trials == 3
     assert cfg.ablation_task == cfg.analysis_task == "digits"
     assert cfg.progress is False
 

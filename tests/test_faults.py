@@ -587,8 +587,8 @@ def test_a_malformed_record_is_skipped_with_a_warning_and_redone(tmp_path, damag
     assert (summary.ran, summary.skipped) == (1, 1)  # the damaged run is redone
     with warnings.catch_warnings(record=True):
         recs = read_records(results)
-    assert [r["method"] for r in recs] == ["baseline", "sam"]
-    assert recs[1]["final"] == sam["final"]  # deterministic: the same result again
+    assert [r.method for r in recs] == ["baseline", "sam"]
+    assert recs[1].to_dict()["final"] == sam["final"]  # deterministic: the same result again
 
 
 def test_a_malformed_record_is_a_warning_line_in_the_cli(tmp_path, cli):
@@ -712,7 +712,7 @@ def test_a_signal_stops_a_grid_keeping_results_and_leaving_no_process(tmp_path, 
         warnings.simplefilter("error")  # every record is whole and well-formed
         records = read_records(results)
     assert results.read_text().startswith(kept) and len(records) < 6
-    assert all(r["status"] == "ok" for r in records)
+    assert all(r.status == "ok" for r in records)
     with FileLock(tmp_path / LOCK):  # free: released, or dropped by the kernel after SIGKILL
         pass
 
@@ -722,12 +722,12 @@ def test_a_worker_that_dies_gives_an_error_record_and_the_grid_goes_on(tmp_path)
     cfg = _toy(tmp_path / "out", tasks=("toy-a", "toy-b"), jobs=2)
     summary = run_grid(cfg, resolver=DyingResolver(tmp_path / "died", hook="dataset"))
     recs = read_records(tmp_path / "out" / "results.jsonl")
-    errors = [r for r in recs if r["status"] == "error"]
+    errors = [r for r in recs if r.status == "error"]
     assert len(recs) == 4 and len(errors) == 1 and summary.failed == 1
-    assert "worker process died (exit code -9)" in errors[0]["reason"]
+    assert "worker process died (exit code -9)" in errors[0].reason
     # Recorded under the run's own hash, so the next invocation retries it.
-    spec = RunSpec(errors[0]["task"], errors[0]["method"], 0)
-    assert errors[0]["hash"] == spec.config_hash(TASKS[spec.task])
+    spec = RunSpec(errors[0].task, errors[0].method, 0)
+    assert errors[0].hash == spec.config_hash(TASKS[spec.task])
     again = run_grid(cfg, resolver=ToyResolver())
     assert (again.ran, again.skipped, again.failed) == (1, 3, 0)
 

@@ -319,7 +319,7 @@ def test_cli_bench_and_sharpness_at_a_precision(tmp_path, capsys):
             "--jobs", "1", "--no-progress", "--device", "cpu", "--precision", "bf16",
             "--out", str(tmp_path / "bench")]  # fmt: skip
     assert main(argv) == 0
-    (rec,) = read_records(tmp_path / "bench" / "results.jsonl")
+    (rec,) = [r.to_dict() for r in read_records(tmp_path / "bench" / "results.jsonl")]
     assert rec["precision"] == "bf16" and rec["device"] == "cpu"
     spec = RunSpec("digits", "baseline", 0, "full", epochs=1, precision="bf16")  # quick suite
     assert rec["hash"] == spec.config_hash()

@@ -618,15 +618,14 @@ def test_the_device_and_precision_reach_every_tuning_run(monkeypatch, tmp_path, 
 
     from flatmin.tune import suggest_hyper
 
-    # The modules (flatmin.bench.train is also the name of the function it exports).
-    train_module = importlib.import_module("flatmin.bench.train")
-    device_module = importlib.import_module("flatmin.bench.device")
+    # The adapter's names (flatmin.tune.bench is the only code that builds benchmark runs).
+    adapter = importlib.import_module("flatmin.tune.bench")
     fake = _FakeTrain()
-    monkeypatch.setattr(train_module, "train", fake)
+    monkeypatch.setattr(adapter, "train", fake)
     # A GPU without one: "cuda" resolves to cuda:0 (RunSpec only builds a torch.device of it).
-    real = device_module.resolve_device
+    real = adapter.resolve_device
     monkeypatch.setattr(
-        device_module, "resolve_device",
+        adapter, "resolve_device",
         lambda name: torch.device("cuda", 0) if str(name).startswith("cuda") else real(name),
     )  # fmt: skip
 
@@ -657,24 +656,22 @@ def test_the_device_and_precision_reach_every_tuning_run(monkeypatch, tmp_path, 
     assert "device 'cuda' there, None here" in capsys.readouterr().err
 
 
-def test_bench_optuna_tuner_searches_on_the_grids_device_and_precision(monkeypatch, tmp_path):
-    import flatmin.tune
-    from flatmin.bench import BenchConfig, Hyper
-    from flatmin.bench.runner import _optuna_tuning
+def test_bench_optuna_tuner_searches_on_the_grids_device_and_precision(tmp_path):
+    from flatmin.bench import BenchConfig
+    from flatmin.tasks import get_task
+    from flatmin.tune.bench import OptunaTuner
 
-    calls = []
-
-    def fake_suggest(task, method, budget, **kwargs):
-        calls.append((task, method, kwargs["device"], kwargs["precision"]))
-        return Hyper(rho=0.1), None
-
-    monkeypatch.setattr(flatmin.tune, "suggest_hyper", fake_suggest)
     cfg = BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline", "sam"), seeds=(0,),
-                      tune=True, tuner="optuna", progress=False, device="cuda:0",
-                      precision="bf16")  # fmt: skip
-    hypers = {}
-    _optuna_tuning(cfg, hypers)
-    assert calls == [("digits", "sam", "cuda:0", "bf16")] and hypers[("digits", "sam")].rho == 0.1
+                      tune=True, progress=False, device="cuda:0", precision="bf16",
+                      tune_seeds=(100, 101))  # fmt: skip
+    session = OptunaTuner(trials=5, batch=3).start(cfg, {"digits": get_task("digits")})
+    specs = session.ask({})
+    # One batch of 3 trials of SAM's search, each a tuning run per tuning seed.
+    assert {(s.task, s.method, s.stage, s.device, s.precision) for s in specs} == {
+        ("digits", "sam", "tune", "cuda:0", "bf16")
+    }
+    assert sorted(s.seed for s in specs) == [100, 100, 100, 101, 101, 101]
+    assert len({s.hyper.rho for s in specs}) == 3
 
 
 # --- the benchmark's --tuner optuna ----------------------------------------------------------
@@ -682,20 +679,24 @@ def test_bench_optuna_tuner_searches_on_the_grids_device_and_precision(monkeypat
 
 @pytest.mark.data
 def test_bench_with_the_optuna_tuner_uses_the_searched_values(tmp_path):
-    from flatmin.bench import BenchConfig, run_grid
+    from flatmin.bench import BenchConfig, TuneRecord, read_records, run_grid
+    from flatmin.tune.bench import OptunaTuner
 
     cfg = BenchConfig(
         out=tmp_path, tasks=("digits",), methods=("baseline", "sam", "samk"), seeds=(0,),
-        budget="quick", tune=True, tuner="optuna", tune_trials=2, tune_seeds=(100,), epochs=1,
+        budget="quick", tune=True, tuner=OptunaTuner(trials=2), tune_seeds=(100,), epochs=1,
         progress=False,
     )  # fmt: skip
     summary = run_grid(cfg)
-    search = summary.searches[("digits", "sam")]
-    best = search.best.params["rho"]
+    (search,) = summary.searches
+    assert (search.task, search.method) == ("digits", "sam")
+    assert search.trials == {"complete": 2, "failed": 0}
+    best = search.chosen["rho"]
     assert summary.hypers[("digits", "sam")].rho == pytest.approx(best)
     assert summary.hypers[("digits", "samk")].rho == pytest.approx(best)  # taken from SAM's
-    assert ("digits", "samk") not in summary.searches and not summary.tuning
-    assert (tmp_path / "tune" / "digits-sam" / "study.db").exists()
+    assert not summary.tuning
+    trials = [r for r in read_records(tmp_path / "results.jsonl") if isinstance(r, TuneRecord)]
+    assert len(trials) == 2 and best in {r.hyper["rho"] for r in trials}
     text = (tmp_path / "report.md").read_text()
     assert "## Optuna searches" in text and "`--tuner optuna`" in text
     # Resumed: the finished search is not run again and gives the same choice.
@@ -705,15 +706,12 @@ def test_bench_with_the_optuna_tuner_uses_the_searched_values(tmp_path):
 
 def test_bench_optuna_tuner_without_optuna_is_a_clear_error(monkeypatch, tmp_path):
     from flatmin.bench import BenchConfig
+    from flatmin.tune.bench import OptunaTuner
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
     cfg = BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline", "sam"), seeds=(0,),
-                      tune=True, tuner="optuna")  # fmt: skip
+                      tune=True, tuner=OptunaTuner())  # fmt: skip
     with pytest.raises(ValueError, match=r"pip install 'flatmin\[tune\]'"):
         cfg.validate()
-    with pytest.raises(ValueError, match="Invalid tuner: 'bayes'"):
-        BenchConfig(out=tmp_path, tasks=("digits",), methods=("baseline",), seeds=(0,),
-                    tuner="bayes").validate()  # fmt: skip
+    with pytest.raises(ValueError, match=r"Invalid tune_trials: 0 \(expected an integer >= 1\)"):
+        OptunaTuner(trials=0).check()

@@ -9,6 +9,7 @@ References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
 """
 
+from flatmin.bench.executors import Executor, PoolExecutor, SerialExecutor
 from flatmin.bench.methods import (
     METHODS,
     Grid,
@@ -21,6 +22,15 @@ from flatmin.bench.methods import (
     unknown_method_message,
 )
 from flatmin.bench.plan import TuneChoice, TuningPlan, plan_eval, plan_tuning
+from flatmin.bench.records import (
+    ErrorRecord,
+    EvalRecord,
+    MethodResult,
+    Metrics,
+    Record,
+    TuneRecord,
+    parse_record,
+)
 from flatmin.bench.report import summarize, write_report
 from flatmin.bench.runner import (
     BenchConfig,
@@ -32,28 +42,44 @@ from flatmin.bench.runner import (
 from flatmin.bench.store import append_record, read_records
 from flatmin.bench.suites import SUITES, Suite, get_suite, suite_names, unknown_suite_message
 from flatmin.bench.train import NonFiniteLossError, RunSpec, TrainResult, evaluate, train
+from flatmin.bench.tuning import GridTuner, SearchSummary, Tuner, TuningOutcome, TuningSession
 
 __all__ = [
     "METHODS",
     "SUITES",
     "BenchConfig",
+    "ErrorRecord",
+    "EvalRecord",
+    "Executor",
     "Grid",
     "GridSummary",
+    "GridTuner",
     "Hyper",
     "Method",
+    "MethodResult",
+    "Metrics",
     "NonFiniteLossError",
+    "PoolExecutor",
+    "Record",
     "RegistryResolver",
     "RunSpec",
+    "SearchSummary",
+    "SerialExecutor",
     "Suite",
     "TrainResult",
     "TuneChoice",
+    "TuneRecord",
+    "Tuner",
+    "TuningOutcome",
     "TuningPlan",
+    "TuningSession",
     "append_record",
     "evaluate",
     "get_method",
     "get_suite",
     "method_names",
     "method_result",
+    "parse_record",
     "plan_eval",
     "plan_tuning",
     "read_records",

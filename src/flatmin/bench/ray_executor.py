@@ -1,7 +1,8 @@
 """Executing a grid's runs as Ray tasks: on a local Ray instance or on a cluster.
 
 ``flatmin bench --executor ray`` (``pip install 'flatmin[ray]'``). The grid, its resume rules and
-its records are those of :mod:`flatmin.bench.execute`; only where a run trains changes.
+its records are those of every :class:`~flatmin.bench.executors.Executor`; only where a run
+trains changes.
 
 * **Tasks**: each run is one Ray task reserving ``cpus_per_run`` CPUs (default: ``threads``) and
   ``gpus_per_run`` GPUs, with ``max_retries=0``: Ray never reruns it behind the driver's back, so
@@ -17,8 +18,16 @@ its records are those of :mod:`flatmin.bench.execute`; only where a run trains c
 * **Connection**: ``ray_address`` (or ``$RAY_ADDRESS``) is an existing cluster (``"auto"``: the
   one ``ray start`` started on this machine); without either, a local Ray instance with ``jobs
   × cpus_per_run`` CPUs is started. Ray is connected on the first run that needs training and
-  :func:`ray_session` disconnects at the end of the grid, shutting down a local instance it
-  started (a connected cluster keeps running).
+  disconnected when the executor's block ends, shutting down a local instance it started (a
+  connected cluster keeps running).
+* **Bounded failures**: an address where nothing listens (``--ray-address``, ``$RAY_ADDRESS``)
+  is refused after a TCP connection attempt of at most :data:`CONNECT_TIMEOUT` seconds instead
+  of Ray's endless retries, and a run that no node of the cluster can host (``gpus_per_run``
+  GPUs on a machine without one) before it is submitted instead of waiting for it forever: both
+  raise :class:`RayUnavailableError` (a ``ValueError``).
+* **A killed driver**: the local instance's processes are watched by a small reaper process
+  (:func:`start_reaper`) that SIGKILLs them when the driver dies, even by SIGKILL, so no Ray
+  agent outlives it.
 * **Signals**: on SIGINT/SIGTERM (:class:`flatmin._proc.Interrupted`) the records of finished
   tasks are appended, every other task is cancelled (running ones are killed) and the exception
   propagates; their runs are redone by the next invocation.
@@ -31,26 +40,37 @@ import logging
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from types import ModuleType, TracebackType
+from typing import Any
 
 from flatmin._proc import Interrupted
-from flatmin.bench.execute import _Bars, _error_record, _execute
-from flatmin.bench.store import append_record
+from flatmin.bench.executors import OnRecord, Progress, error_record, run_spec
+from flatmin.bench.resolver import Resolver
 from flatmin.bench.train import RunSpec
 from flatmin.data import Dataset
 from flatmin.tasks import Task
 
-if TYPE_CHECKING:
-    from flatmin.bench.runner import BenchConfig, Resolver
-
-__all__ = ["INSTALL", "import_ray", "ray_session", "run_on_ray"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "INSTALL",
+    "RayExecutor",
+    "RayUnavailableError",
+    "import_ray",
+    "start_reaper",
+]
 
 INSTALL = "pip install 'flatmin[ray]'"
+CONNECT_TIMEOUT = 10.0  # seconds a TCP connection to the cluster's address may take
 _POLL = 0.2  # seconds between looks at the progress messages
+
+
+class RayUnavailableError(ValueError):
+    """The Ray cluster cannot be reached, or cannot host a run (one line, names the option)."""
 
 
 def import_ray() -> ModuleType:
@@ -60,29 +80,12 @@ def import_ray() -> ModuleType:
         ValueError: Ray is not installed (the message gives the install command).
     """
     try:
-        import ray
+        import ray  # optional (the ray extra)
     except ImportError:
         raise ValueError(
             f"Invalid executor: 'ray' (Ray is not installed; install it with: {INSTALL})"
         ) from None
     return ray
-
-
-@contextlib.contextmanager
-def ray_session() -> Iterator[None]:
-    """Disconnect from Ray at the end of the block if :func:`run_on_ray` connected inside it.
-
-    A local Ray instance started inside the block is shut down; a connection that existed before
-    the block (``ray.init`` called by the caller) is left alone.
-    """
-    ray = import_ray()
-    connected = ray.is_initialized()
-    try:
-        yield
-    finally:
-        if not connected and ray.is_initialized():
-            with _handlers_kept():
-                ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -99,24 +102,89 @@ def _handlers_kept() -> Iterator[None]:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def _connect(ray: ModuleType, cfg: BenchConfig) -> None:
-    """``ray.init`` for the grid, unless the process is already connected."""
-    if ray.is_initialized():
+def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse a ``host:port`` address where nothing accepts a TCP connection within ``timeout``.
+
+    ``"auto"`` and ``"local"`` are Ray's own lookups (they fail fast); a ``ray://`` client
+    address is checked on its host and port.
+
+    Raises:
+        RayUnavailableError: nothing listens there.
+    """
+    if address in ("auto", "local"):
         return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address == "local":  # this machine, sized like the local executor's pool
-        kwargs.update(num_cpus=math.ceil(cfg.jobs * _cpus(cfg)), include_dashboard=False)
-    with _handlers_kept():
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailableError(f"Invalid {option}: {address!r} (expected host:port or 'auto')")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayUnavailableError(
+            f"Invalid {option}: {address!r} (no Ray cluster answers there: {exc})"
+        ) from None
+
+
+# The reaper: a fresh interpreter outside the driver's session that records the driver's new
+# Ray descendants (GCS, raylet, agents, workers: "ray" in their command line; processes that
+# existed before it started are not its business) twice a second and SIGKILLs them once its
+# stdin closes (the driver exited or was killed) or the driver is gone.
+_REAPER = r"""
+import os, signal, sys, select
+driver = int(sys.argv[1])
+def table():
+    kids, start = {}, {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                f = open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(f[1]), []).append(int(e)); start[int(e)] = f[19]
+    return kids, start
+def ours(kids, start):
+    out, todo = {}, [driver]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out[c] = start[c]; todo.append(c)
+    return out
+def is_ray(pid):
+    try:
+        return b"ray" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+before = set(ours(*table()).items())
+seen = {}
+while True:
+    kids, start = table()
+    for c, t in ours(kids, start).items():
+        if c != os.getpid() and (c, t) not in before and c not in seen and is_ray(c):
+            seen[c] = t
+    ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+    if ready and not os.read(sys.stdin.fileno(), 1) or driver not in start:
+        break
+_, start = table()
+for pid, t in seen.items():
+    if start.get(pid) == t:
         try:
-            ray.init(address=address, **kwargs)
-        except BaseException:
-            ray.shutdown()  # a half-started local instance
-            raise
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
 
 
-def _cpus(cfg: BenchConfig) -> float:
-    return cfg.cpus_per_run if cfg.cpus_per_run is not None else float(cfg.threads)
+def start_reaper() -> subprocess.Popen[bytes] | None:
+    """A process that kills this process's descendants when it dies (Linux; else ``None``).
+
+    Close the returned process's stdin to make it reap at once (after ``ray.shutdown``: what a
+    graceful shutdown left behind).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
+        stdin=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
 
 
 class _Loaded:
@@ -156,44 +224,20 @@ def _run_task(
 ) -> dict[str, Any]:
     """The body of a run's Ray task (``dataset`` arrives from the object store)."""
     if progress is None:
-        return _execute(spec, _Loaded(resolver, dataset), threads, None)
-    import ray  # in a Ray worker
+        return run_spec(spec, _Loaded(resolver, dataset), threads)
+    ray = import_ray()  # in a Ray worker
 
     progress.put.remote(("start", run_id))
 
     def notify(epoch: int, epochs: int, acc: float) -> None:
         progress.put.remote(("epoch", run_id, epoch, epochs, acc))
 
-    record = _execute(spec, _Loaded(resolver, dataset), threads, notify)
+    record = run_spec(spec, _Loaded(resolver, dataset), threads, notify)
     # The actor runs one caller's messages in order: once this one is in, all are, so the
     # driver takes them before it sees the record (the run's bar is never skipped).
     with contextlib.suppress(ray.exceptions.RayError):  # the bars are not worth a run
         ray.get(progress.put.remote(("end", run_id)))
     return record
-
-
-def run_on_ray(
-    specs: Sequence[RunSpec],
-    cfg: BenchConfig,
-    resolver: Resolver,
-    results: Path,
-    bars: _Bars,
-) -> None:
-    """Train ``specs`` as Ray tasks and append each record (see the module docstring).
-
-    Raises:
-        flatmin._proc.Interrupted: SIGINT/SIGTERM; the finished records are kept and the other
-            tasks cancelled.
-    """
-    ray = import_ray()
-    with _signals_seen() as seen:
-        try:
-            _connect(ray, cfg)
-            _run(ray, specs, cfg, resolver, results, bars)
-        except KeyboardInterrupt as exc:
-            if seen and not isinstance(exc, Interrupted):
-                raise Interrupted(seen[-1]) from None
-            raise
 
 
 @contextlib.contextmanager
@@ -226,73 +270,180 @@ def _signals_seen() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def _run(
-    ray: ModuleType,
-    specs: Sequence[RunSpec],
-    cfg: BenchConfig,
-    resolver: Resolver,
-    results: Path,
-    bars: _Bars,
-) -> None:
-    datasets: dict[str, Any] = {}  # dataset name -> object ref
-    for spec in specs:
-        task = resolver.task(spec.task)
-        if task.dataset not in datasets:
-            datasets[task.dataset] = ray.put(resolver.dataset(task))
-    progress = ray.remote(num_cpus=0)(_Progress).remote() if bars.enabled else None
-    remote = ray.remote(_run_task).options(
-        num_cpus=_cpus(cfg), num_gpus=cfg.gpus_per_run or 0, max_retries=0,
-        name="flatmin-bench-run",
-    )  # fmt: skip
-    shared = ray.put(resolver)
-    pending: dict[Any, int] = {}  # object ref -> run id
-    started: dict[int, float] = {}  # run id -> when it started (or was submitted)
-    finished: set[int] = set()
+class RayExecutor:
+    """One Ray task per run (see the module docstring).
 
-    def show_progress() -> None:
-        if progress is None:
+    Args:
+        resolver: task and dataset lookup (shipped to the tasks through the object store).
+        threads: torch threads per run.
+        jobs: a local instance's CPUs are ``jobs × cpus_per_run``.
+        address: the cluster (default ``$RAY_ADDRESS``, else a local instance).
+        cpus_per_run, gpus_per_run: what each task reserves (default ``threads`` CPUs, no GPU).
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        threads: int = 1,
+        jobs: int = 1,
+        address: str | None = None,
+        cpus_per_run: float | None = None,
+        gpus_per_run: float | None = None,
+    ) -> None:
+        self.resolver, self.threads, self.jobs = resolver, threads, jobs
+        self.address, self.gpus = address, gpus_per_run or 0.0
+        self.cpus = cpus_per_run if cpus_per_run is not None else float(threads)
+        self._ray: ModuleType | None = None
+        self._connected_before = False
+        self._reaper: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RayExecutor:
+        self._ray = import_ray()
+        self._connected_before = self._ray.is_initialized()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Disconnect if this executor connected (a local instance it started shuts down)."""
+        ray = self._ray
+        if ray is not None and not self._connected_before and ray.is_initialized():
+            with _handlers_kept():
+                ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.stdin.close()  # type: ignore[union-attr]  # reap what is left
+            self._reaper.wait()
+            self._reaper = None
+
+    def _connect(self, ray: ModuleType) -> None:
+        """``ray.init`` for the grid, unless the process is already connected."""
+        if ray.is_initialized():
             return
-        for kind, run_id, *rest in ray.get(progress.take.remote()):
-            if run_id in finished:  # a message that arrived after the record
+        option = "--ray-address" if self.address else "RAY_ADDRESS"
+        address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+        check_reachable(address, option)
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+        if address == "local":  # this machine, sized like the local executor's pool
+            kwargs.update(num_cpus=math.ceil(self.jobs * self.cpus), include_dashboard=False)
+            self._reaper = self._reaper or start_reaper()
+        with _handlers_kept():
+            try:
+                ray.init(address=address, **kwargs)
+            except BaseException:
+                ray.shutdown()  # a half-started local instance
+                raise
+
+    def _check_fits(self, ray: ModuleType) -> None:
+        """Refuse runs that no alive node can host (Ray would wait for such a node forever)."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(r.get("CPU", 0) >= self.cpus and r.get("GPU", 0) >= self.gpus for r in nodes):
+            return
+        have = ", ".join(f"{r.get('CPU', 0):g} CPUs/{r.get('GPU', 0):g} GPUs" for r in nodes)
+        raise RayUnavailableError(
+            f"Invalid cpus/gpus per run: {self.cpus:g}/{self.gpus:g} (no node of the Ray cluster "
+            f"has them: {have or 'no node'})"
+        )
+
+    def run(self, specs: Sequence[RunSpec], on_record: OnRecord, progress: Progress) -> None:
+        """Train ``specs`` as Ray tasks (see the module docstring).
+
+        Raises:
+            RayUnavailableError: the cluster cannot be reached or cannot host a run.
+            flatmin._proc.Interrupted: SIGINT/SIGTERM; the finished records are handed over and
+                the other tasks cancelled.
+        """
+        ray = self._ray or import_ray()
+        with _signals_seen() as seen:
+            try:
+                self._connect(ray)
+                self._check_fits(ray)
+                _Batch(ray, self, specs, on_record, progress).run()
+            except KeyboardInterrupt as exc:
+                if seen and not isinstance(exc, Interrupted):
+                    raise Interrupted(seen[-1]) from None
+                raise
+
+
+class _Batch:
+    """One batch of runs on Ray: submitted at once, collected as they finish."""
+
+    def __init__(
+        self,
+        ray: ModuleType,
+        ex: RayExecutor,
+        specs: Sequence[RunSpec],
+        on_record: OnRecord,
+        bars: Progress,
+    ) -> None:
+        self.ray, self.ex, self.specs, self.on_record, self.bars = ray, ex, specs, on_record, bars
+        self.pending: dict[Any, int] = {}  # object ref -> run id
+        self.started: dict[int, float] = {}  # run id -> when it started (or was submitted)
+        self.finished: set[int] = set()
+        self.progress: Any = None
+
+    def _submit(self) -> None:
+        ray, resolver = self.ray, self.ex.resolver
+        datasets: dict[str, Any] = {}  # dataset name -> object ref
+        for spec in self.specs:
+            task = resolver.task(spec.task)
+            if task.dataset not in datasets:
+                datasets[task.dataset] = ray.put(resolver.dataset(task))
+        if self.bars.enabled:
+            self.progress = ray.remote(num_cpus=0)(_Progress).remote()
+        remote = ray.remote(_run_task).options(
+            num_cpus=self.ex.cpus, num_gpus=self.ex.gpus, max_retries=0, name="flatmin-bench-run",
+        )  # fmt: skip
+        shared = ray.put(resolver)
+        for run_id, spec in enumerate(self.specs):
+            dataset = datasets[resolver.task(spec.task).dataset]
+            ref = remote.remote(spec, shared, dataset, self.ex.threads, run_id, self.progress)
+            self.pending[ref], self.started[run_id] = run_id, time.perf_counter()
+
+    def _show_progress(self) -> None:
+        if self.progress is None:
+            return
+        for kind, run_id, *rest in self.ray.get(self.progress.take.remote()):
+            if run_id in self.finished:  # a message that arrived after the record
                 continue
             if kind == "start":
-                started[run_id] = time.perf_counter()
-                bars.start(run_id, specs[run_id])
+                self.started[run_id] = time.perf_counter()
+                self.bars.start(run_id, self.specs[run_id])
             elif kind == "epoch":
-                bars.epoch(run_id, *rest)
+                self.bars.epoch(run_id, *rest)
 
-    def collect(refs: Sequence[Any]) -> None:
+    def _collect(self, refs: Sequence[Any]) -> None:
         for ref in refs:
-            run_id = pending.pop(ref)
+            run_id = self.pending.pop(ref)
+            spec = self.specs[run_id]
             try:
-                record = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # the worker died or the task could not run
+                record = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:  # the worker died or the task could not run
                 summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 reason = f"the Ray task failed ({type(exc).__name__}: {summary})"
-                record = _error_record(specs[run_id], resolver, reason, str(exc), started[run_id])
-            append_record(results, record)
-            finished.add(run_id)
-            bars.finish(run_id, record)
+                t0 = self.started[run_id]
+                record = error_record(spec, self.ex.resolver, reason, str(exc), t0)
+            self.on_record(spec, record)
+            self.finished.add(run_id)
+            self.bars.finish(run_id, record)
 
-    try:
-        for run_id, spec in enumerate(specs):
-            dataset = datasets[resolver.task(spec.task).dataset]
-            ref = remote.remote(spec, shared, dataset, cfg.threads, run_id, progress)
-            pending[ref], started[run_id] = run_id, time.perf_counter()
-        while pending:
-            ray.wait(list(pending), num_returns=1, timeout=_POLL)
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            show_progress()  # after the wait: every message of a ready task is in
-            collect(ready)
-    except BaseException:
-        with contextlib.suppress(Exception):  # keep what finished before the interruption
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            collect(ready)
-        for ref in pending:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        raise
-    finally:
-        if progress is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(progress)
+    def run(self) -> None:
+        ray = self.ray
+        try:
+            self._submit()
+            while self.pending:
+                ray.wait(list(self.pending), num_returns=1, timeout=_POLL)
+                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+                self._show_progress()  # after the wait: every message of a ready task is in
+                self._collect(ready)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what finished before the interruption
+                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+                self._collect(ready)
+            for ref in self.pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+        finally:
+            if self.progress is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(self.progress)

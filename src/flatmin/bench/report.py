@@ -20,15 +20,62 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
 from flatmin._io import atomic_write_text
-from flatmin.bench.figures import ablation_accuracies
+from flatmin.bench.figures import ablation_accuracies, report_figures
+from flatmin.bench.flatness import flatness_lines
+from flatmin.bench.methods import METHODS, Hyper
+from flatmin.bench.plan import TuneChoice
+from flatmin.bench.records import MethodResult, Record
 from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
+from flatmin.bench.tuning import SearchSummary
 
-__all__ = ["TaskRow", "summarize", "write_csv", "write_report"]
+__all__ = ["ReportData", "TaskRow", "summarize", "write_csv", "write_report"]
+
+Meta = Mapping[str, object]
+"""The grid's options shown in the report (:func:`flatmin.bench.runner.meta_of`)."""
+
+
+class ReportData(Protocol):
+    """What the report reads (a :class:`~flatmin.bench.runner.GridSummary` has it)."""
+
+    @property
+    def records(self) -> Sequence[MethodResult]:
+        """One result per task × method × seed."""
+        ...
+
+    @property
+    def tune_records(self) -> Sequence[Record]:
+        """The tuning runs."""
+        ...
+
+    @property
+    def ablation(self) -> Sequence[MethodResult]:
+        """The budget ablation's results."""
+        ...
+
+    @property
+    def tuning(self) -> Sequence[TuneChoice]:
+        """The validation grids."""
+        ...
+
+    @property
+    def searches(self) -> Sequence[SearchSummary]:
+        """Another tuner's searches."""
+        ...
+
+    @property
+    def hypers(self) -> Mapping[tuple[str, str], Hyper]:
+        """The hyper-parameters used."""
+        ...
+
+    @property
+    def flatness(self) -> Mapping[str, object] | None:
+        """The flatness study."""
+        ...
 
 DOMAINS = ("vision", "text", "graph")
 CSV_FIELDS = (
@@ -70,62 +117,55 @@ class TaskRow:
         return None if not self.test_size else 100.0 / self.test_size
 
 
-def _pct(rec: Mapping[str, Any], key: str) -> float | None:
-    value = (rec.get("final") or {}).get(key)
-    return None if value is None else 100.0 * float(value)
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
+def _mean(values: Sequence[float | None], scale: float = 100.0) -> float | None:
+    vals = [scale * v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
-def summarize(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[TaskRow]:
+def _task_row(task: str, results: Sequence[MethodResult], methods: Sequence[str]) -> TaskRow:
+    """The row of ``task`` from its results (``ok`` ones count), without Holm's correction."""
+    by: dict[str, dict[int, MethodResult]] = {m: {} for m in methods}
+    for r in results:
+        if r.ok and r.method in by and r.final.test_acc is not None:
+            by[r.method][r.seed] = r
+    acc = {m: {s: 100.0 * (r.final.test_acc or 0.0) for s, r in by[m].items()} for m in methods}
+    base = acc.get("baseline", {})
+    base_time = [r.wall_time for r in by.get("baseline", {}).values()]
+    cost = {}
+    for m in methods:
+        times = [r.wall_time for r in by[m].values()]
+        if times and base_time:
+            cost[m] = float(np.mean(times) / np.mean(base_time))
+    fit = {
+        m: (
+            _mean([r.final.train_acc for r in by[m].values()]),
+            _mean([r.final.train_acc_clean for r in by[m].values()]),
+            _mean([r.final.noise_memorised for r in by[m].values()]),
+        )
+        for m in methods
+    }
+    runs = [r.run for r in results if r.run is not None]
+    return TaskRow(
+        task=task, domain=next((r.domain for r in runs), "?"),
+        model=next((r.model for r in runs), "?"),
+        test_size=next((r.sizes["test"] for r in runs if r.sizes.get("test")), None),
+        baseline=mean_ci(list(base.values())),
+        diffs={m: paired_difference(acc[m], base) for m in methods if m != "baseline"},
+        absolute={m: mean_ci(list(acc[m].values())) for m in methods}, fit=fit, cost=cost,
+    )  # fmt: skip
+
+
+def summarize(records: Sequence[MethodResult], methods: Sequence[str]) -> list[TaskRow]:
     """Per-task rows from method results (``status == "ok"`` only), Holm over all cells.
 
     Args:
-        records: one result per task × method × seed (:func:`flatmin.bench.runner.method_result`).
+        records: one result per task × method × seed.
         methods: method order; ``"baseline"`` is the reference.
     """
-    ok = [r for r in records if r.get("status") == "ok"]
-    tasks: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, list[MethodResult]] = {}
     for r in records:
-        info = tasks.setdefault(
-            r["task"], {"domain": r.get("domain", "?"), "model": r.get("model", "?"), "n": None}
-        )
-        info["n"] = info["n"] or (r.get("sizes") or {}).get("test")
-    rows = []
-    for task, info in tasks.items():
-        by: dict[str, dict[int, Mapping[str, Any]]] = {m: {} for m in methods}
-        for r in ok:
-            if r["task"] == task and r["method"] in by:
-                by[r["method"]][int(r["seed"])] = r
-        acc = {
-            m: {s: 100.0 * float(r["final"]["test_acc"]) for s, r in by[m].items()} for m in methods
-        }
-        base = acc.get("baseline", {})
-        base_time = [r["wall_time"] for r in by.get("baseline", {}).values()]
-        cost = {}
-        for m in methods:
-            times = [r["wall_time"] for r in by[m].values()]
-            if times and base_time:
-                cost[m] = float(np.mean(times) / np.mean(base_time))
-        fit = {
-            m: (
-                _mean([_pct(r, "train_acc") for r in by[m].values()]),
-                _mean([_pct(r, "train_acc_clean") for r in by[m].values()]),
-                _mean([_pct(r, "noise_memorised") for r in by[m].values()]),
-            )
-            for m in methods
-        }
-        rows.append(
-            TaskRow(
-                task=task, domain=info["domain"], model=info["model"], test_size=info["n"],
-                baseline=mean_ci(list(base.values())),
-                diffs={m: paired_difference(acc[m], base) for m in methods if m != "baseline"},
-                absolute={m: mean_ci(list(acc[m].values())) for m in methods}, fit=fit, cost=cost,
-            )
-        )  # fmt: skip
+        tasks.setdefault(r.task, []).append(r)
+    rows = [_task_row(task, results, methods) for task, results in tasks.items()]
     # One Holm family: every tested cell of the table.
     family = with_holm({(i, m): c for i, r in enumerate(rows) for m, c in r.diffs.items()})
     return [
@@ -146,8 +186,6 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _registry_index(method: str) -> int:
-    from flatmin.bench.methods import METHODS
-
     names = list(METHODS)
     return names.index(method) if method in names else len(names)
 
@@ -281,7 +319,7 @@ def _variant_table(rows: Sequence[TaskRow], variants: Sequence[str]) -> list[str
 
 
 def _hyper_table(
-    hypers: Mapping[tuple[str, str], Any], tasks: Sequence[str], methods: Sequence[str]
+    hypers: Mapping[tuple[str, str], Hyper], tasks: Sequence[str], methods: Sequence[str]
 ) -> list[str]:
     body = []
     for t in tasks:
@@ -294,7 +332,7 @@ def _hyper_table(
     return _table(["Task", *map(_label, methods)], body)
 
 
-def _tuning_table(tuning: Sequence[Any]) -> list[str]:
+def _tuning_table(tuning: Sequence[TuneChoice]) -> list[str]:
     body = []
     for c in tuning:
         if not c.params:
@@ -323,36 +361,34 @@ def _tuning_table(tuning: Sequence[Any]) -> list[str]:
     )  # fmt: skip
 
 
-def _search_table(searches: Mapping[tuple[str, str], Any]) -> list[str]:
+def _search_table(searches: Sequence[SearchSummary]) -> list[str]:
     body = []
-    for (task, method), result in searches.items():
-        best = result.best
-        chosen = "–" if best is None else ", ".join(f"{k}={v:.3g}" for k, v in best.params.items())
+    for search in searches:
+        chosen = search.chosen
+        text = "–" if chosen is None else ", ".join(f"{k}={v:.3g}" for k, v in chosen.items())
         score = (
-            "–" if best is None or best.score is None
-            else f"{100 * best.score.value:.2f} (mean {100 * best.score.mean:.2f})"
+            "–" if search.score is None or search.mean is None
+            else f"{100 * search.score:.2f} (mean {100 * search.mean:.2f})"
         )  # fmt: skip
-        states = ", ".join(
-            f"{result.count(s)} {s}" for s in ("complete", "pruned", "failed") if result.count(s)
-        )
-        body.append([task, _label(method), chosen, score, states])
+        states = ", ".join(f"{n} {s}" for s, n in search.trials.items() if n)
+        body.append([search.task, _label(search.method), text, score, states])
     return _table(["Task", "Method", "Chosen", "Score: mean − std (%)", "Trials"], body)
 
 
-def _task_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+def _task_table(records: Sequence[MethodResult]) -> list[str]:
     seen: dict[str, list[str]] = {}
-    for r in records:
-        rec = r.get("recipe")
-        if r["task"] in seen or not rec:
+    for result in records:
+        r = result.run
+        if r is None or result.task in seen or not r.recipe:
             continue
-        sizes = r.get("sizes") or {}
+        rec, sizes = r.recipe, r.sizes
         split = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
         if sizes.get("folds"):
             split = f"{sizes['folds']}-fold CV, pooled {split}"
-        seen[r["task"]] = [
-            r["task"], r.get("domain", "?"), r.get("model", "?"), str(r.get("budget", "?")),
+        seen[result.task] = [
+            result.task, r.domain, r.model, str(r.budget or "?"),
             f"{rec['optimizer']} lr {rec['lr']:g}, wd {rec['weight_decay']:g}",
-            str(rec["batch_size"]), str(rec["epochs"]), rec["schedule"], split,
+            str(rec["batch_size"]), str(rec["epochs"]), str(rec["schedule"]), split,
         ]  # fmt: skip
     header = [
         "Task", "Domain", "Model", "Budget", "Optimizer", "Batch", "Epochs", "Schedule",
@@ -375,89 +411,97 @@ def _pvalue_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     return _table(["Task", "Method", "Difference", "p (paired t)", "p (Holm)"], body)
 
 
-def _ablation_table(
-    ablation: Sequence[Mapping[str, Any]], main: Sequence[Mapping[str, Any]]
-) -> list[str]:
-    task = ablation[0]["task"]
-    pts = ablation_accuracies(ablation, main)
+def _ablation_table(ablation: Sequence[MethodResult], main: Sequence[MethodResult]) -> list[str]:
+    task = ablation[0].task
+    pts = ablation_accuracies([r.to_dict() for r in ablation], [r.to_dict() for r in main])
     factors = sorted({f for by in pts.values() for f in by})
     body = [
         [_label(m), *(mean_ci(by.get(f, [])).format() for f in factors)] for m, by in pts.items()
     ]
-    epochs = {float(r["budget_factor"]): r.get("epochs_planned") for r in ablation}
+    epochs = {
+        float(r.budget_factor or 1.0): r.run.epochs_planned if r.run else None for r in ablation
+    }
     head = [f"{f:g}× ({epochs.get(f, '1×')} ep)" if f != 1.0 else "1× (main grid)" for f in factors]
     return [f"Task `{task}`, test accuracy (%), mean ± 95 % CI over seeds.", "",
             *_table(["Method", *head], body)]  # fmt: skip
 
 
-def write_csv(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> None:
-    """One row per result (see :data:`CSV_FIELDS`), sorted by task, method, seed."""
-    rows = sorted(
-        records,
-        key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("budget_factor") or 1.0,
-                       r.get("seed", 0)),
+def _csv_row(r: MethodResult) -> dict[str, object]:
+    run = r.run
+    row: dict[str, object] = {k: "" for k in CSV_FIELDS}
+    row.update(
+        task=r.task, method=r.method, trajectory=r.trajectory or "", seed=r.seed, status=r.status,
+        reason=r.reason or "", hash=r.record.hash, wall_time=f"{r.wall_time:.2f}",
+        budget_factor=r.budget_factor or "",
     )  # fmt: skip
+    if run is not None:
+        row.update(domain=run.domain, model=run.model, epochs=run.epochs or "")
+    row.update({k: r.hyper.get(k, "") for k in ("rho", "start", "swa_lr", "alpha")})
+    row.update({k: v for k, v in r.final.__dict__.items() if v is not None and k in row})
+    return row
+
+
+def write_csv(path: str | os.PathLike[str], records: Sequence[MethodResult]) -> None:
+    """One row per result (see :data:`CSV_FIELDS`), sorted by task, method, seed."""
+    rows = sorted(records, key=lambda r: (r.task, r.method, r.budget_factor or 1.0, r.seed))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        final, hp = r.get("final") or {}, r.get("hyper") or {}
-        row = {k: r.get(k, "") for k in CSV_FIELDS}
-        row.update({k: hp.get(k, "") for k in ("rho", "start", "swa_lr", "alpha")})
-        row.update({k: _blank(final.get(k)) for k in CSV_FIELDS if k in final})
-        row["reason"] = r.get("reason") or ""
-        row["wall_time"] = "" if r.get("wall_time") is None else f"{float(r['wall_time']):.2f}"
-        row["budget_factor"] = r.get("budget_factor") or ""
-        writer.writerow(row)
+        writer.writerow(_csv_row(r))
     atomic_write_text(path, buf.getvalue())
 
 
-def _blank(value: Any) -> Any:
-    return "" if value is None else value
+_HOW_TO_READ = [
+    "**How to read the tables.** Test accuracy (%) in the layout of Kaddour et al. (2022), "
+    "Table 2: the baseline's mean ± the half-width of its 95 % confidence interval over "
+    "seeds, then each method's difference to the baseline: mean ± 95 % CI of the per-seed "
+    "differences (paired by seed: same initialisation and batch order; Student's t). `*`: "
+    "paired t-test p < 0.05 after Holm's correction over every cell of the headline table; "
+    "`=`: the difference is identical on every seed (no variance, not tested). `Test n` is "
+    "the number of test samples and, in brackets, how many points of accuracy one sample "
+    "is: a difference below that is noise.",
+    "",
+    "Model selection: the **final epoch** (for SWA, SWA-LR and WASAM the averaged weights, "
+    "BatchNorm statistics recomputed on the training set). Every method trains for the same "
+    "number of epochs. SWA and WASAM follow Kaddour et al. (Alg. 1-2): the average of the "
+    "baseline's and SAM's own iterates under the task's schedule, read from the same runs; "
+    "SWA-LR follows Izmailov et al. (Alg. 1): a constant SWA learning rate from the start. "
+    "(Best-validation-epoch tables are not reported: the averages exist only from their "
+    "start, so such a table would compare averaged with non-averaged weights.)",
+    "",
+]
 
 
-def write_report(
-    out: str | os.PathLike[str],
-    summary: Any,
-    *,
-    meta: Mapping[str, Any] | None = None,
-    figures: bool = True,
-) -> Path:
-    """Write ``report.md``, ``results.csv`` and the figures into ``out``.
+def _strings(value: object) -> list[str]:
+    """A list of names from the metadata (``[]`` if absent)."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
 
-    Args:
-        out: output directory.
-        summary: a :class:`~flatmin.bench.runner.GridSummary` (records, tuning, hypers, ablation,
-            flatness).
-        meta: the grid's options (suite, budget, seeds, ...), shown at the top.
-        figures: draw the PNG figures (needs matplotlib).
 
-    Returns:
-        The path of ``report.md``.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta or {})
-    records = list(summary.records)
-    methods = list(meta.get("methods") or dict.fromkeys(r["method"] for r in records))
-    if "baseline" in methods:
-        methods.remove("baseline")
-        methods.insert(0, "baseline")
-    variants = [v for v in meta.get("variants") or () if v not in methods]
-    extras = [m for ms in (meta.get("extra_methods") or {}).values() for m in ms]
+def _report_methods(records: Sequence[MethodResult], meta: Meta) -> tuple[list[str], list[str]]:
+    """The headline methods (registry order, baseline first) and the cheap variants."""
+    methods = _strings(meta.get("methods")) or list(dict.fromkeys(r.method for r in records))
+    variants = [v for v in _strings(meta.get("variants")) if v not in methods]
+    extra = meta.get("extra_methods")
+    extras = [m for ms in extra.values() for m in ms] if isinstance(extra, Mapping) else []
     # Methods run on some tasks only (ASAM on the vision tasks, say) join the headline table, in
     # the registry's order (baseline, swa, swa-lr, sam, asam, wasam, ...).
     methods += [m for m in dict.fromkeys(extras) if m not in methods and m not in variants]
     methods.sort(key=_registry_index)
-    headline = [r for r in records if r["method"] in methods]
-    rows = summarize(headline, methods)
-    variant_rows = summarize(records, [*methods, *variants]) if variants else []
-    ok = [r for r in records if r.get("status") == "ok"]
-    seeds = sorted({int(r["seed"]) for r in ok})
-    write_csv(out / "results.csv", [*records, *summary.ablation])
+    return methods, variants
 
+
+def _intro(
+    meta: Meta, records: Sequence[MethodResult], rows: Sequence[TaskRow], methods: Sequence[str],
+    variants: Sequence[str],
+) -> list[str]:  # fmt: skip
+    """The title, what was run, how to read the tables and how hyper-parameters were chosen."""
+    ok = [r for r in records if r.ok]
+    seeds = sorted({r.seed for r in ok})
+    task_budgets = meta.get("task_budgets")
+    pairs = task_budgets.items() if isinstance(task_budgets, Mapping) else ()
+    budgets = ", ".join(f"{t} (`{b}`)" for t, b in pairs)
     lines = ["# flatmin benchmark report", ""]
-    budgets = ", ".join(f"{t} (`{b}`)" for t, b in (meta.get("task_budgets") or {}).items())
     lines += [
         f"Suite `{meta.get('suite') or 'custom'}`, `{meta.get('budget', '?')}` budgets"
         + (f" except {budgets}" if budgets else "")
@@ -466,44 +510,23 @@ def write_report(
         + f" × {len(seeds)} evaluation seeds ({', '.join(map(str, seeds))}); "
         f"{len(ok)} of {len(records)} results finished.",
         "",
-        "**How to read the tables.** Test accuracy (%) in the layout of Kaddour et al. (2022), "
-        "Table 2: the baseline's mean ± the half-width of its 95 % confidence interval over "
-        "seeds, then each method's difference to the baseline: mean ± 95 % CI of the per-seed "
-        "differences (paired by seed: same initialisation and batch order; Student's t). `*`: "
-        "paired t-test p < 0.05 after Holm's correction over every cell of the headline table; "
-        "`=`: the difference is identical on every seed (no variance, not tested). `Test n` is "
-        "the number of test samples and, in brackets, how many points of accuracy one sample "
-        "is: a difference below that is noise.",
-        "",
-        "Model selection: the **final epoch** (for SWA, SWA-LR and WASAM the averaged weights, "
-        "BatchNorm statistics recomputed on the training set). Every method trains for the same "
-        "number of epochs. SWA and WASAM follow Kaddour et al. (Alg. 1-2): the average of the "
-        "baseline's and SAM's own iterates under the task's schedule, read from the same runs; "
-        "SWA-LR follows Izmailov et al. (Alg. 1): a constant SWA learning rate from the start. "
-        "(Best-validation-epoch tables are not reported: the averages exist only from their "
-        "start, so such a table would compare averaged with non-averaged weights.)",
-        "",
+        *_HOW_TO_READ,
     ]
-    if meta.get("tune") and meta.get("tuner") == "optuna":
-        lines += [
-            "Hyper-parameters: chosen per task by an Optuna search on the validation split "
-            f"(`--tuner optuna`, {meta.get('tune_trials')} finished trials per method, scored "
-            f"over tuning seeds {meta.get('tune_seeds')} as mean − std; see 'Optuna "
-            "searches'). The grid (`--tuner grid`) is the reference protocol.",
-            "",
-        ]
-    elif meta.get("tune"):
-        lines += [
-            "Hyper-parameters: every tuned hyper-parameter is chosen per task on the validation "
-            f"split (clean labels) by the **mean over tuning seeds {meta.get('tune_seeds')}** "
-            "(never evaluation seeds); grids at an edge are extended (see 'Validation grids').",
-            "",
-        ]
+    if meta.get("tune") and meta.get("tuning"):
+        lines += [str(meta["tuning"]), ""]
     elif meta.get("hyper_source"):
         lines += [f"Hyper-parameters: fixed per task — {meta['hyper_source']}.", ""]
     else:
         lines += ["Hyper-parameters: the methods' defaults (no validation grid).", ""]
-    lines += ["## Test accuracy (final epoch)", "", *accuracy_tables(rows, methods)]
+    return lines
+
+
+def _accuracy_sections(
+    rows: Sequence[TaskRow], variant_rows: Sequence[TaskRow], methods: Sequence[str],
+    variants: Sequence[str],
+) -> list[str]:  # fmt: skip
+    """The headline tables, their summary, memorisation and the cheap variants."""
+    lines = ["## Test accuracy (final epoch)", "", *accuracy_tables(rows, methods)]
     lines += [
         "### Summary",
         "",
@@ -539,25 +562,24 @@ def write_report(
             *_variant_table(variant_rows, variants),
             "",
         ]
-    if summary.ablation:
-        lines += ["## Budget ablation", "", *_ablation_table(summary.ablation, records), ""]
-    if summary.flatness:
-        from flatmin.bench.flatness import flatness_lines
+    return lines
 
-        lines += ["## Flatness of the solutions", "", *flatness_lines(summary.flatness), ""]
-    all_methods = [*methods, *variants]
-    cost_rows = variant_rows or rows
-    lines += [
+
+def _cost_and_choice_sections(
+    summary: ReportData, rows: Sequence[TaskRow], all_methods: Sequence[str]
+) -> list[str]:
+    """Wall-clock cost, the chosen hyper-parameters, and how they were chosen."""
+    lines = [
         "## Relative wall-clock cost",
         "",
         "Mean wall time of a run relative to the baseline's on the same task (training, "
         "evaluation and BN recomputation included). SWA and WASAM are read from the baseline's "
         "and SAM's runs, which also keep their averages, so they show those runs' cost.",
         "",
-        *_cost_table(cost_rows, all_methods),
+        *_cost_table(rows, all_methods),
         "",
     ]
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    tasks = list(dict.fromkeys(r.task for r in summary.records))
     lines += [
         "## Chosen hyper-parameters",
         "",
@@ -566,9 +588,17 @@ def write_report(
     ]
     if summary.tuning:
         lines += ["## Validation grids", "", *_tuning_table(summary.tuning), ""]
-    if getattr(summary, "searches", None):
+    if summary.searches:
         lines += ["## Optuna searches", "", *_search_table(summary.searches), ""]
-    lines += [
+    return lines
+
+
+def _pvalue_sections(
+    records: Sequence[MethodResult], rows: Sequence[TaskRow], variant_rows: Sequence[TaskRow],
+    methods: Sequence[str], variants: Sequence[str],
+) -> list[str]:  # fmt: skip
+    """The tasks' recipes and the p-values of both Holm families."""
+    lines = [
         "## Tasks and budgets",
         "",
         "Split sizes are samples (labelled nodes for node classification).",
@@ -590,21 +620,71 @@ def write_report(
             *_pvalue_table(variant_rows, variants),
             "",
         ]
-    bad = [
-        r for r in [*records, *summary.tune_records, *summary.ablation] if r.get("status") != "ok"
-    ]
-    if bad:
-        lines += ["## Failed runs", ""]
-        lines += [
-            f"- {r.get('task')} / {r.get('method')} / seed {r.get('seed')}"
-            f"{' (validation grid)' if r.get('stage') == 'tune' else ''}: "
-            f"{r.get('status')} — {r.get('reason')}"
-            for r in bad
-        ] + [""]
-    if figures and ok:
-        from flatmin.bench.figures import report_figures
+    return lines
 
-        names = report_figures(out, rows, records, methods, summary.ablation)
+
+def _failed_runs(summary: ReportData) -> list[str]:
+    """Every result and tuning run that is not ``ok``."""
+    bad: list[tuple[str | None, str | None, int | None, str, str, str | None]] = [
+        (r.task, r.method, r.seed, r.record.stage, r.status, r.reason)
+        for r in [*summary.records, *summary.ablation]
+        if not r.ok
+    ]
+    bad += [
+        (r.task, r.method, r.seed, r.stage, r.status, r.reason)
+        for r in summary.tune_records
+        if r.status != "ok"
+    ]
+    if not bad:
+        return []
+    lines = ["## Failed runs", ""]
+    for task, method, seed, stage, status, reason in bad:
+        where = " (validation grid)" if stage == "tune" else ""
+        lines.append(f"- {task} / {method} / seed {seed}{where}: {status} — {reason}")
+    return [*lines, ""]
+
+
+def write_report(
+    out: str | os.PathLike[str],
+    summary: ReportData,
+    *,
+    meta: Meta | None = None,
+    figures: bool = True,
+) -> Path:
+    """Write ``report.md``, ``results.csv`` and the figures into ``out``.
+
+    Args:
+        out: output directory.
+        summary: a :class:`~flatmin.bench.runner.GridSummary` (results, tuning, hypers,
+            ablation, flatness).
+        meta: the grid's options (suite, budget, seeds, ...), shown at the top.
+        figures: draw the PNG figures (needs matplotlib).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    records = list(summary.records)
+    methods, variants = _report_methods(records, meta)
+    rows = summarize([r for r in records if r.method in methods], methods)
+    variant_rows = summarize(records, [*methods, *variants]) if variants else []
+    write_csv(out / "results.csv", [*records, *summary.ablation])
+    lines = _intro(meta, records, rows, methods, variants)
+    lines += _accuracy_sections(rows, variant_rows, methods, variants)
+    if summary.ablation:
+        lines += ["## Budget ablation", "", *_ablation_table(summary.ablation, records), ""]
+    if summary.flatness:
+        lines += ["## Flatness of the solutions", "", *flatness_lines(summary.flatness), ""]
+    lines += _cost_and_choice_sections(summary, variant_rows or rows, [*methods, *variants])
+    lines += _pvalue_sections(records, rows, variant_rows, methods, variants)
+    lines += _failed_runs(summary)
+    if figures and any(r.ok for r in records):
+        names = report_figures(
+            out, rows, [r.to_dict() for r in records], methods,
+            [r.to_dict() for r in summary.ablation],
+        )  # fmt: skip
         if names:
             lines += ["## Figures", ""] + [f"![{n}]({n})" for n in names] + [""]
     path = out / "report.md"

@@ -25,72 +25,39 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from flatmin._proc import interrupt_on_signals
 from flatmin.bench.device import check_precision, check_support, resolve_device
-from flatmin.bench.execute import check_executor, exclusive_output, executor_session, run_specs
+from flatmin.bench.execute import check_executor, exclusive_output, make_executor
+from flatmin.bench.executors import Executor, Progress
+from flatmin.bench.flatness import flatness_study, load_flatness
 from flatmin.bench.methods import ABLATION_METHODS, Hyper, get_method
-from flatmin.bench.plan import (
-    GridState,
-    TuneChoice,
-    eval_trajectory,
-    method_result,
-    plan_eval,
-    plan_tuning,
-)
-from flatmin.bench.store import latest_by_hash, read_records
+from flatmin.bench.plan import TuneChoice, eval_trajectory, method_result, plan_eval
+from flatmin.bench.records import MethodResult, Record
+from flatmin.bench.report import write_report
+from flatmin.bench.resolver import RegistryResolver, Resolver
+from flatmin.bench.store import append_record, latest_by_hash, read_records
 from flatmin.bench.suites import Suite
 from flatmin.bench.train import RunSpec
-from flatmin.data import Dataset, load_dataset
-from flatmin.tasks import BUDGETS, Task, get_task
+from flatmin.bench.tuning import GridTuner, SearchSummary, Tuner, TuningOutcome
+from flatmin.tasks import BUDGETS, Task
 
 __all__ = [
     "BenchConfig",
     "GridSummary",
     "RegistryResolver",
     "Resolver",
+    "meta_of",
     "method_result",
     "run_grid",
 ]
 
 RESULTS = "results.jsonl"
-
-
-class Resolver(Protocol):
-    """Finds a task and its (cached) dataset by name; picklable (``jobs > 1``, Ray)."""
-
-    def task(self, name: str) -> Task:
-        """The task record."""
-        ...
-
-    def dataset(self, task: Task) -> Dataset | None:
-        """The task's loaded dataset (``None``: let ``Task.load`` load it)."""
-        ...
-
-
-class RegistryResolver:
-    """The task registry and the data cache; keeps each loaded dataset for the process."""
-
-    def __init__(self) -> None:
-        self._datasets: dict[str, Dataset] = {}
-
-    def task(self, name: str) -> Task:
-        """``flatmin.tasks.get_task(name)``."""
-        return get_task(name)
-
-    def dataset(self, task: Task) -> Dataset | None:
-        """The task's dataset, loaded once per process."""
-        if task.dataset not in self._datasets:
-            self._datasets[task.dataset] = load_dataset(task.dataset)
-        return self._datasets[task.dataset]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_datasets": {}}  # workers load their own copy
 
 
 @dataclass(frozen=True)
@@ -105,11 +72,10 @@ class BenchConfig:
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
         tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
-        tuner: ``"grid"`` (the reference protocol, :mod:`flatmin.bench.plan`) or ``"optuna"``
-            (:func:`flatmin.tune.suggest_hyper`: a pruned search per task and method with a
-            grid, scored over the tuning seeds, ``tune_trials`` finished trials each; the study
-            lives in ``OUT/tune/TASK-METHOD`` and resumes).
-        tune_trials: finished trials of each Optuna search.
+        tuner: how ``tune`` chooses (:class:`~flatmin.bench.tuning.Tuner`): the validation
+            grid (:class:`~flatmin.bench.tuning.GridTuner`, the reference protocol) or another
+            tuner the caller builds (``flatmin.tune.bench.OptunaTuner``); its runs go through
+            the grid's executor and ``results.jsonl`` like every run.
         hypers: fixed hyper-parameters by task and method (used without ``tune``; missing ones
             are the methods' defaults).
         hyper_source: where ``hypers`` come from (shown in the report).
@@ -147,8 +113,7 @@ class BenchConfig:
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seeds: tuple[int, ...] = (100, 101)
-    tuner: str = "grid"
-    tune_trials: int = 12
+    tuner: Tuner = field(default_factory=GridTuner)
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
     extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -224,17 +189,8 @@ class BenchConfig:
         check_executor(self)
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"Invalid epochs: {self.epochs} (expected >= 1)")
-        if self.tuner not in ("grid", "optuna"):
-            raise ValueError(f"Invalid tuner: {self.tuner!r} (expected 'grid' or 'optuna')")
-        if self.tune and self.tuner == "optuna":
-            import importlib.util
-
-            if importlib.util.find_spec("optuna") is None:
-                raise ValueError(
-                    "Invalid tuner: 'optuna' needs Optuna (pip install 'flatmin[tune]')"
-                )
-        if self.tune_trials < 1:
-            raise ValueError(f"Invalid tune_trials: {self.tune_trials} (expected >= 1)")
+        if self.tune:
+            self.tuner.check()
         if self.tune and not self.tune_seeds:
             raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
         if set(self.tune_seeds) & set(self.seeds):
@@ -266,12 +222,11 @@ class GridSummary:
         ran: runs trained now.
         failed: runs that ended ``failed`` or ``error`` (of all in the grid).
         wall_time: seconds.
-        records: one result per (task, method, seed) of the evaluation grid
-            (:func:`method_result`).
-        tune_records: the validation-grid trajectory records.
-        ablation: results of the budget ablation (``record["budget_factor"]`` set).
-        tuning: the validation-grid choices.
-        searches: the Optuna searches by (task, method) (``tuner="optuna"``).
+        records: one result per (task, method, seed) of the evaluation grid.
+        tune_records: the tuning runs' records.
+        ablation: results of the budget ablation (``budget_factor`` set).
+        tuning: the validation-grid choices (:class:`~flatmin.bench.tuning.GridTuner`).
+        searches: the searches of another tuner (``OptunaTuner``).
         hypers: the hyper-parameters used, by (task, method).
         flatness: the flatness study (``None`` without ``analysis_task``).
         out: output directory.
@@ -282,11 +237,11 @@ class GridSummary:
     ran: int = 0
     failed: int = 0
     wall_time: float = 0.0
-    records: list[dict[str, Any]] = field(default_factory=list)
-    tune_records: list[dict[str, Any]] = field(default_factory=list)
-    ablation: list[dict[str, Any]] = field(default_factory=list)
+    records: list[MethodResult] = field(default_factory=list)
+    tune_records: list[Record] = field(default_factory=list)
+    ablation: list[MethodResult] = field(default_factory=list)
     tuning: list[TuneChoice] = field(default_factory=list)
-    searches: dict[tuple[str, str], Any] = field(default_factory=dict)
+    searches: list[SearchSummary] = field(default_factory=list)
     hypers: dict[tuple[str, str], Hyper] = field(default_factory=dict)
     flatness: dict[str, Any] | None = None
     out: Path = Path()
@@ -303,7 +258,9 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
         A :class:`GridSummary`.
 
     Raises:
-        ValueError: an unknown name or a bad option (before anything runs).
+        ValueError: an unknown name or a bad option (before anything runs); a Ray cluster that
+            cannot be reached or cannot host a run
+            (:class:`~flatmin.bench.ray_executor.RayUnavailableError`).
         flatmin.bench.execute.OutputLockedError: another grid runs in ``cfg.out`` (before
             anything runs).
         flatmin.data.DataUnavailableError: a dataset cannot be fetched (before anything runs).
@@ -313,184 +270,191 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     cfg.validate(look)
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
     lock = exclusive_output(cfg.out) if cfg.run else nullcontext()
-    with lock, interrupt_on_signals(), executor_session(cfg):
-        return _run_grid(cfg, look)
+    with lock, interrupt_on_signals(), make_executor(cfg, look) as executor:
+        return _Grid(cfg, look, executor).run()
 
 
-def _run_grid(cfg: BenchConfig, look: Resolver) -> GridSummary:
-    t0 = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    results = cfg.out / RESULTS
-    summary = GridSummary(out=cfg.out)
-    task_of = {name: look.task(name) for name in cfg.tasks}
-    if cfg.run:
-        # Fetch and load every dataset once in this process before any worker starts: a missing
-        # source fails here with one clear error, and workers never download concurrently.
-        for task_obj in task_of.values():
-            look.dataset(task_obj)
-    counted: set[str] = set()
-    attempted: set[str] = set()  # trained in this invocation: an error is retried next time
+class _Grid:
+    """One invocation of a grid: its stages, and the runs they ask for (trained at most once)."""
 
-    def records() -> dict[str, dict[str, Any]]:
-        return latest_by_hash(read_records(results))
+    def __init__(self, cfg: BenchConfig, look: Resolver, executor: Executor) -> None:
+        self.cfg, self.look, self.executor = cfg, look, executor
+        self.results = cfg.out / RESULTS
+        self.summary = GridSummary(out=cfg.out)
+        self.task_of: dict[str, Task] = {name: look.task(name) for name in cfg.tasks}
+        self.counted: set[str] = set()
+        # Trained in this invocation: an error is retried by the next one, not again now.
+        self.attempted: set[str] = set()
 
-    def hash_of(spec: RunSpec) -> str:
-        return spec.config_hash(task_of[spec.task])
+    def records(self) -> dict[str, Record]:
+        """Every record of ``results.jsonl``, the last one of each hash."""
+        return latest_by_hash(read_records(self.results))
 
-    def run(specs: Sequence[RunSpec], desc: str) -> int:
+    def hash_of(self, spec: RunSpec) -> str:
+        """``spec``'s configuration hash."""
+        return spec.config_hash(self.task_of[spec.task])
+
+    def train(self, specs: Sequence[RunSpec], desc: str) -> int:
         """Train the specs without a finished record, each once per invocation; return how many."""
-        done = records()
+        done = self.records()
         left, hashes = [], set()
         for spec in specs:
-            h = hash_of(spec)
+            h = self.hash_of(spec)
             if h in hashes:
                 continue
             hashes.add(h)
             rec = done.get(h)
-            finished = rec is not None and rec.get("status") != "error"
-            if h not in counted:
-                counted.add(h)
-                summary.planned += 1
-                summary.skipped += finished
-            if not finished and cfg.run and h not in attempted:
-                attempted.add(h)
+            finished = rec is not None and rec.finished
+            if h not in self.counted:
+                self.counted.add(h)
+                self.summary.planned += 1
+                self.summary.skipped += finished
+            if not finished and self.cfg.run and h not in self.attempted:
+                self.attempted.add(h)
                 left.append(spec)
-        summary.ran += len(left)
+        self.summary.ran += len(left)
         if left:
-            run_specs(left, cfg, look, results, desc)
+            progress = Progress(len(left), desc, self.cfg.progress)
+            try:
+                self.executor.run(left, self.append, progress)
+            finally:
+                progress.close()
         return len(left)
 
+    def append(self, spec: RunSpec, record: dict[str, Any]) -> None:
+        """Append a finished run's record to ``results.jsonl`` (this process only)."""
+        append_record(self.results, record)
+
+    def run(self) -> GridSummary:
+        t0 = time.perf_counter()
+        cfg, summary = self.cfg, self.summary
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        if cfg.run:
+            # Fetch and load every dataset once in this process before any worker starts: a
+            # missing source fails here with one clear error, and workers never download at once.
+            for task in self.task_of.values():
+                self.look.dataset(task)
+        outcome = self.tune()
+        summary.hypers = self.hypers(outcome)
+        summary.tuning, summary.searches = list(outcome.choices), list(outcome.searches)
+        eval_specs = self.plan(cfg.tasks, cfg.methods_of, cfg.epochs)
+        self.train(list(eval_specs.values()), "benchmark")
+        ablation = self.ablation_specs()
+        self.train(list(ablation.values()), "budget ablation")
+        found = self.records()
+        self.collect(found, eval_specs, ablation, outcome.specs)
+        if cfg.analysis_task is not None and cfg.run:
+            summary.flatness = self.flatness(cfg.analysis_task, found, eval_specs)
+        elif cfg.analysis_task is not None:
+            summary.flatness = load_flatness(cfg.out)
+        summary.wall_time = time.perf_counter() - t0
+        if cfg.report:
+            write_report(cfg.out, summary, meta=meta_of(cfg))
+        return summary
+
     # -- 1. tuning ----------------------------------------------------------------------------
-    hypers: dict[tuple[str, str], Hyper] = {}
-    tune_hashes: list[str] = []
-    if cfg.tune and cfg.tuner == "optuna":
-        summary.searches = _optuna_tuning(cfg, hypers)
-    elif cfg.tune:
-        state: GridState = {}
-        while True:
-            found = records()
-            plan = plan_tuning(cfg, state, found, task_of)
-            if run(plan.specs, "validation grid"):
-                continue  # plan again with the same grids, on the new records
-            missing = any(hash_of(s) not in found for s in plan.specs)  # only without cfg.run
-            if plan.state == state or missing:
-                break
-            state = plan.state
-        tune_hashes = [hash_of(s) for s in plan.specs]
-        summary.tuning = list(plan.choices.values())
-        for (task, name), choice in plan.choices.items():
-            hypers[(task, name)] = choice.hyper
-    for task in cfg.tasks:
-        for name in cfg.methods_of(task):
-            if (task, name) not in hypers:
-                fixed = cfg.hypers.get(task, {}).get(name)
-                hypers[(task, name)] = get_method(name).resolve(fixed)
-    summary.hypers = hypers
 
-    # -- 2. evaluation ------------------------------------------------------------------------
-    eval_specs: dict[tuple[str, str, int], RunSpec] = {}
-    for task in cfg.tasks:
-        planned = plan_eval(
-            [task], cfg.methods_of(task), cfg.seeds, hypers, cfg.budget_of, cfg.epochs,
-            device=cfg.device, precision=cfg.precision,
-        )  # fmt: skip
-        eval_specs.update(planned)
-    run(list(eval_specs.values()), "benchmark")
+    def tune(self) -> TuningOutcome:
+        """The tuner's session, driven ask/tell through the executor (none without ``tune``)."""
+        if not self.cfg.tune:
+            return TuningOutcome(hypers={})
+        session = self.cfg.tuner.start(self.cfg, self.task_of)
+        found = self.records()
+        while not session.done:
+            trained = self.train(session.ask(found), "validation grid")
+            found = self.records()
+            session.tell(found, trained)
+        return session.outcome(found)
 
-    # -- 3. budget ablation -------------------------------------------------------------------
-    ablation: dict[tuple[str, str, int, float], RunSpec] = {}
-    if cfg.ablation_task is not None:
-        at = cfg.ablation_task
-        base_epochs = cfg.epochs or task_of[at].recipe(cfg.budget_of(at)).epochs
+    def hypers(self, outcome: TuningOutcome) -> dict[tuple[str, str], Hyper]:
+        """The tuned hyper-parameters, else the suite's fixed ones, else the defaults."""
+        hypers = dict(outcome.hypers)
+        for task in self.cfg.tasks:
+            for name in self.cfg.methods_of(task):
+                if (task, name) not in hypers:
+                    fixed = self.cfg.hypers.get(task, {}).get(name)
+                    hypers[(task, name)] = get_method(name).resolve(fixed)
+        return hypers
+
+    # -- 2. evaluation and 3. budget ablation -------------------------------------------------
+
+    def plan(
+        self, tasks: Sequence[str], methods_of: Callable[[str], Sequence[str]], epochs: int | None
+    ) -> dict[tuple[str, str, int], RunSpec]:
+        """The evaluation runs of ``tasks`` (their ``methods_of``) at every evaluation seed."""
+        cfg, specs = self.cfg, {}
+        for task in tasks:
+            specs.update(plan_eval(
+                [task], methods_of(task), cfg.seeds, self.summary.hypers, cfg.budget_of, epochs,
+                device=cfg.device, precision=cfg.precision,
+            ))  # fmt: skip
+        return specs
+
+    def ablation_specs(self) -> dict[tuple[str, str, int, float], RunSpec]:
+        """Baseline, SWA, SAM and WASAM of the ablation task at other epoch budgets."""
+        cfg, at = self.cfg, self.cfg.ablation_task
+        if at is None:
+            return {}
+        base_epochs = cfg.epochs or self.task_of[at].recipe(cfg.budget_of(at)).epochs
         methods = [m for m in ABLATION_METHODS if m in cfg.methods_of(at)]
+        out = {}
         for factor in cfg.ablation_factors:
             epochs = max(1, round(factor * base_epochs))
-            for (t, name, seed), spec in plan_eval(
-                [at], methods, cfg.seeds, hypers, cfg.budget_of, epochs, device=cfg.device,
-                precision=cfg.precision,
-            ).items():  # fmt: skip
-                ablation[(t, name, seed, factor)] = spec
-        run(list(ablation.values()), "budget ablation")
+            for (t, name, seed), spec in self.plan([at], lambda _t: methods, epochs).items():
+                out[(t, name, seed, factor)] = spec
+        return out
 
-    # -- results --------------------------------------------------------------------------------
-    found = records()
-    for (t, name, _), spec in eval_specs.items():
-        rec = found.get(hash_of(spec))
-        if rec is not None:
-            summary.records.append(method_result(rec, name, hypers[(t, name)]))
-    for (t, name, _, factor), spec in ablation.items():
-        rec = found.get(hash_of(spec))
-        if rec is not None:
-            summary.ablation.append(
-                {**method_result(rec, name, hypers[(t, name)]), "budget_factor": factor}
-            )
-    summary.tune_records = [found[h] for h in dict.fromkeys(tune_hashes) if h in found]
-    all_runs = {hash_of(s) for s in (*eval_specs.values(), *ablation.values())}
-    all_runs |= set(tune_hashes)
-    summary.failed = sum(found[h].get("status") != "ok" for h in all_runs if h in found)
+    # -- results and 4. flatness ----------------------------------------------------------------
 
-    # -- 4. flatness ----------------------------------------------------------------------------
-    if cfg.analysis_task is not None and cfg.run:
-        from flatmin.bench.flatness import flatness_study
+    def result(self, rec: Record, task: str, name: str, factor: float | None) -> MethodResult:
+        """``name``'s result read from its trajectory's record."""
+        hyper = self.summary.hypers[(task, name)]
+        return MethodResult.parse(method_result(rec.to_dict(), name, hyper), rec, factor)
 
-        an = cfg.analysis_task
-        seed = cfg.seeds[0]
+    def collect(
+        self,
+        found: Mapping[str, Record],
+        eval_specs: Mapping[tuple[str, str, int], RunSpec],
+        ablation: Mapping[tuple[str, str, int, float], RunSpec],
+        tune_specs: Sequence[RunSpec],
+    ) -> None:
+        """The summary's results, tuning records and failure count from the records."""
+        summary = self.summary
+        for (t, name, _), spec in eval_specs.items():
+            if (rec := found.get(self.hash_of(spec))) is not None:
+                summary.records.append(self.result(rec, t, name, None))
+        for (t, name, _, factor), spec in ablation.items():
+            if (rec := found.get(self.hash_of(spec))) is not None:
+                summary.ablation.append(self.result(rec, t, name, factor))
+        tune_hashes = dict.fromkeys(self.hash_of(s) for s in tune_specs)
+        summary.tune_records = [found[h] for h in tune_hashes if h in found]
+        all_runs = {self.hash_of(s) for s in (*eval_specs.values(), *ablation.values())}
+        all_runs |= set(tune_hashes)
+        summary.failed = sum(found[h].status != "ok" for h in all_runs if h in found)
+
+    def flatness(
+        self,
+        an: str,
+        found: Mapping[str, Record],
+        eval_specs: Mapping[tuple[str, str, int], RunSpec],
+    ) -> dict[str, Any]:
+        """The flatness study of task ``an``'s first-seed baseline and SAM runs."""
+        seed = self.cfg.seeds[0]
         specs = {
             name: eval_specs[(an, name, seed)]
             for name in ABLATION_METHODS
             if (an, name, seed) in eval_specs
         }
-        summary.flatness = flatness_study(
-            cfg.out, task_of[an], specs, {n: hypers[(an, n)] for n in specs}, found,
-            resolver=look, threads=cfg.threads,
+        return flatness_study(
+            self.cfg.out, self.task_of[an], specs,
+            {n: self.summary.hypers[(an, n)] for n in specs},
+            {h: r.to_dict() for h, r in found.items()}, resolver=self.look,
+            threads=self.cfg.threads,
         )  # fmt: skip
-    elif cfg.analysis_task is not None:
-        from flatmin.bench.flatness import load_flatness
-
-        summary.flatness = load_flatness(cfg.out)
-    summary.wall_time = time.perf_counter() - t0
-    if cfg.report:
-        from flatmin.bench.report import write_report
-
-        write_report(cfg.out, summary, meta=_meta(cfg))
-    return summary
 
 
-def _optuna_tuning(
-    cfg: BenchConfig, hypers: dict[tuple[str, str], Hyper]
-) -> dict[tuple[str, str], Any]:
-    """Fill ``hypers`` by one Optuna search per task and method with a grid (``--tuner optuna``).
-
-    Each search covers every hyper-parameter the method is tuned on (its own grids and those it
-    would take from another method); a method with nothing of its own to tune (a variant that
-    takes SAM's rho) takes the searched value of that method, as with the grid.
-    """
-    import optuna
-
-    from flatmin.bench.plan import tuned_methods
-    from flatmin.tune import suggest_hyper
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searches = {}
-    for task in cfg.tasks:
-        for name in tuned_methods(cfg.methods_of(task)):
-            m = get_method(name)
-            if m.grids:
-                hyper, result = suggest_hyper(
-                    task, name, cfg.budget_of(task), seeds=cfg.tune_seeds,
-                    n_trials=cfg.tune_trials, epochs=cfg.epochs,
-                    out=cfg.out / "tune" / f"{task}-{name}", progress=cfg.progress,
-                    device=cfg.device, precision=cfg.precision,
-                )  # fmt: skip
-                hypers[(task, name)] = m.resolve(hyper)
-                searches[(task, name)] = result
-            else:
-                taken = {p: getattr(hypers[(task, o)], p) for p, o in m.tuned_by.items()}
-                hypers[(task, name)] = m.resolve(None, **taken)
-    return searches
-
-
-def _meta(cfg: BenchConfig) -> dict[str, Any]:
+def meta_of(cfg: BenchConfig) -> dict[str, Any]:
+    """The grid's options as the report's metadata."""
     return {
         "suite": cfg.suite,
         "budget": cfg.budget,
@@ -502,8 +466,8 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
         "seeds": list(cfg.seeds),
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),
-        "tuner": cfg.tuner,
-        "tune_trials": cfg.tune_trials,
+        "tuner": cfg.tuner.name,
+        "tuning": cfg.tuner.describe(cfg.tune_seeds) if cfg.tune else None,
         "hyper_source": cfg.hyper_source,
         "ablation_task": cfg.ablation_task,
         "ablation_factors": list(cfg.ablation_factors),

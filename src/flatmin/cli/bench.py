@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from flatmin.cli._common import (
     TASK_HELP,
@@ -99,6 +100,16 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tuner(args: argparse.Namespace) -> Any:
+    """``--tuner`` as the BenchConfig's tuner (``None``: the suite's grid, the default)."""
+    if args.tuner == "optuna":  # its trials run on the grid's executor: one per --jobs worker
+        from flatmin.tune.bench import OptunaTuner
+
+        trials = 12 if args.tune_trials is None else args.tune_trials
+        return OptunaTuner(trials=trials, batch=args.jobs or 1)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``flatmin bench``: 1 if a run raised an exception or no run finished."""
     from flatmin import bench
@@ -114,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             tasks=tuple(args.tasks) if args.tasks else None,
             methods=tuple(args.methods) if args.methods else None,
             seeds=None if args.seeds is None else tuple(range(args.seeds)),
-            tune_seeds=tune_seeds, tuner=args.tuner, tune_trials=args.tune_trials,
+            tune_seeds=tune_seeds, tuner=_tuner(args),
             ablation_task=args.ablation_task,
             analysis_task=args.analysis_task,
             jobs=args.jobs, threads=args.threads, tune=args.tune, epochs=args.epochs,
@@ -131,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return error(args, problem)
     try:
         summary = bench.run_grid(cfg)
+    except ValueError as exc:  # a Ray cluster that cannot be reached or host a run
+        return error(args, exc)
     except (DataUnavailableError, OutputLockedError, OSError) as exc:
         return error(args, exc, 1)
     report = cfg.out / "report.md"
@@ -143,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
         start = text.find("## Test accuracy (final epoch)")
         end = text.find("\n## ", start + 1)
         print("\n" + text[start : end if end > 0 else None].strip())
-    errors = [r for r in summary.records + summary.tune_records if r.get("status") == "error"]
-    ok = [r for r in summary.records if r.get("status") == "ok"]
+    errors = [r for r in [*summary.records, *summary.tune_records] if r.status == "error"]
+    ok = [r for r in summary.records if r.status == "ok"]
     return 1 if errors or not ok else 0

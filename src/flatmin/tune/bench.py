@@ -3,7 +3,9 @@
 Everything that knows the benchmark's training API is in :func:`_train_run`, :func:`_hyper`
 and :func:`check_scale` (``RunSpec``, ``Hyper``, ``train``, the device checks); the space comes
 from the method's ``tuned_by`` / ``grids`` (:func:`bench_space`). Update those when the
-benchmark's API changes.
+benchmark's API changes. :class:`OptunaTuner` is the benchmark's ``--tuner optuna``: it plugs
+into the benchmark through its tuner seam (:mod:`flatmin.bench.tuning`), so its trials are
+ordinary bench runs (bench never imports this package).
 
 Each seed is one benchmark run at ``stage="tune"`` on seeds 100, 101, … (the benchmark evaluates
 on 0, 1, …), on the search's device and precision (like the validation grid's runs); its
@@ -22,17 +24,24 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from flatmin.tune.result import TuneResult
-from flatmin.tune.search import Reporter, TrainFn, TrialFailed, search
+from flatmin.bench.device import check_precision, check_support, resolve_device
+from flatmin.bench.methods import METHODS, Hyper, get_method
+from flatmin.bench.plan import Grid as BenchGrid
+from flatmin.bench.plan import tuned_methods
+from flatmin.bench.records import Record, RunRecord
+from flatmin.bench.train import RunSpec, train
+from flatmin.bench.tuning import SearchSummary, TuningOutcome
+from flatmin.tasks import Task, get_task
+from flatmin.tune.result import TuneResult, stability_score
+from flatmin.tune.search import Reporter, TrainFn, TrialFailed, import_optuna, search
 from flatmin.tune.space import SPACES, Param
-
-if TYPE_CHECKING:
-    from flatmin.bench.methods import Hyper
 
 __all__ = [
     "NoTrialCompleted",
+    "OptunaTuner",
     "bench_epochs",
     "bench_space",
     "bench_train_fn",
@@ -51,8 +60,6 @@ class NoTrialCompleted(RuntimeError):
 
 
 def _hyper(params: Mapping[str, float | int]) -> Hyper:
-    from flatmin.bench.methods import Hyper
-
     return Hyper(**params)
 
 
@@ -68,8 +75,6 @@ def _train_run(
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train one tuning run of the benchmark on ``device`` at ``precision``; return its record."""
-    from flatmin.bench.train import RunSpec, train
-
     spec = RunSpec(
         task, method, seed, budget, _hyper(params), epochs, stage="tune", device=device,
         precision=precision,
@@ -85,9 +90,6 @@ def check_scale(task: str, method: str, device: str, precision: str) -> str:
         ValueError: an unknown or unavailable device (``DeviceUnavailableError``), an unknown
             precision, or one the method cannot train at (fp16 for the SAM variants).
     """
-    from flatmin.bench.device import check_precision, check_support, resolve_device
-    from flatmin.bench.train import RunSpec
-
     resolved = str(resolve_device(device))
     check_precision(precision)
     check_support(RunSpec(task, method, 0, precision=precision))
@@ -173,8 +175,6 @@ def bench_space(
 
 
 def _methods() -> Mapping[str, Any]:
-    from flatmin.bench.methods import METHODS
-
     return METHODS
 
 
@@ -184,8 +184,6 @@ def _tunable(method: str) -> dict[str, tuple[str, tuple[float, ...]]]:
     A method's own grids (SAM's rho, SWA's start, LookSAM's alpha, ...) and the ones it takes
     from another method in the benchmark (a variant's rho from SAM's grid).
     """
-    from flatmin.bench.methods import get_method
-
     m = get_method(method)
     out = {name: (method, grid.values) for name, grid in m.grids.items()}
     for name, owner in m.tuned_by.items():
@@ -205,8 +203,6 @@ def bench_epochs(task: str, budget: str, epochs: int | None = None) -> int:
     Raises:
         ValueError: unknown task, budget, or ``epochs < 1``.
     """
-    from flatmin.tasks import get_task
-
     recipe = get_task(task).recipe(budget)
     if epochs is None:
         return recipe.epochs
@@ -293,3 +289,179 @@ def suggest_hyper(
             f"{result.count('failed')} failed): nothing to suggest"
         )
     return _hyper(best.params), result
+
+
+# --- the benchmark's tuner: Optuna's trials through the benchmark's executor ------------------
+
+
+@dataclass(frozen=True)
+class OptunaTuner:
+    """``flatmin bench --tuner optuna``: a search per task and method, its trials as bench runs.
+
+    A :class:`flatmin.bench.tuning.Tuner`. For every tuned method with a grid of its own, a TPE
+    search (seeded: the same records give the same proposals) over :func:`bench_space` asks
+    ``batch`` trials at a time; each trial is one tuning run (``stage="tune"``) per tuning seed,
+    trained by the grid's executor (``--jobs``, ``--executor ray``) and recorded in
+    ``results.jsonl`` like any run. A trial's score is ``mean − spread_penalty · std`` of its
+    final validation accuracies; a run that fails or errors fails the trial. A resumed grid
+    replays the search on the recorded runs, so a finished trial is never trained again. Methods
+    without a grid of their own (a variant taking SAM's rho) take the searched value.
+
+    Attributes:
+        trials: finished trials (complete or failed) per search.
+        batch: trials proposed at once (``--jobs``: one per worker).
+        spread_penalty: the score's penalty on the spread over the seeds.
+        seed: the sampler's seed.
+    """
+
+    trials: int = 12
+    batch: int = 1
+    spread_penalty: float = 1.0
+    seed: int = 0
+    name: str = field(default="optuna", init=False)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for bad settings or without Optuna."""
+        for label, value in (("tune_trials", self.trials), ("batch", self.batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {label}: {value!r} (expected an integer >= 1)")
+        try:
+            import_optuna()
+        except ImportError:
+            raise ValueError(
+                "Invalid tuner: 'optuna' needs Optuna (pip install 'flatmin[tune]')"
+            ) from None
+
+    def describe(self, tune_seeds: Sequence[int]) -> str:
+        """The report's sentence."""
+        return (
+            "Hyper-parameters: chosen per task by an Optuna search on the validation split "
+            f"(`--tuner optuna`, {self.trials} finished trials per method, scored over tuning "
+            f"seeds {list(tune_seeds)} as mean − std; see 'Optuna searches'). The grid "
+            "(`--tuner grid`) is the reference protocol."
+        )
+
+    def start(self, grid: BenchGrid, task_of: Mapping[str, Task]) -> _OptunaSession:
+        """A session of searches for ``grid``."""
+        return _OptunaSession(self, grid, task_of)
+
+
+@dataclass
+class _Trial:
+    trial: Any  # optuna.Trial
+    params: dict[str, float | int]
+    specs: list[RunSpec]
+
+
+@dataclass
+class _Search:
+    task: str
+    method: str
+    space: tuple[Param, ...]
+    study: Any  # optuna.Study
+    pending: list[_Trial] = field(default_factory=list)
+    specs: list[RunSpec] = field(default_factory=list)
+    finished: int = 0
+
+
+def _val_acc(record: Record) -> float | None:
+    """A tuning run's final validation accuracy (``None``: it failed or raised)."""
+    return record.final.val_acc if isinstance(record, RunRecord) and record.ok else None
+
+
+class _OptunaSession:
+    """The searches of one grid, asked and told by the runner (:class:`TuningSession`)."""
+
+    def __init__(self, tuner: OptunaTuner, grid: BenchGrid, task_of: Mapping[str, Task]) -> None:
+        optuna = import_optuna()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.tuner, self.grid, self.task_of = tuner, grid, task_of
+        self.searches: list[_Search] = []
+        self.stuck = False
+        for task in grid.tasks:
+            for name in tuned_methods(grid.methods_of(task)):
+                if get_method(name).grids:
+                    sampler = optuna.samplers.TPESampler(seed=tuner.seed)
+                    study = optuna.create_study(direction="maximize", sampler=sampler)
+                    self.searches.append(_Search(task, name, bench_space(name), study))
+
+    @property
+    def done(self) -> bool:
+        return self.stuck or all(s.finished >= self.tuner.trials for s in self.searches)
+
+    def _spec(self, srch: _Search, params: Mapping[str, float | int], seed: int) -> RunSpec:
+        g = self.grid
+        return RunSpec(
+            srch.task, srch.method, seed, g.budget_of(srch.task), _hyper(params), g.epochs,
+            stage="tune", device=g.device, precision=g.precision,
+        )  # fmt: skip
+
+    def ask(self, found: Mapping[str, Record]) -> Sequence[RunSpec]:
+        specs: list[RunSpec] = []
+        for srch in self.searches:
+            left = self.tuner.trials - srch.finished
+            while left > 0 and len(srch.pending) < min(self.tuner.batch, left):
+                trial = srch.study.ask()
+                params = {p.name: p.suggest(trial) for p in srch.space}
+                runs = [self._spec(srch, params, seed) for seed in self.grid.tune_seeds]
+                srch.pending.append(_Trial(trial, params, runs))
+                srch.specs.extend(runs)
+            specs += [s for t in srch.pending for s in t.specs]
+        return specs
+
+    def tell(self, found: Mapping[str, Record], trained: int) -> None:
+        optuna = import_optuna()
+        told = 0
+        for srch in self.searches:
+            for trial in list(srch.pending):
+                hashes = [s.config_hash(self.task_of[s.task]) for s in trial.specs]
+                if any(h not in found for h in hashes):
+                    continue  # not trained (only without --run)
+                recs = [found[h] for h in hashes]
+                values = [_val_acc(r) for r in recs]
+                if None in values:  # a failed run, or an error (retried once per invocation)
+                    srch.study.tell(trial.trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    scores = [v for v in values if v is not None]
+                    score = stability_score(scores, self.tuner.spread_penalty)
+                    trial.trial.set_user_attr("mean", score.mean)
+                    srch.study.tell(trial.trial, score.value)
+                srch.pending.remove(trial)
+                srch.finished += 1
+                told += 1
+        self.stuck = not told and not trained  # nothing can move on: the runs are missing
+
+    def _best(self, srch: _Search) -> Any:
+        optuna = import_optuna()
+        complete = srch.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        return max(complete, key=lambda t: t.value, default=None)
+
+    def outcome(self, found: Mapping[str, Record]) -> TuningOutcome:
+        hypers: dict[tuple[str, str], Hyper] = {}
+        summaries = []
+        for srch in self.searches:
+            best = self._best(srch)
+            if best is None and not self.stuck:
+                raise NoTrialCompleted(
+                    f"No trial completed for {srch.task} {srch.method} "
+                    f"({srch.finished} failed): nothing to suggest"
+                )
+            m = get_method(srch.method)
+            hypers[(srch.task, srch.method)] = m.resolve(
+                _hyper(best.params) if best is not None else None
+            )
+            states = [t.state.name.lower() for t in srch.study.get_trials()]
+            summaries.append(SearchSummary(
+                srch.task, srch.method, dict(best.params) if best is not None else None,
+                best.value if best is not None else None,
+                best.user_attrs.get("mean") if best is not None else None,
+                {"complete": states.count("complete"), "failed": states.count("fail")},
+            ))  # fmt: skip
+        for task in self.grid.tasks:
+            for name in tuned_methods(self.grid.methods_of(task)):
+                m = get_method(name)
+                if not m.grids:
+                    taken = {p: getattr(hypers[(task, o)], p) for p, o in m.tuned_by.items()}
+                    hypers[(task, name)] = m.resolve(None, **taken)
+        specs = tuple(s for srch in self.searches for s in srch.specs)
+        return TuningOutcome(hypers=hypers, specs=specs, searches=tuple(summaries))
