@@ -1,5 +1,8 @@
 """The benchmark: methods as recipes, a resumable runner, the report (Kaddour et al. 2022).
 
+A task is a :class:`Task` (data, model factory, loss, recipe, domain): a built-in name or the
+user's own, by import path (``"mypkg.tasks:my_task"``; see ``docs/own_task.md``).
+
 Example:
     >>> from flatmin.bench import BenchConfig, get_suite, run_grid
     >>> cfg = BenchConfig.from_suite(get_suite("quick"), "runs/quick")  # doctest: +SKIP
@@ -32,6 +35,8 @@ from flatmin.bench.runner import (
 from flatmin.bench.store import append_record, read_records
 from flatmin.bench.suites import SUITES, Suite, get_suite, suite_names, unknown_suite_message
 from flatmin.bench.train import NonFiniteLossError, RunSpec, TrainResult, evaluate, train
+from flatmin.data import tensor_dataset
+from flatmin.tasks import Recipe, Task, get_task
 
 __all__ = [
     "METHODS",
@@ -42,9 +47,11 @@ __all__ = [
     "Hyper",
     "Method",
     "NonFiniteLossError",
+    "Recipe",
     "RegistryResolver",
     "RunSpec",
     "Suite",
+    "Task",
     "TrainResult",
     "TuneChoice",
     "TuningPlan",
@@ -52,6 +59,7 @@ __all__ = [
     "evaluate",
     "get_method",
     "get_suite",
+    "get_task",
     "method_names",
     "method_result",
     "plan_eval",
@@ -62,6 +70,7 @@ __all__ = [
     "start_epoch",
     "suite_names",
     "summarize",
+    "tensor_dataset",
     "train",
     "unknown_method_message",
     "unknown_suite_message",

@@ -46,7 +46,7 @@ from flatmin.bench.plan import (
 from flatmin.bench.store import latest_by_hash, read_records
 from flatmin.bench.suites import Suite
 from flatmin.bench.train import RunSpec
-from flatmin.data import Dataset, load_dataset
+from flatmin.data import Dataset
 from flatmin.tasks import BUDGETS, Task, get_task
 
 __all__ = [
@@ -86,7 +86,7 @@ class RegistryResolver:
     def dataset(self, task: Task) -> Dataset | None:
         """The task's dataset, loaded once per process."""
         if task.dataset not in self._datasets:
-            self._datasets[task.dataset] = load_dataset(task.dataset)
+            self._datasets[task.dataset] = task.load_dataset()
         return self._datasets[task.dataset]
 
     def __getstate__(self) -> dict[str, Any]:

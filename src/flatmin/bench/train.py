@@ -73,6 +73,7 @@ from flatmin.optim.averaging import WeightAveraging
 from flatmin.optim.sam import SAM
 from flatmin.tasks import Recipe, Task, TaskData, correct_counts, get_task
 from flatmin.tasks import correct_fn as _registry_correct_fn
+from flatmin.tasks import loss_fn as _registry_loss_fn
 
 __all__ = [
     "Counts",
@@ -91,6 +92,8 @@ SCHEMA = 2
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 StateCallback = Callable[[dict[str, Any]], None]
 STATE_FORMAT = "flatmin-train-state/1"
+CV_LAYOUT = "nested"
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -162,7 +165,8 @@ class RunSpec:
         """Everything that determines the run's result, as plain JSON values.
 
         The device type (not its index) and the precision appear only when they differ from
-        the CPU / ``fp32`` defaults, so CPU float32 runs keep their earlier hashes.
+        the CPU / ``fp32`` defaults, so CPU float32 runs keep their earlier hashes; the
+        cross-validation layout (``cv``) appears only for cross-validated tasks.
         """
         spec = self.resolved()
         task = task or get_task(self.task)
@@ -177,6 +181,10 @@ class RunSpec:
             "folds": task.folds,
             "average_starts": [average_key(s) for s in spec.starts()],
         }
+        if task.folds is not None:
+            # Folds with an inner validation split of each outer training set (nested CV,
+            # tasks.cross_validation_split); runs of the earlier layout keep their own hash.
+            config["cv"] = CV_LAYOUT
         device_type = torch.device(spec.device).type
         if device_type != DEFAULT_DEVICE:
             config["device"] = device_type
@@ -288,9 +296,11 @@ class PerSampleLosses:
     """
 
     def __init__(
-        self, model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
-    ) -> None:
+        self, model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor],
+        loss_fn: LossFn = _registry_loss_fn,
+    ) -> None:  # fmt: skip
         self.model, self.inputs, self.targets, self.outputs = model, inputs, targets, outputs
+        self.loss_fn = loss_fn
         self.node_level = isinstance(inputs, GraphBatch) and targets.numel() != inputs.num_graphs
         self._labelled: torch.Tensor | None = None
 
@@ -301,12 +311,19 @@ class PerSampleLosses:
             self._labelled = torch.nonzero(self.targets != IGNORE_INDEX).flatten()
         return self._labelled
 
+    def per_sample(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task's loss of every sample: cross-entropy, or a user's loss mapped per sample."""
+        if self.loss_fn is _registry_loss_fn:
+            return F.cross_entropy(out, targets, reduction="none")
+        loss_fn = self.loss_fn
+        return torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+
     def losses(self, out: torch.Tensor) -> torch.Tensor:
         """Per-sample losses of the whole batch's outputs ``out``."""
         if not self.node_level:  # every image, document or graph is labelled
-            return F.cross_entropy(out, self.targets, reduction="none")
+            return self.per_sample(out, self.targets)
         rows = self.labelled
-        return F.cross_entropy(out[rows], self.targets[rows], reduction="none")
+        return self.per_sample(out[rows], self.targets[rows])
 
     def __call__(self, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:
@@ -320,20 +337,22 @@ class PerSampleLosses:
             out = self.model(_graph_subset(self.inputs, rows))
         else:
             out = self.model(self.inputs[rows])
-        return F.cross_entropy(out, self.targets[rows], reduction="none")
+        return self.per_sample(out, self.targets[rows])
 
 
 def per_sample_losses(
-    model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
-) -> PerSampleLosses:
+    model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor],
+    loss_fn: LossFn = _registry_loss_fn,
+) -> PerSampleLosses:  # fmt: skip
     """ESAM's ``loss_fn(index)``: per-sample cross-entropy of the batch or of samples ``index``.
 
     Samples are the labelled targets: images or documents (a sub-batch is sliced), graphs (a
     sub-batch of graphs is re-merged), or the labelled nodes of a node-classification graph (the
     whole graph is run and the selected nodes' losses kept). The outputs of the whole-batch call
-    are appended to ``outputs`` (for the running train accuracy).
+    are appended to ``outputs`` (for the running train accuracy). A task's own ``loss_fn`` is
+    applied to each sample alone (``torch.func.vmap``).
     """
-    return PerSampleLosses(model, inputs, targets, outputs)
+    return PerSampleLosses(model, inputs, targets, outputs, loss_fn)
 
 
 def _versions() -> dict[str, str]:
@@ -521,7 +540,7 @@ def _fit(
         losses: list[torch.Tensor] = []
         for inputs, targets in data.train:
             outputs: list[torch.Tensor] = []
-            subset = per_sample_losses(net, inputs, targets, outputs)
+            subset = per_sample_losses(net, inputs, targets, outputs, loss_fn)
 
             def closure(
                 index: torch.Tensor | None = None,
