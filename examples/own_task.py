@@ -32,10 +32,10 @@ from flatmin.data import Dataset
 CLASSES, FEATURES = 4, 16
 
 
-def _clusters(n: int, generator: torch.Generator, centers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _clusters(n: int, gen: torch.Generator, centers: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``n`` points around the class centres, labels ``0 .. CLASSES - 1``."""
     y = torch.arange(n) % CLASSES
-    x = centers[y] + torch.randn(n, FEATURES, generator=generator)
+    x = centers[y] + torch.randn(n, FEATURES, generator=gen)
     return x, y
 
 

@@ -71,8 +71,10 @@ def tensor_dataset(
 
     Args:
         name: the data's name.
-        train, val, test: ``(inputs, targets)`` tensors (sample ``i`` is ``inputs[i]``), or
-            map-style datasets (``len`` and ``[i] -> (input, target)``, stacked once).
+        train: ``(inputs, targets)`` tensors (sample ``i`` is ``inputs[i]``), or a map-style
+            dataset (``len`` and ``[i] -> (input, target)``, stacked once).
+        val: the validation split, as ``train``.
+        test: the test split, as ``train``.
         clean_train_targets: the true labels of a training set whose ``targets`` are noisy:
             the report then shows the memorisation columns (train accuracy on the true labels,
             share of the flipped labels reproduced).
