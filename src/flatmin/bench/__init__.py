@@ -12,6 +12,7 @@ References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
 """
 
+from flatmin.bench.api import BenchResult, MethodResult, run
 from flatmin.bench.methods import (
     METHODS,
     Grid,
@@ -42,10 +43,12 @@ __all__ = [
     "METHODS",
     "SUITES",
     "BenchConfig",
+    "BenchResult",
     "Grid",
     "GridSummary",
     "Hyper",
     "Method",
+    "MethodResult",
     "NonFiniteLossError",
     "Recipe",
     "RegistryResolver",
@@ -66,6 +69,7 @@ __all__ = [
     "plan_tuning",
     "read_records",
     "register_method",
+    "run",
     "run_grid",
     "start_epoch",
     "suite_names",
