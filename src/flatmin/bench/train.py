@@ -48,7 +48,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -67,6 +67,7 @@ from flatmin.bench.device import (
 )
 from flatmin.bench.distributed import DistContext, all_reduce_sum
 from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_method, start_epoch
+from flatmin.bench.train_state import STATE_FORMAT, FitState, TrainState
 from flatmin.data import IGNORE_INDEX, Dataset
 from flatmin.data.batching import Batches, GraphBatch
 from flatmin.optim.averaging import WeightAveraging
@@ -90,8 +91,7 @@ __all__ = [
 
 SCHEMA = 2
 EpochCallback = Callable[[int, int, dict[str, float]], None]
-StateCallback = Callable[[dict[str, Any]], None]
-STATE_FORMAT = "flatmin-train-state/1"
+StateCallback = Callable[[TrainState], None]
 CV_LAYOUT = "nested"
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -468,20 +468,63 @@ class _Setup:
     dist: DistContext | None = None
 
 
-def _fit(
-    spec: RunSpec,
-    method: Method,
-    data: TaskData,
-    starts: tuple[float, ...],
-    eval_val: bool,
-    on_epoch: EpochCallback | None,
-    setup: _Setup,
-    resume: dict[str, Any] | None = None,
-    on_state: StateCallback | None = None,
-) -> _Fit:
-    """Train one model on ``data`` and evaluate its final weights and averages."""
-    recipe = data.recipe
-    epochs = recipe.epochs
+_CURVES = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+@dataclass
+class _Loop:
+    """The live objects of one model's training (:func:`_build_loop`)."""
+
+    setup: _Setup
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    averagers: dict[float, WeightAveraging]
+    scaler: torch.amp.GradScaler | None
+    sam_kw: dict[str, Any]
+    step_kw: dict[str, Any]
+    counts: Callable[[torch.Tensor, torch.Tensor], tuple[Any, Any]]
+
+    def step(self, closure: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """One optimizer step for every method (fp16: through the GradScaler recipe)."""
+        if self.scaler is not None:
+            return scaled_step(self.opt, self.scaler, closure, self.net, **self.sam_kw)
+        # SAM's step takes model=; mypy knows only torch.optim.Optimizer.step.
+        step_fn: Callable[..., Any] = self.opt.step
+        return step_fn(closure, **self.step_kw)
+
+    def snapshot(self, data: TaskData, epoch: int, step: int, curves: dict) -> FitState:
+        """The complete state after ``epoch`` (live tensors: save it before training on)."""
+        generator = data.train.generator
+        return FitState(
+            epoch=epoch, step=step, curves=curves, model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+            averagers={average_key(s): a.state_dict() for s, a in self.averagers.items()},
+            generator=None if generator is None else generator.get_state(),
+            scaler=None if self.scaler is None else self.scaler.state_dict(),
+            rng=torch.get_rng_state(),
+        )  # fmt: skip
+
+    def restore(self, data: TaskData, state: FitState) -> None:
+        """Continue from ``state`` (same run, same fold)."""
+        self.model.load_state_dict(state.model)
+        self.opt.load_state_dict(state.optimizer)
+        self.sched.load_state_dict(state.scheduler)
+        for s, avg in self.averagers.items():
+            avg.load_state_dict(state.averagers[average_key(s)])
+        if data.train.generator is not None:
+            data.train.generator.set_state(state.generator)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.rng)
+
+
+def _build_loop(
+    spec: RunSpec, method: Method, data: TaskData, starts: tuple[float, ...], setup: _Setup
+) -> _Loop:
+    """Model (from the run's seed), optimizer, schedule, averages and step options."""
+    recipe, epochs = data.recipe, data.recipe.epochs
     trajectory = get_method(method.trajectory)
     model = data.make_model()
     if setup.dist is not None:
@@ -498,146 +541,158 @@ def _fit(
     averagers = {
         s: WeightAveraging(model, mode="swa", start=start_epoch(s, epochs)) for s in starts
     }
-    loss_fn, correct_fn = data.loss_fn, data.correct_fn
-    curves: dict[str, list[float]] = {
-        k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
-    }
-    status, reason, step = "ok", None, 0
-    # SAM's step takes model=; mypy knows only torch.optim.Optimizer.step.
-    step_fn: Callable[..., Any] = opt.step
-
-    # -- scale: device, precision, processes (the defaults leave the plain fp32 loop) ----------
-    device, dist = setup.device, setup.dist
-    scaler = grad_scaler(device, setup.precision)
-    generator = data.train.generator
-    first_epoch = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        for s, avg in averagers.items():
-            avg.load_state_dict(resume["averagers"][average_key(s)])
-        if generator is not None:
-            generator.set_state(resume["generator"])
-        if scaler is not None:
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"])
-        curves, step, first_epoch = resume["curves"], resume["step"], resume["epoch"] + 1
+    dist = setup.dist
     net = model if dist is None else dist.wrap(model)
     sam_kw = {"per_replica": True} if dist is not None and dist.per_replica else {}
     # The SAM family freezes BN statistics in its extra passes (model=) and, under DDP, may
     # perturb per replica; a plain optimizer takes only the closure.
     step_kw: dict[str, Any] = {"model": net, **sam_kw} if isinstance(opt, SAM) else {}
     # The registry's accuracy has a device-side twin; a task's own correct_fn syncs each step.
-    counts = correct_counts if correct_fn is _registry_correct_fn else correct_fn
+    counts = correct_counts if data.correct_fn is _registry_correct_fn else data.correct_fn
+    return _Loop(
+        setup, model, net, opt, sched, averagers, grad_scaler(setup.device, setup.precision),
+        sam_kw, step_kw, counts,
+    )  # fmt: skip
 
+
+def _closure(
+    loop: _Loop, loss_fn: LossFn, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """The closure contract of every optimizer: zero, forward, backward, per-sample losses.
+
+    ESAM selects data with the returned losses and calls ``closure(index)``; SAM calls it twice
+    (``outputs[0]`` is the pass at ``w``, the one reported).
+    """
+    subset = per_sample_losses(loop.net, inputs, targets, outputs, loss_fn)
+    device, precision, scaler = loop.setup.device, loop.setup.precision, loop.scaler
+
+    def closure(index: torch.Tensor | None = None) -> torch.Tensor:
+        loop.opt.zero_grad(set_to_none=True)
+        if index is not None:
+            with autocast(device, precision):
+                losses = subset(index)
+            mean = losses.mean()
+            (mean if scaler is None else scaler.scale(mean)).backward()
+            return losses.detach()
+        with autocast(device, precision):  # fp32: no autocast at all
+            out = loop.net(inputs)
+            loss = loss_fn(out, targets) if torch.is_grad_enabled() else None
+        if loss is not None:  # ESAM's selection pass runs without gradients
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        outputs.append(out.detach())
+        return subset.losses(out.detach())
+
+    return closure
+
+
+@dataclass
+class _Epoch:
+    """One epoch's training sums (on the device until read) and per-step losses."""
+
+    per_step: torch.Tensor
+    loss: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+
+
+def _train_epoch(loop: _Loop, data: TaskData) -> _Epoch:
+    """One pass over the training batches; sums stay on the device (no host sync per step)."""
+    loop.model.train()
+    device = loop.setup.device
+    run_loss = torch.zeros((), dtype=torch.float64, device=device)
+    run_correct = torch.zeros((), dtype=torch.int64, device=device)
+    run_count = torch.zeros((), dtype=torch.int64, device=device)
+    losses: list[torch.Tensor] = []
+    for inputs, targets in data.train:
+        outputs: list[torch.Tensor] = []
+        loss = loop.step(_closure(loop, data.loss_fn, inputs, targets, outputs)).detach().mean()
+        losses.append(loss)
+        loop.sched.step()
+        c, n = loop.counts(outputs[0], targets)
+        run_loss += loss.double() * n
+        run_correct += c
+        run_count += n
+    per_step = torch.stack(losses).double()
+    dist = loop.setup.dist
+    if dist is not None:  # summed over the processes
+        sums = torch.stack([run_loss, run_correct.double(), run_count.double()])
+        totals = all_reduce_sum(torch.cat([per_step, sums]))
+        per_step = totals[: len(losses)] / dist.world_size
+        run_loss, run_correct, run_count = totals[len(losses) :].unbind()
+    return _Epoch(per_step, run_loss, run_correct, run_count)
+
+
+def _fit(
+    spec: RunSpec,
+    method: Method,
+    data: TaskData,
+    starts: tuple[float, ...],
+    eval_val: bool,
+    on_epoch: EpochCallback | None,
+    setup: _Setup,
+    resume: FitState | None = None,
+    on_state: Callable[[FitState], None] | None = None,
+) -> _Fit:
+    """Train one model on ``data`` and evaluate its final weights and averages."""
+    epochs = data.recipe.epochs
+    loop = _build_loop(spec, method, data, starts, setup)
+    curves: dict[str, list[float]] = {k: [] for k in _CURVES}
+    status, reason, step, first_epoch = "ok", None, 0, 1
+    if resume is not None:
+        loop.restore(data, resume)
+        curves, step, first_epoch = resume.curves, resume.step, resume.epoch + 1
     for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        # Accumulated on the device and read once per epoch: no host sync per step.
-        run_loss = torch.zeros((), dtype=torch.float64, device=device)
-        run_correct = torch.zeros((), dtype=torch.int64, device=device)
-        run_count = torch.zeros((), dtype=torch.int64, device=device)
-        losses: list[torch.Tensor] = []
-        for inputs, targets in data.train:
-            outputs: list[torch.Tensor] = []
-            subset = per_sample_losses(net, inputs, targets, outputs, loss_fn)
-
-            def closure(
-                index: torch.Tensor | None = None,
-                inputs: Any = inputs,
-                targets: torch.Tensor = targets,
-                outputs: list = outputs,
-                subset: PerSampleLosses = subset,
-            ) -> torch.Tensor:
-                # The closure contract of every optimizer: zero, forward, backward, return the
-                # per-sample losses (ESAM selects data with them and calls closure(index)).
-                opt.zero_grad(set_to_none=True)
-                if index is not None:
-                    with autocast(device, setup.precision):
-                        losses = subset(index)
-                    mean = losses.mean()
-                    (mean if scaler is None else scaler.scale(mean)).backward()
-                    return losses.detach()
-                with autocast(device, setup.precision):  # fp32: no autocast at all
-                    out = net(inputs)
-                    loss = loss_fn(out, targets) if torch.is_grad_enabled() else None
-                if loss is not None:  # ESAM's selection pass runs without gradients
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-                outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                return subset.losses(out.detach())
-
-            # One call for every method; SAM's family keeps the BN statistics of the first pass
-            # (model=net); fp16 goes through the GradScaler recipe.
-            if scaler is not None:
-                loss = scaled_step(opt, scaler, closure, net, **sam_kw)
-            else:
-                loss = step_fn(closure, **step_kw)
-            loss = loss.detach().mean()
-            losses.append(loss)
-            sched.step()
-            step += 1
-            c, n = counts(outputs[0], targets)
-            run_loss += loss.double() * n
-            run_correct += c
-            run_count += n
-        # Once per epoch: sum over the processes, then the non-finite check (the first
-        # non-finite step ends the run, reported as if it had been checked at that step).
-        per_step = torch.stack(losses).double()
-        if dist is not None:
-            sums = torch.stack([run_loss, run_correct.double(), run_count.double()])
-            totals = all_reduce_sum(torch.cat([per_step, sums]))
-            per_step = totals[: len(losses)] / dist.world_size
-            run_loss, run_correct, run_count = totals[len(losses) :].unbind()
-        bad = torch.nonzero(~torch.isfinite(per_step)).flatten()
+        run = _train_epoch(loop, data)
+        step += len(run.per_step)
+        # Once per epoch: the non-finite check (the first non-finite step ends the run,
+        # reported as if it had been checked at that step).
+        bad = torch.nonzero(~torch.isfinite(run.per_step)).flatten()
         if bad.numel():
             first = int(bad[0])
-            step += first - len(losses)
+            step += first - len(run.per_step)
             status = "failed"
             reason = (
-                f"non-finite training loss {float(per_step[first])} at epoch {epoch}, "
+                f"non-finite training loss {float(run.per_step[first])} at epoch {epoch}, "
                 f"step {step + 1}"
             )
             break
-        count, correct = int(run_count), int(run_correct)
-
+        count, correct = int(run.count), int(run.correct)
         # One snapshot per epoch from each average's start; the schedule is untouched.
-        for avg in averagers.values():
+        for avg in loop.averagers.values():
             avg.update()
         metrics = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(run_loss) / max(1, count),
-            "train_acc": correct / max(1, count),
-        }
+            "epoch": epoch, "lr": loop.opt.param_groups[0]["lr"],
+            "train_loss": float(run.loss) / max(1, count), "train_acc": correct / max(1, count),
+        }  # fmt: skip
         if eval_val:
-            val = evaluate_counts(model, data.val, loss_fn, correct_fn)
+            val = evaluate_counts(loop.model, data.val, data.loss_fn, data.correct_fn)
             metrics.update(val_loss=val.mean_loss, val_acc=val.acc)
         for k, v in metrics.items():
             curves[k].append(float(v))
         if on_state is not None:
-            on_state({
-                "epoch": epoch, "step": step, "curves": curves, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "averagers": {average_key(s): a.state_dict() for s, a in averagers.items()},
-                "generator": None if generator is None else generator.get_state(),
-                "scaler": None if scaler is None else scaler.state_dict(),
-                "rng": torch.get_rng_state(),
-            })  # fmt: skip
+            on_state(loop.snapshot(data, epoch, step, curves))
         if on_epoch is not None:
             on_epoch(epoch, epochs, metrics)
+    return _finish(spec, loop, data, status, reason, step, curves)
 
+
+def _finish(
+    spec: RunSpec, loop: _Loop, data: TaskData, status: str, reason: str | None, step: int,
+    curves: dict[str, list[float]],
+) -> _Fit:  # fmt: skip
+    """Evaluate the final weights and every average (BN statistics recomputed) of a fit."""
     final: dict[str, Counts] = {}
     averages: dict[float, dict[str, Counts]] = {}
     # A tuning run is chosen on its validation accuracy alone: it evaluates nothing else.
     only = ("val",) if spec.stage == "tune" else None
     if status == "ok":
-        final = _final_counts(model, data, only)
-        for s, avg in averagers.items():
+        final = _final_counts(loop.model, data, only)
+        for s, avg in loop.averagers.items():
             # BN statistics of the average, recomputed on the training set before evaluating it.
             avg.update_bn(data.train_eval)
             with avg.swap():
-                averages[s] = _final_counts(model, data, only)
-    return _Fit(status, reason, step, curves, final, averages, model, averagers, data)
+                averages[s] = _final_counts(loop.model, data, only)
+    return _Fit(status, reason, step, curves, final, averages, loop.model, loop.averagers, data)
 
 
 def _metrics(counts: dict[str, Counts]) -> dict[str, float | None]:
@@ -669,108 +724,32 @@ def _mean_curves(fits: list[_Fit]) -> dict[str, list[float]]:
     return out
 
 
-def train(
-    spec: RunSpec,
-    *,
-    task: Task | None = None,
-    dataset: Dataset | None = None,
-    on_epoch: EpochCallback | None = None,
-    eval_val: bool | None = None,
-    dist: DistContext | None = None,
-    resume: dict[str, Any] | None = None,
-    on_state: StateCallback | None = None,
-) -> TrainResult:
-    """Train one run of the benchmark and return its record.
+def _check_resume(state: TrainState, config_hash: str, world: int) -> None:
+    """Refuse the state of another run, or of another number of processes."""
+    if state.hash != config_hash:
+        raise ValueError(
+            f"Invalid resume state: it belongs to run {state.hash!r} ({state.format}), not to "
+            f"this run {config_hash!r} ({STATE_FORMAT})"
+        )
+    if state.world_size != world:
+        raise ValueError(
+            f"Invalid resume state: saved by {state.world_size} processes, resumed by "
+            f"{world} (the per-process batches and BatchNorm statistics would differ)"
+        )
 
-    Args:
-        spec: the run (its ``device`` must exist: resolve ``auto`` first).
-        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
-        dataset: an already loaded dataset of the task (reused across runs of one process).
-        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
-            an exception raised there ends the run and propagates). ``metrics`` holds ``lr``,
-            ``train_loss``, ``train_acc`` and, when validating every epoch, ``val_loss`` and
-            ``val_acc``.
-        eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
-            tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
-        dist: this process's place in a ``torchrun`` group (``None``: one process).
-        resume: a state passed to ``on_state`` by an earlier, interrupted call with the same spec
-            (and number of processes): training continues after its epoch.
-        on_state: ``on_state(state)`` after every epoch with the complete training state (its
-            tensors are the live ones: save it before returning).
 
-    Returns:
-        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
-        loss, with ``record["reason"]``).
-
-    Raises:
-        ValueError: an unsupported method/precision/processes combination
-            (:func:`check_support`), or a ``resume`` state of another run.
-    """
-    spec = spec.resolved()
-    task = task or get_task(spec.task)
-    method = get_method(spec.method)
-    world = 1 if dist is None else dist.world_size
-    check_support(spec, world)
-    setup = _Setup(torch.device(spec.device), spec.precision, dist)
-    if eval_val is None:
-        eval_val = spec.stage == "eval"
-    t0 = time.perf_counter()
-    starts = spec.starts()
-    config_hash = spec.config_hash(task)
-
-    folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
-    fits: list[_Fit] = []
-
-    def load(fold: int | None) -> TaskData:
-        data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
-        if spec.epochs is not None:
-            data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
-        data = data.to(setup.device)
-        if dist is not None:
-            data = replace(data, train=data.train.sharded(dist.rank, dist.world_size))
-        return data
-
-    first_fold, elapsed = 0, 0.0
-    if resume is not None:
-        if resume.get("format") != STATE_FORMAT or resume.get("hash") != config_hash:
-            raise ValueError(
-                f"Invalid resume state: it belongs to run {resume.get('hash')!r} "
-                f"({resume.get('format')}), not to this run {config_hash!r} ({STATE_FORMAT})"
-            )
-        if resume["world_size"] != world:
-            raise ValueError(
-                f"Invalid resume state: saved by {resume['world_size']} processes, resumed by "
-                f"{world} (the per-process batches and BatchNorm statistics would differ)"
-            )
-        first_fold, elapsed = resume["fold"], resume["elapsed"]
-        for done, fold in zip(resume["done"], folds, strict=False):
-            fits.append(_Fit.restore(done, load(fold), starts))
-    for index in range(first_fold, len(folds)):
-
-        def fold_state(fit_state: dict[str, Any], index: int = index) -> None:
-            assert on_state is not None
-            on_state({
-                "format": STATE_FORMAT, "hash": config_hash, "world_size": world,
-                "fold": index, "done": [f.summary() for f in fits], "fit": fit_state,
-                "elapsed": elapsed + time.perf_counter() - t0,
-            })  # fmt: skip
-
-        fit = _fit(
-            spec, method, load(folds[index]), starts, eval_val, on_epoch, setup,
-            resume=resume["fit"] if resume is not None and index == first_fold else None,
-            on_state=fold_state if on_state is not None else None,
-        )  # fmt: skip
-        fits.append(fit)
-        if fit.status != "ok":
-            break
+def _record(
+    spec: RunSpec, task: Task, method: Method, fits: list[_Fit], starts: tuple[float, ...],
+    folds: int | None,
+) -> tuple[dict[str, Any], WeightAveraging | None]:  # fmt: skip
+    """The run's record (without timing and placement) and the average it reports."""
     last = fits[-1]
     status = "ok" if all(f.status == "ok" for f in fits) else "failed"
     epochs = last.data.recipe.epochs
-
     record: dict[str, Any] = {
         "schema": SCHEMA,
         **spec.config(task),
-        "hash": config_hash,
+        "hash": spec.config_hash(task),
         "domain": task.domain,
         "model": task.model,
         "status": status,
@@ -788,34 +767,128 @@ def train(
             else None
         ),
     }
-    if folds != [None]:
-        record["sizes"]["folds"] = len(folds)
+    if folds:
+        record["sizes"]["folds"] = folds
     reported: WeightAveraging | None = None
     if status == "ok":
         live = _metrics(_pool(f.final for f in fits))
         averages = {average_key(s): _metrics(_pool(f.averages[s] for f in fits)) for s in starts}
         if method.averaged:
             key = average_key(spec.hyper.start)  # type: ignore[arg-type]
-            final = {**averages[key], "live_test_acc": live["test_acc"]}
+            record["final"] = {**averages[key], "live_test_acc": live["test_acc"]}
             reported = last.averagers[spec.hyper.start]  # type: ignore[index]
         else:
-            final = {**live, "live_test_acc": live["test_acc"]}
-        record["final"] = final
+            record["final"] = {**live, "live_test_acc": live["test_acc"]}
         if method.keeps_averages and method.is_trajectory:
             record["averages"] = averages
-    record["wall_time"] = elapsed + time.perf_counter() - t0
+    return record, reported
+
+
+def _placement(record: dict[str, Any], spec: RunSpec, setup: _Setup, world: int) -> None:
+    """Where it ran (outside the hash for the CPU / fp32 / one-process defaults)."""
     record["versions"] = _versions()
-    # Where it ran (outside the hash for the CPU / fp32 / one-process defaults).
     record["device"] = str(setup.device)
     record["precision"] = spec.precision
     record["world_size"] = world
-    if dist is not None:
-        record["sam_mode"] = dist.sam_mode
-        record["fsdp"] = dist.fsdp
+    if setup.dist is not None:
+        record["sam_mode"] = setup.dist.sam_mode
+        record["fsdp"] = setup.dist.fsdp
     if setup.device.type == "cuda":
         record["device_name"] = torch.cuda.get_device_name(setup.device)
+
+
+def train(
+    spec: RunSpec,
+    *,
+    task: Task | None = None,
+    dataset: Dataset | None = None,
+    on_epoch: EpochCallback | None = None,
+    eval_val: bool | None = None,
+    dist: DistContext | None = None,
+    resume: TrainState | Mapping[str, Any] | None = None,
+    on_state: StateCallback | None = None,
+) -> TrainResult:
+    """Train one run of the benchmark and return its record.
+
+    Args:
+        spec: the run (its ``device`` must exist: resolve ``auto`` first).
+        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
+        dataset: an already loaded dataset of the task (reused across runs of one process).
+        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
+            an exception raised there ends the run and propagates). ``metrics`` holds ``lr``,
+            ``train_loss``, ``train_acc`` and, when validating every epoch, ``val_loss`` and
+            ``val_acc``.
+        eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
+            tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
+        dist: this process's place in a ``torchrun`` group (``None``: one process).
+        resume: a state passed to ``on_state`` by an earlier, interrupted call with the same spec
+            (and number of processes), or its :meth:`~TrainState.as_dict` form: training
+            continues after its epoch.
+        on_state: ``on_state(state)`` after every epoch with the complete
+            :class:`~flatmin.bench.train_state.TrainState` (its tensors are the live ones: save
+            it before returning).
+
+    Returns:
+        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
+        loss, with ``record["reason"]``).
+
+    Raises:
+        ValueError: an unsupported method/precision/processes combination
+            (:func:`check_support`), or a ``resume`` state of another run or malformed.
+    """
+    spec = spec.resolved()
+    task = task or get_task(spec.task)
+    method = get_method(spec.method)
+    world = 1 if dist is None else dist.world_size
+    check_support(spec, world)
+    setup = _Setup(torch.device(spec.device), spec.precision, dist)
+    if eval_val is None:
+        eval_val = spec.stage == "eval"
+    t0 = time.perf_counter()
+    starts = spec.starts()
+    config_hash = spec.config_hash(task)
+    folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
+    fits: list[_Fit] = []
+
+    def load(fold: int | None) -> TaskData:
+        data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
+        if spec.epochs is not None:
+            data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
+        data = data.to(setup.device)
+        if dist is not None:
+            data = replace(data, train=data.train.sharded(dist.rank, dist.world_size))
+        return data
+
+    first_fold, elapsed = 0, 0.0
+    if resume is not None:
+        resume = resume if isinstance(resume, TrainState) else TrainState.from_dict(resume)
+        _check_resume(resume, config_hash, world)
+        first_fold, elapsed = resume.fold, resume.elapsed
+        for done, fold in zip(resume.done, folds, strict=False):
+            fits.append(_Fit.restore(done, load(fold), starts))
+    for index in range(first_fold, len(folds)):
+
+        def fold_state(fit_state: FitState, index: int = index) -> None:
+            assert on_state is not None
+            on_state(TrainState(
+                config_hash, world, index, tuple(f.summary() for f in fits), fit_state,
+                elapsed + time.perf_counter() - t0,
+            ))  # fmt: skip
+
+        fit = _fit(
+            spec, method, load(folds[index]), starts, eval_val, on_epoch, setup,
+            resume=resume.fit if resume is not None and index == first_fold else None,
+            on_state=fold_state if on_state is not None else None,
+        )  # fmt: skip
+        fits.append(fit)
+        if fit.status != "ok":
+            break
+    record, reported = _record(spec, task, method, fits, starts, task.folds)
+    record["wall_time"] = elapsed + time.perf_counter() - t0
+    _placement(record, spec, setup, world)
     # Curves feed the figures only: 7 significant digits keep results.jsonl small.
-    record["curves"] = _mean_curves(fits) if status == "ok" else last.curves
+    record["curves"] = _mean_curves(fits) if record["status"] == "ok" else fits[-1].curves
+    last = fits[-1]
     return TrainResult(
         record=record, model=last.model, averager=reported, data=last.data,
         averagers=last.averagers,
