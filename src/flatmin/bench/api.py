@@ -93,6 +93,9 @@ class _GivenTasks(RegistryResolver):
         """A given task by name, else the registry's (or an import path)."""
         return self._given[name] if name in self._given else super().task(name)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_given": self._given}  # empty for workers: see run()
+
 
 TaskSpecs = Sequence[str | Task] | str | Task
 

@@ -35,6 +35,10 @@ def _as_split(name: str, source: SplitSource) -> TensorSplit:
         items = [source[i] for i in range(len(source))]
         if not items:
             raise ValueError(f"Invalid {name} split: the dataset is empty")
+        if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            raise TypeError(
+                f"Invalid {name} split: items like {items[0]!r} (expected (input, target) pairs)"
+            )
         inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
         targets = torch.as_tensor([int(t) for _, t in items])
     else:
