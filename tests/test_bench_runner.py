@@ -288,7 +288,7 @@ def test_cross_validated_run_tests_every_sample_once():
 
 def test_memorisation_counts_against_a_lookup_model():
     """train / true-label / memorised accuracies of a model whose predictions are fixed."""
-    from flatmin.bench.train import _final_counts
+    from flatmin.bench.evaluation import final_counts as _final_counts
     from flatmin.data import Dataset, TensorSplit
     from flatmin.tasks import Recipe, Task
 
