@@ -167,3 +167,22 @@ def test_malformed_training_state_is_one_clear_error(tmp_path, monkeypatch, caps
     assert main([*argv, "--out", str(tmp_path / "s"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Invalid --resume" in err and "Traceback" not in err
+
+
+def test_example_with_the_optuna_tuner(tmp_path):
+    pytest.importorskip("optuna")
+    res = flatmin.bench.run(tasks=[OWN], methods=["baseline", "sam"], seeds=2, out=tmp_path,
+                            tune=True, tuner="optuna", tune_trials=2, epochs=1, report=False)
+    search = res.summary.searches[(OWN, "sam")]
+    assert list(res.summary.searches) == [(OWN, "sam")] and search.best is not None
+    assert res.get(OWN, "sam").hyper.rho == search.best.params["rho"]  # the search's choice
+
+
+@pytest.mark.slow
+def test_example_on_ray_workers(tmp_path):
+    """Ray workers import the user's file by its path (the driver's directory travels)."""
+    pytest.importorskip("ray")
+    res = flatmin.bench.run(tasks=[OWN], methods=["baseline", "sam"], seeds=2, out=tmp_path,
+                            epochs=1, executor="ray", jobs=2, report=False)  # fmt: skip
+    assert res.summary.ran == 4 and res.summary.failed == 0
+    assert [len(r.test_acc) for r in res.results] == [2, 2]
