@@ -370,7 +370,8 @@ class Task:
             task once resolved by :func:`~flatmin.tasks.get_task`).
         domain: the report's table for it (``"vision"``, ``"text"``, ``"graph"``, or any label).
         dataset: the name of the data: a registered dataset (``flatmin data list``), or the
-            user's own name for ``data`` (the key under which a process caches it).
+            user's own name for ``data`` (a process loads each name once: tasks with different
+            data need different names).
         model: short model description (shown by ``flatmin tasks`` and in the report).
         build_model: ``build_model(dataset) -> nn.Module`` (shapes taken from the dataset).
         quick, full: recipes of the two budgets (``full=None``: the same as ``quick``).
