@@ -12,7 +12,7 @@ References:
     Kaddour et al., "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv:2202.00661.
 """
 
-from flatmin.bench.api import BenchResult, MethodResult, run
+from flatmin.bench.api import BenchResult, MethodSummary, run
 from flatmin.bench.methods import (
     METHODS,
     Grid,
@@ -48,7 +48,7 @@ __all__ = [
     "GridSummary",
     "Hyper",
     "Method",
-    "MethodResult",
+    "MethodSummary",
     "NonFiniteLossError",
     "Recipe",
     "RegistryResolver",

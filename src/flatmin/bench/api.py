@@ -27,14 +27,14 @@ from flatmin.bench.runner import BenchConfig, GridSummary, RegistryResolver, run
 from flatmin.bench.stats import Cell
 from flatmin.tasks import Task
 
-__all__ = ["BenchResult", "MethodResult", "run"]
+__all__ = ["BenchResult", "MethodSummary", "run"]
 
 DEFAULT_METHODS = ("baseline", "swa", "sam", "wasam")
 _FIXED = ("out", "tasks", "methods", "seeds")
 
 
 @dataclass(frozen=True)
-class MethodResult:
+class MethodSummary:
     """One method on one task, over the evaluation seeds.
 
     Attributes:
@@ -63,17 +63,17 @@ class BenchResult:
 
     Attributes:
         out: the output directory (``results.jsonl``, ``report.md``).
-        results: one :class:`MethodResult` per task × method.
+        results: one :class:`MethodSummary` per task × method.
         rows: the report's rows (:class:`~flatmin.bench.report.TaskRow`).
         summary: the grid's :class:`~flatmin.bench.GridSummary` (runs, tuning choices, records).
     """
 
     out: Path
-    results: tuple[MethodResult, ...]
+    results: tuple[MethodSummary, ...]
     rows: tuple[TaskRow, ...]
     summary: GridSummary
 
-    def get(self, task: str, method: str) -> MethodResult:
+    def get(self, task: str, method: str) -> MethodSummary:
         """The result of ``method`` on ``task`` (``KeyError`` naming the known pairs)."""
         for r in self.results:
             if (r.task, r.method) == (task, method):
@@ -136,24 +136,27 @@ def _config(
     )
 
 
+def _test_accuracies(summary: GridSummary, task: str, method: str) -> list[tuple[int, float]]:
+    """``(seed, test accuracy)`` of every finished evaluation run of ``method`` on ``task``."""
+    return sorted(
+        (int(r["seed"]), float(r["final"]["test_acc"])) for r in summary.records
+        if (r["task"], r["method"], r.get("status")) == (task, method, "ok")
+    )  # fmt: skip
+
+
 def _results(
     summary: GridSummary, rows: list[TaskRow], methods: Sequence[str]
-) -> list[MethodResult]:
+) -> list[MethodSummary]:
     out = []
     for row in rows:
         for m in methods:
-            recs = sorted(
-                (r for r in summary.records
-                 if r["task"] == row.task and r["method"] == m and r.get("status") == "ok"),
-                key=lambda r: int(r["seed"]),
-            )  # fmt: skip
             if m not in row.absolute:
                 continue
-            out.append(MethodResult(
-                task=row.task, method=m, seeds=tuple(int(r["seed"]) for r in recs),
-                test_acc=tuple(float(r["final"]["test_acc"]) for r in recs),
-                accuracy=row.absolute[m], vs_baseline=row.diffs.get(m),
-                hyper=summary.hypers.get((row.task, m), Hyper()),
+            per_seed = _test_accuracies(summary, row.task, m)
+            out.append(MethodSummary(
+                task=row.task, method=m, seeds=tuple(s for s, _ in per_seed),
+                test_acc=tuple(a for _, a in per_seed), accuracy=row.absolute[m],
+                vs_baseline=row.diffs.get(m), hyper=summary.hypers.get((row.task, m), Hyper()),
             ))  # fmt: skip
     return out
 

@@ -60,6 +60,7 @@ __all__ = [
     "loss_fn",
 ]
 
+#: The budgets every task defines: ``quick`` (minutes on a CPU) and ``full`` (the benchmark's).
 BUDGETS = ("quick", "full")
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
