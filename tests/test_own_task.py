@@ -187,3 +187,21 @@ def test_example_on_ray_workers(tmp_path):
                             epochs=1, executor="ray", jobs=2, report=False)  # fmt: skip
     assert res.summary.ran == 4 and res.summary.failed == 0
     assert [len(r.test_acc) for r in res.results] == [2, 2]
+
+
+def test_the_whole_protocol_on_the_example(tmp_path):
+    """Validation grids (tuning seeds, extension), ablation and flatness study on a user task."""
+    res = flatmin.bench.run(tasks=[OWN_NOISY], methods=METHODS, seeds=2, out=tmp_path, epochs=2,
+                            tune=True, ablation_task=OWN_NOISY, analysis_task=OWN_NOISY)
+    summary = res.summary
+    sam = next(c for c in summary.tuning if c.method == "sam")
+    assert {len(s) for s in sam.per_seed} == {2}  # both tuning seeds at every point
+    assert len(sam.points) >= len(get_method("sam").grids["rho"].values)
+    assert res.get(OWN_NOISY, "sam").hyper.rho == sam.chosen[0]
+    assert {r["budget_factor"] for r in summary.ablation} == {0.5, 2.0}
+    assert summary.flatness is not None and summary.flatness["task"] == OWN_NOISY
+    assert all(rep["recorded_final_test_acc"] == rep["retrained_final_test_acc"]
+               for rep in summary.flatness["reproduced"].values())  # fmt: skip
+    text = (tmp_path / "report.md").read_text()
+    for section in ("## Budget ablation", "## Flatness of the solutions", "## Validation grids"):
+        assert section in text

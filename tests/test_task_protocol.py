@@ -293,3 +293,15 @@ def test_data_that_is_not_a_dataset_is_refused():
     task = _toy_task(data=lambda: {"x": 1})
     with pytest.raises(TypeError, match="Invalid data of task 'toy-a': dict"):
         task.load()
+
+
+def test_user_task_with_folds_through_the_tuned_grid(user_module, tmp_path):
+    import flatmin.bench
+
+    name = f"{user_module}:folded"
+    res = flatmin.bench.run(tasks=[name], methods=["baseline", "sam"], seeds=1, out=tmp_path,
+                            tune=True, report=False)  # fmt: skip
+    assert res.summary.failed == 0 and res.summary.tuning
+    tuned = [r for r in res.summary.tune_records if r["method"] == "sam"]
+    assert tuned and all(r["cv"] == "nested" and r["sizes"]["folds"] == 3 for r in tuned)
+    assert res.get(name, "sam").seeds == (0,)
