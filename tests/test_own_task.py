@@ -205,3 +205,12 @@ def test_the_whole_protocol_on_the_example(tmp_path):
     text = (tmp_path / "report.md").read_text()
     for section in ("## Budget ablation", "## Flatness of the solutions", "## Validation grids"):
         assert section in text
+
+
+def test_a_state_without_the_batch_order_generator_is_refused(tmp_path, monkeypatch):
+    from flatmin.bench import Hyper, RunSpec, train
+
+    state = _state(tmp_path, monkeypatch)
+    state["fit"]["generator"] = None  # well-typed, but this run draws shuffled batches
+    with pytest.raises(ValueError, match="no batch-order generator state"):
+        train(RunSpec(OWN, "sam", 0, hyper=Hyper(rho=0.05), epochs=2), resume=state)
