@@ -67,7 +67,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
 
     def save_then_interrupt(path, state):
         save(path, state)
-        saved.append((state["fold"], state["fit"]["epoch"]))
+        saved.append((state.fold, state.fit.epoch))
         if len(saved) == stop_after:
             raise KeyboardInterrupt  # as Ctrl-C right after the state was written
 

@@ -27,8 +27,9 @@ from flatmin.bench.device import (
     grad_scaler,
     resolve_device,
 )
+from flatmin.bench.loop import scheduler as _scheduler
 from flatmin.bench.methods import BuildContext
-from flatmin.bench.train import _scheduler, per_sample_losses
+from flatmin.bench.train import per_sample_losses
 from flatmin.cli import PRECISIONS as CLI_PRECISIONS
 from flatmin.cli import main
 from flatmin.data import IGNORE_INDEX

@@ -27,6 +27,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from torch import nn
 
 from flatmin._io import atomic_write_bytes
 from flatmin.bench.methods import Hyper
-from flatmin.bench.train import STATE_FORMAT, RunSpec, TrainResult
+from flatmin.bench.train import RunSpec, TrainResult
+from flatmin.bench.train_state import STATE_FORMAT, TrainState
 from flatmin.tasks import Task, TaskData, get_task
 
 __all__ = [
@@ -161,21 +163,28 @@ def _write(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
-def save_training_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+def save_training_state(
+    path: str | os.PathLike[str], state: TrainState | Mapping[str, Any]
+) -> None:
     """Save a training state (``train(on_state=...)``) atomically, with its digest.
 
     Raises:
         OSError: the file could not be written (an existing ``path`` is then unchanged).
     """
-    _write(path, dict(state))
+    _write(path, state.as_dict() if isinstance(state, TrainState) else dict(state))
 
 
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and verify a state written by :func:`save_training_state` (for ``train(resume=)``).
 
+    Returns:
+        The state's plain form, checked by :meth:`TrainState.from_dict` (every part present
+        and of its type); ``TrainState.from_dict`` of it gives the typed state.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: not a readable, intact training state (see :func:`load_checkpoint`).
+        CheckpointError: not a readable, intact training state (see :func:`load_checkpoint`),
+            or one with a missing or ill-typed part (the message names the file and the part).
     """
     name = os.fspath(path)
     payload = _torch_load(Path(path))
@@ -186,6 +195,10 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"expected {STATE_FORMAT!r})"
         )
     _check_digest(payload, name)
+    try:
+        TrainState.from_dict(payload)
+    except ValueError as exc:
+        raise CheckpointError(f"Invalid training state: {name!r}: {exc}") from None
     return payload
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -247,6 +247,84 @@ def _extensions(values: tuple[float, ...], original: tuple[float, ...]) -> int:
     return sum(v not in original for v in values)
 
 
+def _seed_scores(
+    cfg: Grid, task: str, m: Method, fixed: Hyper, points: list[tuple[float, ...]],
+    need: Callable[[RunSpec], Mapping[str, Any] | None],
+) -> tuple[list[tuple[float | None, ...]], bool]:  # fmt: skip
+    """Each point's validation score per tuning seed, and whether every run is recorded."""
+    params = tuple(m.grids)
+    complete = True
+    per_seed: list[tuple[float | None, ...]] = []
+    for point in points:
+        hyper = m.resolve(fixed, **dict(zip(params, point, strict=True)))
+        traj_name, traj_hyper = eval_trajectory(m, hyper)
+        seeds = []
+        for seed in cfg.tune_seeds:
+            spec = RunSpec(
+                task, traj_name, seed, cfg.budget_of(task), traj_hyper, cfg.epochs,
+                stage="tune", device=cfg.device, precision=cfg.precision,
+            )  # fmt: skip
+            rec = need(spec)
+            complete &= rec is not None
+            seeds.append(method_score(rec, m, hyper))
+        per_seed.append(tuple(seeds))
+    return per_seed, complete
+
+
+def _select(
+    m: Method, points: list[tuple[float, ...]], per_seed: list[tuple[float | None, ...]]
+) -> tuple[list[float | None], tuple[float, ...], bool]:
+    """Mean scores over seeds (``None`` if a seed failed), the chosen point, any eligible."""
+    scores: list[float | None] = []
+    for s in per_seed:
+        vals = [v for v in s if v is not None]
+        scores.append(sum(vals) / len(vals) if len(vals) == len(s) else None)
+    default = tuple(getattr(m.defaults, p) for p in m.grids)
+    eligible = [(sc, pt) for sc, pt in zip(scores, points, strict=True) if sc is not None]
+    if not eligible:
+        return scores, default, False
+    top = max(sc for sc, _ in eligible)
+    winners = sorted(pt for sc, pt in eligible if sc == top)
+    return scores, (default if default in winners else winners[0]), True
+
+
+def _extend(
+    m: Method, task: str, values: Mapping[str, tuple[float, ...]], chosen: tuple[float, ...],
+    new_state: GridState,
+) -> tuple[list[str], bool]:  # fmt: skip
+    """Grow the grids whose chosen value is on an edge; (params still at an edge, grew)."""
+    at_edge = []
+    grew = False
+    free = free_params(m)
+    for i, p in enumerate(m.grids):
+        grid = m.grids[p]
+        if p in free or not grid.extend:
+            continue
+        current = values[p]
+        for end, edge in (("low", current[0]), ("high", current[-1])):
+            if chosen[i] != edge:
+                continue
+            if _extensions(current, grid.values) >= MAX_EXTENSIONS:
+                at_edge.append(p)
+                continue
+            new = grid.step_beyond(current, end)
+            grown = tuple(sorted({*current, new}))
+            key = (task, m.trajectory, p)
+            new_state[key] = tuple(sorted({*new_state.get(key, current), *grown}))
+            grew = True
+    return at_edge, grew
+
+
+def _added(m: Method, values: Mapping[str, tuple[float, ...]]) -> tuple[str, ...]:
+    """The values added to each grid so far (``"rho: 0.0032, 0.008"``)."""
+    out = []
+    for p in m.grids:
+        added = [v for v in values[p] if v not in m.grids[p].values]
+        if added:
+            out.append(f"{p}: " + ", ".join(f"{v:g}" for v in added))
+    return tuple(out)
+
+
 def plan_tuning(
     cfg: Grid,
     state: GridState,
@@ -283,10 +361,9 @@ def plan_tuning(
         for name in tuned_methods(cfg.methods_of(task)):
             m = get_method(name)
             owners = {p: o for p, o in m.tuned_by.items() if o != name}
-            if any((task, o) not in choices for o in owners.values()):
-                pending.append((task, name))
-                continue
-            if any(get_method(o).trajectory in extended_now for o in owners.values()):
+            if any((task, o) not in choices for o in owners.values()) or any(
+                get_method(o).trajectory in extended_now for o in owners.values()
+            ):
                 pending.append((task, name))
                 continue
             fixed = m.resolve(
@@ -302,66 +379,21 @@ def plan_tuning(
                 for p in params
             }
             points = list(itertools.product(*(values[p] for p in params)))
-            complete = True
-            per_seed: list[tuple[float | None, ...]] = []
-            for point in points:
-                hyper = m.resolve(fixed, **dict(zip(params, point, strict=True)))
-                traj_name, traj_hyper = eval_trajectory(m, hyper)
-                seeds = []
-                for seed in cfg.tune_seeds:
-                    spec = RunSpec(
-                        task, traj_name, seed, cfg.budget_of(task), traj_hyper, cfg.epochs,
-                        stage="tune", device=cfg.device, precision=cfg.precision,
-                    )  # fmt: skip
-                    rec = need(spec)
-                    complete &= rec is not None
-                    seeds.append(method_score(rec, m, hyper))
-                per_seed.append(tuple(seeds))
+            per_seed, complete = _seed_scores(cfg, task, m, fixed, points, need)
             if not complete:
                 pending.append((task, name))
                 continue
-            scores: list[float | None] = []
-            for s in per_seed:
-                vals = [v for v in s if v is not None]
-                scores.append(sum(vals) / len(vals) if len(vals) == len(s) else None)
-            default = tuple(getattr(m.defaults, p) for p in params)
-            eligible = [(sc, pt) for sc, pt in zip(scores, points, strict=True) if sc is not None]
-            if eligible:
-                top = max(sc for sc, _ in eligible)
-                winners = sorted(pt for sc, pt in eligible if sc == top)
-                chosen = default if default in winners else winners[0]
-            else:
-                chosen = default
-            extended, at_edge = [], []
-            grew = False
-            for i, p in enumerate(params):
-                grid = m.grids[p]
-                if p in free or not grid.extend or not eligible:
-                    continue
-                current = values[p]
-                for end, edge in (("low", current[0]), ("high", current[-1])):
-                    if chosen[i] != edge:
-                        continue
-                    if _extensions(current, grid.values) >= MAX_EXTENSIONS:
-                        at_edge.append(p)
-                        continue
-                    new = grid.step_beyond(current, end)
-                    grown = tuple(sorted({*current, new}))
-                    key = (task, m.trajectory, p)
-                    new_state[key] = tuple(sorted({*new_state.get(key, current), *grown}))
-                    grew = True
-            for p in params:
-                original = m.grids[p].values
-                added = [v for v in values[p] if v not in original]
-                if added:
-                    extended.append(f"{p}: " + ", ".join(f"{v:g}" for v in added))
+            scores, chosen, any_eligible = _select(m, points, per_seed)
+            at_edge, grew = (
+                _extend(m, task, values, chosen, new_state) if any_eligible else ([], False)
+            )
             if grew:
                 extended_now.add(m.trajectory)
                 pending.append((task, name))
                 continue
             choices[(task, name)] = TuneChoice(
                 task, name, params, tuple(points), tuple(scores), tuple(per_seed), chosen, fixed,
-                tuple(extended), tuple(at_edge),
+                _added(m, values), tuple(at_edge),
             )  # fmt: skip
         # A method whose trajectory grid grew this round must be re-chosen next round, even if
         # its own choice sat inside the grid (the new point may beat it).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from flatmin.data import Dataset, load_dataset
+from flatmin.data import Dataset
 from flatmin.tasks import Task, get_task
 
 __all__ = ["RegistryResolver", "Resolver"]
@@ -35,7 +35,7 @@ class RegistryResolver:
     def dataset(self, task: Task) -> Dataset | None:
         """The task's dataset, loaded once per process."""
         if task.dataset not in self._datasets:
-            self._datasets[task.dataset] = load_dataset(task.dataset)
+            self._datasets[task.dataset] = task.load_dataset()
         return self._datasets[task.dataset]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -43,36 +43,32 @@ same final weights, bit for bit, as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from flatmin.bench.device import (
-    DEFAULT_DEVICE,
-    DEFAULT_PRECISION,
-    autocast,
-    check_precision,
-    check_support,
-    grad_scaler,
-    scaled_step,
+from flatmin.bench.device import check_support
+from flatmin.bench.distributed import DistContext
+from flatmin.bench.evaluation import (
+    Counts,
+    evaluate,
+    evaluate_counts,
+    per_sample_losses,
+    pool_counts,
+    split_metrics,
 )
-from flatmin.bench.distributed import DistContext, all_reduce_sum
-from flatmin.bench.methods import START_GRID, BuildContext, Hyper, Method, get_method, start_epoch
-from flatmin.data import IGNORE_INDEX, Dataset
-from flatmin.data.batching import Batches, GraphBatch
+from flatmin.bench.loop import EpochCallback, Fit, Setup, fit_model
+from flatmin.bench.methods import Method, get_method, start_epoch
+from flatmin.bench.spec import RunSpec, average_key
+from flatmin.bench.train_state import STATE_FORMAT, FitState, TrainState
+from flatmin.data import Dataset
 from flatmin.optim.averaging import WeightAveraging
-from flatmin.optim.sam import SAM
-from flatmin.tasks import Recipe, Task, TaskData, correct_counts, get_task
-from flatmin.tasks import correct_fn as _registry_correct_fn
+from flatmin.tasks import Task, TaskData, get_task
 
 __all__ = [
     "Counts",
@@ -88,165 +84,11 @@ __all__ = [
 ]
 
 SCHEMA = 2
-EpochCallback = Callable[[int, int, dict[str, float]], None]
-StateCallback = Callable[[dict[str, Any]], None]
-STATE_FORMAT = "flatmin-train-state/1"
+StateCallback = Callable[[TrainState], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-def average_key(start: float) -> str:
-    """The key of the average from ``start`` in ``record["averages"]`` (``"0.75"``)."""
-    return f"{float(start):g}"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What one run is: task, method, seed, budget and the method's hyper-parameters.
-
-    Attributes:
-        task: task registry name.
-        method: method registry name (a view such as ``swa`` trains its trajectory and reports
-            the average from ``hyper.start``; the benchmark grid only plans trajectories).
-        seed: model initialisation and batch order.
-        budget: ``"quick"`` or ``"full"`` (the task's recipe).
-        hyper: the method's hyper-parameters (``None`` fields: the method's defaults).
-        epochs: override the recipe's epoch budget (``None``: the recipe's).
-        stage: ``"eval"`` (a result), ``"tune"`` (a validation-grid run) or ``"ablation"``.
-        device: where the run computes (``"cpu"``, ``"cuda:0"``, ``"mps"``; resolve ``auto``
-            with :func:`flatmin.bench.device.resolve_device` first).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`flatmin.bench.device`).
-    """
-
-    task: str
-    method: str
-    seed: int
-    budget: str = "quick"
-    hyper: Hyper = field(default_factory=Hyper)
-    epochs: int | None = None
-    stage: str = "eval"
-    device: str = DEFAULT_DEVICE
-    precision: str = DEFAULT_PRECISION
-
-    def __post_init__(self) -> None:
-        check_precision(self.precision)
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(
-                f"Invalid device: {self.device!r} (expected cpu, cuda, cuda:N or mps)"
-            ) from None
-
-    def resolved(self) -> RunSpec:
-        """The spec with the method's defaults filled in (what the hash is computed over)."""
-        return replace(self, hyper=get_method(self.method).resolve(self.hyper))
-
-    def recipe(self, task: Task | None = None) -> Recipe:
-        """The task's recipe for this budget, with the epoch override applied."""
-        recipe = (task or get_task(self.task)).recipe(self.budget)
-        return recipe if self.epochs is None else replace(recipe, epochs=self.epochs)
-
-    def starts(self) -> tuple[float, ...]:
-        """The averaging starts this run keeps (see the module docstring)."""
-        method = get_method(self.method)
-        if method.is_trajectory and method.keeps_averages:
-            return START_GRID
-        if method.averaged:
-            start = self.resolved().hyper.start
-            return () if start is None else (start,)
-        return ()
-
-    def config(self, task: Task | None = None) -> dict[str, Any]:
-        """Everything that determines the run's result, as plain JSON values.
-
-        The device type (not its index) and the precision appear only when they differ from
-        the CPU / ``fp32`` defaults, so CPU float32 runs keep their earlier hashes.
-        """
-        spec = self.resolved()
-        task = task or get_task(self.task)
-        config = {
-            "task": spec.task,
-            "method": spec.method,
-            "seed": spec.seed,
-            "budget": spec.budget,
-            "stage": spec.stage,
-            "hyper": spec.hyper.as_dict(),
-            "recipe": asdict(spec.recipe(task)),
-            "folds": task.folds,
-            "average_starts": [average_key(s) for s in spec.starts()],
-        }
-        device_type = torch.device(spec.device).type
-        if device_type != DEFAULT_DEVICE:
-            config["device"] = device_type
-        if spec.precision != DEFAULT_PRECISION:
-            config["precision"] = spec.precision
-        return config
-
-    def config_hash(self, task: Task | None = None) -> str:
-        """First 16 hex digits of the SHA-256 of :meth:`config` (sorted-key JSON)."""
-        text = json.dumps(self.config(task), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Counts:
-    """Summed loss, correct predictions and labelled samples of one evaluation (poolable)."""
-
-    loss: float = 0.0
-    correct: int = 0
-    n: int = 0
-
-    def __add__(self, other: Counts) -> Counts:
-        return Counts(self.loss + other.loss, self.correct + other.correct, self.n + other.n)
-
-    @property
-    def acc(self) -> float:
-        """Accuracy (NaN without samples)."""
-        return self.correct / self.n if self.n else math.nan
-
-    @property
-    def mean_loss(self) -> float:
-        """Loss per labelled sample (NaN without samples)."""
-        return self.loss / self.n if self.n else math.nan
-
-
-@torch.no_grad()
-def evaluate_counts(
-    model: nn.Module,
-    batches: Iterable[tuple[Any, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
-) -> Counts:
-    """Summed loss and correct predictions over labelled targets, in eval mode (restored)."""
-    was_training = model.training
-    model.eval()
-    total = Counts()
-    try:
-        for inputs, targets in batches:
-            out = model(inputs)
-            c, n = correct_fn(out, targets)
-            if n:
-                total = total + Counts(float(loss_fn(out, targets)) * n, c, n)
-    finally:
-        model.train(was_training)
-    return total
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Any, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    correct_fn: Callable[[torch.Tensor, torch.Tensor], tuple[int, int]],
-) -> tuple[float, float]:
-    """Mean loss and accuracy over labelled targets, in eval mode (the mode is restored).
-
-    Returns:
-        ``(loss, accuracy)`` with the loss averaged per labelled sample (NaN without samples).
-    """
-    counts = evaluate_counts(model, batches, loss_fn, correct_fn)
-    return counts.mean_loss, counts.acc
 
 
 @dataclass
@@ -269,73 +111,6 @@ class TrainResult:
     averagers: dict[float, WeightAveraging] = field(default_factory=dict)
 
 
-def _graph_subset(g: GraphBatch, index: torch.Tensor) -> GraphBatch:
-    """The graphs ``index`` of a merged batch, as a new batch (graph ``j`` is ``index[j]``)."""
-    new_id = torch.full((g.num_graphs,), -1, dtype=torch.long, device=g.batch.device)
-    new_id[index] = torch.arange(index.numel(), device=g.batch.device)
-    node_graph = new_id[g.batch]
-    keep = node_graph >= 0
-    renumber = torch.cumsum(keep.long(), 0) - 1
-    edges = g.edge_index[:, keep[g.edge_index[0]]]  # edges never cross graphs
-    return GraphBatch(g.x[keep], renumber[edges], node_graph[keep], int(index.numel()))
-
-
-class PerSampleLosses:
-    """ESAM's per-sample cross-entropy of one batch (see :func:`per_sample_losses`).
-
-    The labelled samples are found only when needed — node classification alone has unlabelled
-    targets — so building one per step costs no host sync.
-    """
-
-    def __init__(
-        self, model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
-    ) -> None:
-        self.model, self.inputs, self.targets, self.outputs = model, inputs, targets, outputs
-        self.node_level = isinstance(inputs, GraphBatch) and targets.numel() != inputs.num_graphs
-        self._labelled: torch.Tensor | None = None
-
-    @property
-    def labelled(self) -> torch.Tensor:
-        """Indices of the labelled targets (the samples)."""
-        if self._labelled is None:
-            self._labelled = torch.nonzero(self.targets != IGNORE_INDEX).flatten()
-        return self._labelled
-
-    def losses(self, out: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses of the whole batch's outputs ``out``."""
-        if not self.node_level:  # every image, document or graph is labelled
-            return F.cross_entropy(out, self.targets, reduction="none")
-        rows = self.labelled
-        return F.cross_entropy(out[rows], self.targets[rows], reduction="none")
-
-    def __call__(self, index: torch.Tensor | None) -> torch.Tensor:
-        if index is None:
-            out = self.model(self.inputs)
-            self.outputs.append(out.detach())
-            return self.losses(out)
-        rows = self.labelled[index]
-        if self.node_level:
-            out = self.model(self.inputs)[rows]
-        elif isinstance(self.inputs, GraphBatch):
-            out = self.model(_graph_subset(self.inputs, rows))
-        else:
-            out = self.model(self.inputs[rows])
-        return F.cross_entropy(out, self.targets[rows], reduction="none")
-
-
-def per_sample_losses(
-    model: nn.Module, inputs: Any, targets: torch.Tensor, outputs: list[torch.Tensor]
-) -> PerSampleLosses:
-    """ESAM's ``loss_fn(index)``: per-sample cross-entropy of the batch or of samples ``index``.
-
-    Samples are the labelled targets: images or documents (a sub-batch is sliced), graphs (a
-    sub-batch of graphs is re-merged), or the labelled nodes of a node-classification graph (the
-    whole graph is run and the selected nodes' losses kept). The outputs of the whole-batch call
-    are appended to ``outputs`` (for the running train accuracy).
-    """
-    return PerSampleLosses(model, inputs, targets, outputs)
-
-
 def _versions() -> dict[str, str]:
     from flatmin import __version__
 
@@ -346,301 +121,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _scheduler(
-    opt: torch.optim.Optimizer, recipe: Recipe, method: Method, hyper: Hyper, spe: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The task's per-step schedule; ``swa-lr`` holds ``swa_lr`` × peak LR from its start epoch."""
-    if not method.constant_lr_from_start:
-        return recipe.make_scheduler(opt, spe)
-    if hyper.start is None or hyper.swa_lr is None:
-        raise ValueError(
-            f"Invalid hyper-parameters for {method.name!r}: {hyper} (need start, swa_lr)"
-        )
-    switch = (start_epoch(hyper.start, recipe.epochs) - 1) * spe
-    swa_lr = hyper.swa_lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: recipe.lr_factor(s, spe) if s < switch else swa_lr
-    )
-
-
-@dataclass
-class _Fit:
-    """One model trained on one split (one fold of a cross-validated task)."""
-
-    status: str
-    reason: str | None
-    steps: int
-    curves: dict[str, list[float]]
-    final: dict[str, Counts]
-    averages: dict[float, dict[str, Counts]]
-    model: nn.Module
-    averagers: dict[float, WeightAveraging]
-    data: TaskData
-
-    def summary(self) -> dict[str, Any]:
-        """What a finished fold contributes to the record, as plain values (resume states)."""
-
-        def plain(counts: dict[str, Counts]) -> dict[str, list[float | int]]:
-            return {k: [c.loss, c.correct, c.n] for k, c in counts.items()}
-
-        return {
-            "status": self.status, "reason": self.reason, "steps": self.steps,
-            "curves": self.curves, "final": plain(self.final),
-            "averages": {average_key(s): plain(c) for s, c in self.averages.items()},
-        }  # fmt: skip
-
-    @classmethod
-    def restore(cls, summary: dict[str, Any], data: TaskData, starts: tuple[float, ...]) -> _Fit:
-        """A finished fold from its :meth:`summary` (no model: only its counts are reported)."""
-
-        def counts(plain: dict[str, list[Any]]) -> dict[str, Counts]:
-            return {k: Counts(float(v[0]), int(v[1]), int(v[2])) for k, v in plain.items()}
-
-        averages = {s: counts(summary["averages"][average_key(s)]) for s in starts}
-        return cls(
-            summary["status"], summary["reason"], summary["steps"], summary["curves"],
-            counts(summary["final"]), averages, nn.Module(), {}, data,
-        )  # fmt: skip
-
-
-_SPLITS = ("test", "val", "train", "train_clean", "noise_memorised")
-_ACC_KEY = {
-    "test": "test_acc",
-    "val": "val_acc",
-    "train": "train_acc",
-    "train_clean": "train_acc_clean",
-    "noise_memorised": "noise_memorised",
-}
-
-
-def _eval_splits(data: TaskData) -> Iterator[tuple[str, Batches]]:
-    """The evaluation streams of the final weights (see :func:`_final_counts`)."""
-    yield "test", data.test
-    yield "val", data.val
-    yield "train", data.train_eval
-    train = data.dataset.train
-    clean = train.clean_targets
-    if clean is None:
-        return
-    bs, device = data.train_eval.batch_size, data.train_eval.device
-    yield "train_clean", Batches(replace(train, targets=clean), bs, device=device)
-    # Accuracy w.r.t. the *noisy* label on the flipped samples only (the others are ignored):
-    # the fraction of the label noise that the model reproduces, i.e. has memorised.
-    flipped = torch.where(train.targets != clean, train.targets, IGNORE_INDEX)
-    yield "noise_memorised", Batches(replace(train, targets=flipped), bs, device=device)
-
-
-def _final_counts(
-    model: nn.Module, data: TaskData, only: tuple[str, ...] | None = None
-) -> dict[str, Counts]:
-    return {
-        name: evaluate_counts(model, batches, data.loss_fn, data.correct_fn)
-        for name, batches in _eval_splits(data)
-        if only is None or name in only
-    }
-
-
-@dataclass
-class _Setup:
-    """How a run executes: device and precision (from the spec) and the process group."""
-
-    device: torch.device
-    precision: str
-    dist: DistContext | None = None
-
-
-def _fit(
-    spec: RunSpec,
-    method: Method,
-    data: TaskData,
-    starts: tuple[float, ...],
-    eval_val: bool,
-    on_epoch: EpochCallback | None,
-    setup: _Setup,
-    resume: dict[str, Any] | None = None,
-    on_state: StateCallback | None = None,
-) -> _Fit:
-    """Train one model on ``data`` and evaluate its final weights and averages."""
-    recipe = data.recipe
-    epochs = recipe.epochs
-    trajectory = get_method(method.trajectory)
-    model = data.make_model()
-    if setup.dist is not None:
-        setup.dist.shard(model)  # FSDP2 only: before the optimizer and the averages see the weights
-    assert trajectory.build is not None  # a trajectory always has a builder
-    opt = trajectory.build(
-        BuildContext(
-            model, recipe.optimizer_class, recipe.optimizer_kwargs(), spec.hyper, epochs, spec.seed
-        )
-    )
-    # The schedule is attached to the optimizer the method built (SAM shares its param groups with
-    # the base optimizer, so the scheduler drives both).
-    sched = _scheduler(opt, recipe, method, spec.hyper, len(data.train))
-    averagers = {
-        s: WeightAveraging(model, mode="swa", start=start_epoch(s, epochs)) for s in starts
-    }
-    loss_fn, correct_fn = data.loss_fn, data.correct_fn
-    curves: dict[str, list[float]] = {
-        k: [] for k in ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
-    }
-    status, reason, step = "ok", None, 0
-    # SAM's step takes model=; mypy knows only torch.optim.Optimizer.step.
-    step_fn: Callable[..., Any] = opt.step
-
-    # -- scale: device, precision, processes (the defaults leave the plain fp32 loop) ----------
-    device, dist = setup.device, setup.dist
-    scaler = grad_scaler(device, setup.precision)
-    generator = data.train.generator
-    first_epoch = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        for s, avg in averagers.items():
-            avg.load_state_dict(resume["averagers"][average_key(s)])
-        if generator is not None:
-            generator.set_state(resume["generator"])
-        if scaler is not None:
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"])
-        curves, step, first_epoch = resume["curves"], resume["step"], resume["epoch"] + 1
-    net = model if dist is None else dist.wrap(model)
-    sam_kw = {"per_replica": True} if dist is not None and dist.per_replica else {}
-    # The SAM family freezes BN statistics in its extra passes (model=) and, under DDP, may
-    # perturb per replica; a plain optimizer takes only the closure.
-    step_kw: dict[str, Any] = {"model": net, **sam_kw} if isinstance(opt, SAM) else {}
-    # The registry's accuracy has a device-side twin; a task's own correct_fn syncs each step.
-    counts = correct_counts if correct_fn is _registry_correct_fn else correct_fn
-
-    for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        # Accumulated on the device and read once per epoch: no host sync per step.
-        run_loss = torch.zeros((), dtype=torch.float64, device=device)
-        run_correct = torch.zeros((), dtype=torch.int64, device=device)
-        run_count = torch.zeros((), dtype=torch.int64, device=device)
-        losses: list[torch.Tensor] = []
-        for inputs, targets in data.train:
-            outputs: list[torch.Tensor] = []
-            subset = per_sample_losses(net, inputs, targets, outputs)
-
-            def closure(
-                index: torch.Tensor | None = None,
-                inputs: Any = inputs,
-                targets: torch.Tensor = targets,
-                outputs: list = outputs,
-                subset: PerSampleLosses = subset,
-            ) -> torch.Tensor:
-                # The closure contract of every optimizer: zero, forward, backward, return the
-                # per-sample losses (ESAM selects data with them and calls closure(index)).
-                opt.zero_grad(set_to_none=True)
-                if index is not None:
-                    with autocast(device, setup.precision):
-                        losses = subset(index)
-                    mean = losses.mean()
-                    (mean if scaler is None else scaler.scale(mean)).backward()
-                    return losses.detach()
-                with autocast(device, setup.precision):  # fp32: no autocast at all
-                    out = net(inputs)
-                    loss = loss_fn(out, targets) if torch.is_grad_enabled() else None
-                if loss is not None:  # ESAM's selection pass runs without gradients
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-                outputs.append(out.detach())  # SAM: [0] is the pass at w (the one we report)
-                return subset.losses(out.detach())
-
-            # One call for every method; SAM's family keeps the BN statistics of the first pass
-            # (model=net); fp16 goes through the GradScaler recipe.
-            if scaler is not None:
-                loss = scaled_step(opt, scaler, closure, net, **sam_kw)
-            else:
-                loss = step_fn(closure, **step_kw)
-            loss = loss.detach().mean()
-            losses.append(loss)
-            sched.step()
-            step += 1
-            c, n = counts(outputs[0], targets)
-            run_loss += loss.double() * n
-            run_correct += c
-            run_count += n
-        # Once per epoch: sum over the processes, then the non-finite check (the first
-        # non-finite step ends the run, reported as if it had been checked at that step).
-        per_step = torch.stack(losses).double()
-        if dist is not None:
-            sums = torch.stack([run_loss, run_correct.double(), run_count.double()])
-            totals = all_reduce_sum(torch.cat([per_step, sums]))
-            per_step = totals[: len(losses)] / dist.world_size
-            run_loss, run_correct, run_count = totals[len(losses) :].unbind()
-        bad = torch.nonzero(~torch.isfinite(per_step)).flatten()
-        if bad.numel():
-            first = int(bad[0])
-            step += first - len(losses)
-            status = "failed"
-            reason = (
-                f"non-finite training loss {float(per_step[first])} at epoch {epoch}, "
-                f"step {step + 1}"
-            )
-            break
-        count, correct = int(run_count), int(run_correct)
-
-        # One snapshot per epoch from each average's start; the schedule is untouched.
-        for avg in averagers.values():
-            avg.update()
-        metrics = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(run_loss) / max(1, count),
-            "train_acc": correct / max(1, count),
-        }
-        if eval_val:
-            val = evaluate_counts(model, data.val, loss_fn, correct_fn)
-            metrics.update(val_loss=val.mean_loss, val_acc=val.acc)
-        for k, v in metrics.items():
-            curves[k].append(float(v))
-        if on_state is not None:
-            on_state({
-                "epoch": epoch, "step": step, "curves": curves, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "averagers": {average_key(s): a.state_dict() for s, a in averagers.items()},
-                "generator": None if generator is None else generator.get_state(),
-                "scaler": None if scaler is None else scaler.state_dict(),
-                "rng": torch.get_rng_state(),
-            })  # fmt: skip
-        if on_epoch is not None:
-            on_epoch(epoch, epochs, metrics)
-
-    final: dict[str, Counts] = {}
-    averages: dict[float, dict[str, Counts]] = {}
-    # A tuning run is chosen on its validation accuracy alone: it evaluates nothing else.
-    only = ("val",) if spec.stage == "tune" else None
-    if status == "ok":
-        final = _final_counts(model, data, only)
-        for s, avg in averagers.items():
-            # BN statistics of the average, recomputed on the training set before evaluating it.
-            avg.update_bn(data.train_eval)
-            with avg.swap():
-                averages[s] = _final_counts(model, data, only)
-    return _Fit(status, reason, step, curves, final, averages, model, averagers, data)
-
-
-def _metrics(counts: dict[str, Counts]) -> dict[str, float | None]:
-    """Accuracies and losses of pooled counts (``None`` for a split that does not exist)."""
-    out: dict[str, float | None] = {}
-    for name in _SPLITS:
-        c = counts.get(name)
-        out[_ACC_KEY[name]] = None if c is None else c.acc
-        if name in ("test", "val", "train") and c is not None:
-            out[f"{name}_loss"] = c.mean_loss
-    return out
-
-
-def _pool(parts: Iterable[dict[str, Counts]]) -> dict[str, Counts]:
-    total: dict[str, Counts] = {}
-    for part in parts:
-        for k, c in part.items():
-            total[k] = total.get(k, Counts()) + c
-    return total
-
-
-def _mean_curves(fits: list[_Fit]) -> dict[str, list[float]]:
+def _mean_curves(fits: list[Fit]) -> dict[str, list[float]]:
     """Per-epoch curves averaged over folds (the fold's own curves for one split)."""
     keys = fits[0].curves
     out: dict[str, list[float]] = {}
@@ -650,108 +131,45 @@ def _mean_curves(fits: list[_Fit]) -> dict[str, list[float]]:
     return out
 
 
-def train(
-    spec: RunSpec,
-    *,
-    task: Task | None = None,
-    dataset: Dataset | None = None,
-    on_epoch: EpochCallback | None = None,
-    eval_val: bool | None = None,
-    dist: DistContext | None = None,
-    resume: dict[str, Any] | None = None,
-    on_state: StateCallback | None = None,
-) -> TrainResult:
-    """Train one run of the benchmark and return its record.
+def _fold_data(
+    task: Task, spec: RunSpec, fold: int | None, dataset: Dataset | None, setup: Setup
+) -> TaskData:
+    """The data of one fold: the epoch override, on the device, this process's shard."""
+    data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
+    if spec.epochs is not None:
+        data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
+    data = data.to(setup.device)
+    if setup.dist is not None:
+        data = replace(data, train=data.train.sharded(setup.dist.rank, setup.dist.world_size))
+    return data
 
-    Args:
-        spec: the run (its ``device`` must exist: resolve ``auto`` first).
-        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
-        dataset: an already loaded dataset of the task (reused across runs of one process).
-        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
-            an exception raised there ends the run and propagates). ``metrics`` holds ``lr``,
-            ``train_loss``, ``train_acc`` and, when validating every epoch, ``val_loss`` and
-            ``val_acc``.
-        eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
-            tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
-        dist: this process's place in a ``torchrun`` group (``None``: one process).
-        resume: a state passed to ``on_state`` by an earlier, interrupted call with the same spec
-            (and number of processes): training continues after its epoch.
-        on_state: ``on_state(state)`` after every epoch with the complete training state (its
-            tensors are the live ones: save it before returning).
 
-    Returns:
-        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
-        loss, with ``record["reason"]``).
+def _check_resume(state: TrainState, config_hash: str, world: int) -> None:
+    """Refuse the state of another run, or of another number of processes."""
+    if state.hash != config_hash:
+        raise ValueError(
+            f"Invalid resume state: it belongs to run {state.hash!r} ({state.format}), not to "
+            f"this run {config_hash!r} ({STATE_FORMAT})"
+        )
+    if state.world_size != world:
+        raise ValueError(
+            f"Invalid resume state: saved by {state.world_size} processes, resumed by "
+            f"{world} (the per-process batches and BatchNorm statistics would differ)"
+        )
 
-    Raises:
-        ValueError: an unsupported method/precision/processes combination
-            (:func:`check_support`), or a ``resume`` state of another run.
-    """
-    spec = spec.resolved()
-    task = task or get_task(spec.task)
-    method = get_method(spec.method)
-    world = 1 if dist is None else dist.world_size
-    check_support(spec, world)
-    setup = _Setup(torch.device(spec.device), spec.precision, dist)
-    if eval_val is None:
-        eval_val = spec.stage == "eval"
-    t0 = time.perf_counter()
-    starts = spec.starts()
-    config_hash = spec.config_hash(task)
 
-    folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
-    fits: list[_Fit] = []
-
-    def load(fold: int | None) -> TaskData:
-        data = task.load(spec.budget, seed=spec.seed, dataset=dataset, fold=fold)
-        if spec.epochs is not None:
-            data = replace(data, recipe=replace(data.recipe, epochs=spec.epochs))
-        data = data.to(setup.device)
-        if dist is not None:
-            data = replace(data, train=data.train.sharded(dist.rank, dist.world_size))
-        return data
-
-    first_fold, elapsed = 0, 0.0
-    if resume is not None:
-        if resume.get("format") != STATE_FORMAT or resume.get("hash") != config_hash:
-            raise ValueError(
-                f"Invalid resume state: it belongs to run {resume.get('hash')!r} "
-                f"({resume.get('format')}), not to this run {config_hash!r} ({STATE_FORMAT})"
-            )
-        if resume["world_size"] != world:
-            raise ValueError(
-                f"Invalid resume state: saved by {resume['world_size']} processes, resumed by "
-                f"{world} (the per-process batches and BatchNorm statistics would differ)"
-            )
-        first_fold, elapsed = resume["fold"], resume["elapsed"]
-        for done, fold in zip(resume["done"], folds, strict=False):
-            fits.append(_Fit.restore(done, load(fold), starts))
-    for index in range(first_fold, len(folds)):
-
-        def fold_state(fit_state: dict[str, Any], index: int = index) -> None:
-            assert on_state is not None
-            on_state({
-                "format": STATE_FORMAT, "hash": config_hash, "world_size": world,
-                "fold": index, "done": [f.summary() for f in fits], "fit": fit_state,
-                "elapsed": elapsed + time.perf_counter() - t0,
-            })  # fmt: skip
-
-        fit = _fit(
-            spec, method, load(folds[index]), starts, eval_val, on_epoch, setup,
-            resume=resume["fit"] if resume is not None and index == first_fold else None,
-            on_state=fold_state if on_state is not None else None,
-        )  # fmt: skip
-        fits.append(fit)
-        if fit.status != "ok":
-            break
+def _record(
+    spec: RunSpec, task: Task, method: Method, fits: list[Fit], starts: tuple[float, ...],
+    folds: int | None,
+) -> tuple[dict[str, Any], WeightAveraging | None]:  # fmt: skip
+    """The run's record (without timing and placement) and the average it reports."""
     last = fits[-1]
     status = "ok" if all(f.status == "ok" for f in fits) else "failed"
     epochs = last.data.recipe.epochs
-
     record: dict[str, Any] = {
         "schema": SCHEMA,
         **spec.config(task),
-        "hash": config_hash,
+        "hash": spec.config_hash(task),
         "domain": task.domain,
         "model": task.model,
         "status": status,
@@ -769,35 +187,130 @@ def train(
             else None
         ),
     }
-    if folds != [None]:
-        record["sizes"]["folds"] = len(folds)
+    if folds:
+        record["sizes"]["folds"] = folds
     reported: WeightAveraging | None = None
     if status == "ok":
-        live = _metrics(_pool(f.final for f in fits))
-        averages = {average_key(s): _metrics(_pool(f.averages[s] for f in fits)) for s in starts}
+        live = split_metrics(pool_counts(f.final for f in fits))
+        averages = {
+            average_key(s): split_metrics(pool_counts(f.averages[s] for f in fits)) for s in starts
+        }
         if method.averaged:
             key = average_key(spec.hyper.start)  # type: ignore[arg-type]
-            final = {**averages[key], "live_test_acc": live["test_acc"]}
+            record["final"] = {**averages[key], "live_test_acc": live["test_acc"]}
             reported = last.averagers[spec.hyper.start]  # type: ignore[index]
         else:
-            final = {**live, "live_test_acc": live["test_acc"]}
-        record["final"] = final
+            record["final"] = {**live, "live_test_acc": live["test_acc"]}
         if method.keeps_averages and method.is_trajectory:
             record["averages"] = averages
-    record["wall_time"] = elapsed + time.perf_counter() - t0
+    return record, reported
+
+
+def _placement(record: dict[str, Any], spec: RunSpec, setup: Setup, world: int) -> None:
+    """Where it ran (outside the hash for the CPU / fp32 / one-process defaults)."""
     record["versions"] = _versions()
-    # Where it ran (outside the hash for the CPU / fp32 / one-process defaults).
     record["device"] = str(setup.device)
     record["precision"] = spec.precision
     record["world_size"] = world
-    if dist is not None:
-        record["sam_mode"] = dist.sam_mode
-        record["fsdp"] = dist.fsdp
+    if setup.dist is not None:
+        record["sam_mode"] = setup.dist.sam_mode
+        record["fsdp"] = setup.dist.fsdp
     if setup.device.type == "cuda":
         record["device_name"] = torch.cuda.get_device_name(setup.device)
+
+
+def _result(
+    spec: RunSpec, task: Task, method: Method, fits: list[Fit], setup: Setup, wall_time: float
+) -> TrainResult:
+    """The finished run: its record (timing, placement, curves) and its last fold's objects."""
+    record, reported = _record(spec, task, method, fits, spec.starts(), task.folds)
+    record["wall_time"] = wall_time
+    world = 1 if setup.dist is None else setup.dist.world_size
+    _placement(record, spec, setup, world)
     # Curves feed the figures only: 7 significant digits keep results.jsonl small.
-    record["curves"] = _mean_curves(fits) if status == "ok" else last.curves
+    record["curves"] = _mean_curves(fits) if record["status"] == "ok" else fits[-1].curves
+    last = fits[-1]
     return TrainResult(
         record=record, model=last.model, averager=reported, data=last.data,
         averagers=last.averagers,
     )  # fmt: skip
+
+
+def train(
+    spec: RunSpec,
+    *,
+    task: Task | None = None,
+    dataset: Dataset | None = None,
+    on_epoch: EpochCallback | None = None,
+    eval_val: bool | None = None,
+    dist: DistContext | None = None,
+    resume: TrainState | Mapping[str, Any] | None = None,
+    on_state: StateCallback | None = None,
+) -> TrainResult:
+    """Train one run of the benchmark and return its record.
+
+    Args:
+        spec: the run (its ``device`` must exist: resolve ``auto`` first).
+        task: the task record (default: ``get_task(spec.task)``; tests pass their own).
+        dataset: an already loaded dataset of the task (reused across runs of one process).
+        on_epoch: ``on_epoch(epoch, epochs, metrics)`` after every epoch (progress bars, pruning:
+            an exception raised there ends the run and propagates). ``metrics`` holds ``lr``,
+            ``train_loss``, ``train_acc`` and, when validating every epoch, ``val_loss`` and
+            ``val_acc``.
+        eval_val: validate the live weights after every epoch (default: for ``eval`` runs only;
+            tuning runs need only the final validation accuracy — pass ``True`` to prune on it).
+        dist: this process's place in a ``torchrun`` group (``None``: one process).
+        resume: a state passed to ``on_state`` by an earlier, interrupted call with the same spec
+            (and number of processes), or its :meth:`~TrainState.as_dict` form: training
+            continues after its epoch.
+        on_state: ``on_state(state)`` after every epoch with the complete
+            :class:`~flatmin.bench.train_state.TrainState` (its tensors are the live ones: save
+            it before returning).
+
+    Returns:
+        A :class:`TrainResult`; ``record["status"]`` is ``"ok"`` or ``"failed"`` (non-finite
+        loss, with ``record["reason"]``).
+
+    Raises:
+        ValueError: an unsupported method/precision/processes combination
+            (:func:`check_support`), or a ``resume`` state of another run or malformed.
+    """
+    spec = spec.resolved()
+    task = task or get_task(spec.task)
+    method = get_method(spec.method)
+    world = 1 if dist is None else dist.world_size
+    check_support(spec, world)
+    setup = Setup(torch.device(spec.device), spec.precision, dist)
+    if eval_val is None:
+        eval_val = spec.stage == "eval"
+    t0 = time.perf_counter()
+    starts = spec.starts()
+    config_hash = spec.config_hash(task)
+    state = None
+    if resume is not None:
+        state = resume if isinstance(resume, TrainState) else TrainState.from_dict(resume)
+        _check_resume(state, config_hash, world)
+    fits: list[Fit] = []
+    elapsed = 0.0 if state is None else state.elapsed
+    folds: list[int | None] = list(range(task.folds)) if task.folds else [None]
+    for done, fold in zip(state.done if state else (), folds, strict=False):
+        fits.append(Fit.restore(done, _fold_data(task, spec, fold, dataset, setup), starts))
+    for index in range(len(fits), len(folds)):
+
+        def fold_state(fit_state: FitState, index: int = index) -> None:
+            assert on_state is not None
+            on_state(TrainState(
+                config_hash, world, index, tuple(f.summary() for f in fits), fit_state,
+                elapsed + time.perf_counter() - t0,
+            ))  # fmt: skip
+
+        fit = fit_model(
+            spec, method, _fold_data(task, spec, folds[index], dataset, setup), starts, eval_val,
+            on_epoch, setup,
+            resume=state.fit if state is not None and index == state.fold else None,
+            on_state=fold_state if on_state is not None else None,
+        )  # fmt: skip
+        fits.append(fit)
+        if fit.status != "ok":
+            break
+    return _result(spec, task, method, fits, setup, elapsed + time.perf_counter() - t0)

@@ -255,7 +255,7 @@ def _train_and_write(
             bar.update(1)
             bar.set_postfix_str(f"val {100 * metrics['val_acc']:.2f}%")
 
-    def on_state(training_state: dict[str, Any]) -> None:
+    def on_state(training_state: Any) -> None:
         save_training_state(state_path, training_state)
 
     try:

@@ -36,6 +36,7 @@ from flatmin.data.splits import (
     stratified_indices,
     with_label_noise,
 )
+from flatmin.data.tensors import tensor_dataset
 
 __all__ = [
     "IGNORE_INDEX",
@@ -58,6 +59,7 @@ __all__ = [
     "load_dataset",
     "stratified_folds",
     "stratified_indices",
+    "tensor_dataset",
     "unknown_dataset_message",
     "verify",
     "with_label_noise",

@@ -1,4 +1,7 @@
-"""Benchmark tasks: real data + a small model + a default recipe, per domain.
+"""Benchmark tasks: data + a model + a loss + a default recipe, per domain.
+
+The built-in tasks use real data and small models; a user's own task is a :class:`Task` found by
+import path (``get_task("mypkg.tasks:my_task")``, see ``docs/own_task.md``).
 
 Example:
     >>> from flatmin.tasks import get_task
@@ -9,24 +12,24 @@ Example:
 """
 
 from flatmin.tasks import catalog as _catalog  # registers the built-in tasks
-from flatmin.tasks.registry import (
+from flatmin.tasks.registry import get_task, list_tasks, register_task, register_variant
+from flatmin.tasks.task import (
     BUDGETS,
+    DataSource,
     Recipe,
     Task,
     TaskData,
     correct_counts,
     correct_fn,
     cross_validation_split,
-    get_task,
-    list_tasks,
     loss_fn,
-    register_task,
 )
 
 del _catalog
 
 __all__ = [
     "BUDGETS",
+    "DataSource",
     "Recipe",
     "Task",
     "TaskData",
@@ -37,4 +40,5 @@ __all__ = [
     "list_tasks",
     "loss_fn",
     "register_task",
+    "register_variant",
 ]

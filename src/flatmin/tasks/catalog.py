@@ -20,7 +20,8 @@ from flatmin.tasks.models import (
     TransformerClassifier,
     WideResNet,
 )
-from flatmin.tasks.registry import Recipe, Task, register_task
+from flatmin.tasks.registry import register_task, register_variant
+from flatmin.tasks.task import Recipe, Task
 
 __all__ = ["NOISY_VARIANTS"]
 
@@ -158,5 +159,8 @@ for _task in (
 ):  # fmt: skip
     register_task(_task)
 
-NOISY_VARIANTS = ("digits-noisy40", "mnist-5k-noisy40", "fashion-mnist-noisy40")
+NOISY_VARIANTS = tuple(
+    register_variant(name)
+    for name in ("digits-noisy40", "mnist-5k-noisy40", "fashion-mnist-noisy40")
+)
 """Label-noise variants listed by ``flatmin tasks`` (any ``<task>-noisyNN`` works)."""
