@@ -11,8 +11,6 @@ import pytest
 
 from flatmin.cli import main
 
-NEEDS_GET_TASK = pytest.mark.xfail(reason="needs get_task import paths", strict=False)
-
 MYTASKS = textwrap.dedent("""
     import dataclasses
 
@@ -65,7 +63,6 @@ def test_an_import_path_is_importable_from_the_working_directory(
     assert seen == [None, "the user's module"] and sys.path[0] == str(user_folder)
 
 
-@NEEDS_GET_TASK
 def test_train_landscape_sharpness_on_the_users_task(user_folder, capsys):
     out = user_folder / "run"
     argv = ["train", "--task", "mytasks:task", "--method", "baseline", "--epochs", "1",
@@ -81,7 +78,6 @@ def test_train_landscape_sharpness_on_the_users_task(user_folder, capsys):
     assert main(argv) == 0, capsys.readouterr().err
 
 
-@NEEDS_GET_TASK
 def test_bench_on_the_users_task(user_folder, capsys):
     argv = ["bench", "--tasks", "mytasks:task", "--methods", "baseline", "--seeds", "1",
             "--epochs", "1", "--jobs", "1", "--out", str(user_folder / "b"),
@@ -90,7 +86,6 @@ def test_bench_on_the_users_task(user_folder, capsys):
     assert "1 runs: 1 trained" in capsys.readouterr().out
 
 
-@NEEDS_GET_TASK
 def test_tune_on_the_users_task(user_folder, capsys):
     pytest.importorskip("optuna")
     argv = ["tune", "--task", "mytasks:task", "--method", "sam", "--trials", "1", "--seeds", "1",

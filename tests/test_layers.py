@@ -28,14 +28,6 @@ SRC = ROOT / "src"
 PYPROJECT = ROOT / "pyproject.toml"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-# Contracts that code owned by other branches of issue #22 still breaks; the lead un-xfails
-# them after the merge (bench.runner imports flatmin.tune until the Tuner seam lands).
-PENDING = {
-    "layers": "bench.runner imports flatmin.tune (fixed by the records branch's Tuner seam)",
-    "bench": "bench.runner imports flatmin.tune (fixed by the records branch's Tuner seam)",
-}
-
-
 def _contract_ids() -> list[str]:
     config = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]
     return [c["id"] for c in config["contracts"]]
@@ -57,12 +49,7 @@ def test_the_contracts_are_the_documented_ones():
 
 @pytest.mark.parametrize(
     "contract",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=PENDING[c], strict=False))
-        if c in PENDING
-        else c
-        for c in _contract_ids()
-    ],
+    _contract_ids(),
 )
 def test_import_contract_is_kept(contract):
     proc = _lint_imports(SRC, contract)
@@ -215,18 +202,5 @@ def test_the_cycle_check_counts_function_local_imports_and_skips_type_checking(t
     assert import_cycles(tmp_path, "pkg")[0] == [["pkg.a", "pkg.b"]]
 
 
-def test_no_import_cycle_through_cli_or_tune():
-    modules, packages = import_cycles(SRC, "flatmin")
-    mine = ("flatmin.cli", "flatmin.tune")
-    assert [c for c in modules if any(m.startswith(mine) for m in c)] == []
-    # bench -> tune closes a cycle between the packages until the records branch is merged.
-    assert [c for c in packages if c != ["flatmin.bench", "flatmin.tune"]] == []
-
-
-@pytest.mark.xfail(
-    reason="tasks.catalog <-> tasks.registry (task branch), bench.execute <-> bench.ray_executor "
-    "and bench <-> tune (records branch)",
-    strict=False,
-)
 def test_no_import_cycle():
     assert import_cycles(SRC, "flatmin") == ([], [])

@@ -171,8 +171,10 @@ def test_malformed_training_state_is_one_clear_error(tmp_path, monkeypatch, caps
 
 def test_example_with_the_optuna_tuner(tmp_path):
     pytest.importorskip("optuna")
+    from flatmin.tune.bench import OptunaTuner
+
     res = flatmin.bench.run(tasks=[OWN], methods=["baseline", "sam"], seeds=2, out=tmp_path,
-                            tune=True, tuner="optuna", tune_trials=2, epochs=1, report=False)
+                            tune=True, tuner=OptunaTuner(trials=2), epochs=1, report=False)
     rho = res.get(OWN, "sam").hyper.rho
     assert rho == res.summary.hypers[(OWN, "sam")].rho
     # A continuous search's choice, not a point of SAM's grid (the grid tuner's values).
@@ -198,7 +200,7 @@ def test_the_whole_protocol_on_the_example(tmp_path):
     assert {len(s) for s in sam.per_seed} == {2}  # both tuning seeds at every point
     assert len(sam.points) >= len(get_method("sam").grids["rho"].values)
     assert res.get(OWN_NOISY, "sam").hyper.rho == sam.chosen[0]
-    assert {r["budget_factor"] for r in summary.ablation} == {0.5, 2.0}
+    assert {r.budget_factor for r in summary.ablation} == {0.5, 2.0}
     assert summary.flatness is not None and summary.flatness["task"] == OWN_NOISY
     assert all(rep["recorded_final_test_acc"] == rep["retrained_final_test_acc"]
                for rep in summary.flatness["reproduced"].values())  # fmt: skip

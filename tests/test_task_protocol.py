@@ -302,6 +302,6 @@ def test_user_task_with_folds_through_the_tuned_grid(user_module, tmp_path):
     res = flatmin.bench.run(tasks=[name], methods=["baseline", "sam"], seeds=1, out=tmp_path,
                             tune=True, report=False)  # fmt: skip
     assert res.summary.failed == 0 and res.summary.tuning
-    tuned = [r for r in res.summary.tune_records if r["method"] == "sam"]
+    tuned = [r.to_dict() for r in res.summary.tune_records if r.method == "sam"]
     assert tuned and all(r["cv"] == "nested" and r["sizes"]["folds"] == 3 for r in tuned)
     assert res.get(name, "sam").seeds == (0,)
