@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.collections import PolyCollection
 
-from flatmin.bench import summarize
+from flatmin.bench import MethodResult, parse_record, summarize
 from flatmin.bench.figures import (
     curves_figure,
     differences_figure,
@@ -44,10 +44,14 @@ def _records() -> list[dict]:
             for s in SEEDS:
                 view = m in ("swa", "wasam")
                 recs.append({
+                    "hash": f"{task}-{m}-{s}", "stage": "eval", "hyper": {}, "epochs": EPOCHS,
+                    "budget": "full", "recipe": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0,
+                                                        "batch_size": 8, "epochs": EPOCHS},
                     "task": task, "method": m, "seed": s, "status": "ok", "domain": "vision",
                     "model": "net", "sizes": {"test": 1000}, "wall_time": 1.0,
                     # A view's final is its average; its curves are its trajectory's live weights.
-                    "final": {"test_acc": accs[s] / 100, "val_acc": accs[s] / 100 + 0.01},
+                    "final": {"test_acc": accs[s] / 100, "val_acc": accs[s] / 100 + 0.01,
+                              "train_acc": 1.0, "train_loss": 0.1, "test_loss": 0.5},
                     "curves": {
                         "val_acc": _curve(task, m, s),
                         "train_loss": [1.0 / (e + 1 + s) for e in range(EPOCHS)],
@@ -59,7 +63,8 @@ def _records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rows():
-    return summarize(_records(), METHODS)
+    results = [MethodResult.parse(r, parse_record(r)) for r in _records()]
+    return summarize(results, METHODS)
 
 
 def _panels(fig) -> dict[str, object]:

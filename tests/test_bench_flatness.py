@@ -45,11 +45,11 @@ def test_study_flags_a_view_whose_average_was_not_reproduced(tmp_path):
     pytest.importorskip("matplotlib")
     summary = _grid(tmp_path)
     study = summary.flatness
-    by_method = {r["method"]: r for r in summary.records}
+    by_method = {r.method: r for r in summary.records}
     for m in study["methods"]:
         rep = study["reproduced"][m]
         # Each entry is the result the report shows: SWA's and WASAM's are their averages'.
-        assert rep["recorded_final_test_acc"] == by_method[m]["final"]["test_acc"], m
+        assert rep["recorded_final_test_acc"] == by_method[m].final.test_acc, m
         assert rep["retrained_final_test_acc"] == rep["recorded_final_test_acc"], m
     # Alter the recorded average of the baseline's run (SWA's result) only; the live weights'
     # accuracy is unchanged, so a check on the live weights would still call SWA reproduced.
