@@ -247,12 +247,19 @@ class GridSummary:
     out: Path = Path()
 
 
-def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSummary:
+def run_grid(
+    cfg: BenchConfig,
+    *,
+    resolver: Resolver | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> GridSummary:
     """Run (or resume) the grid and write the report.
 
     Args:
         cfg: the grid and its options.
         resolver: task and dataset lookup (default: the registry and the data cache).
+        on_record: called in this process with each run's record as it is appended to
+            ``results.jsonl``, whichever executor trained it (live curves: ``--log``).
 
     Returns:
         A :class:`GridSummary`.
@@ -271,14 +278,20 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
     lock = exclusive_output(cfg.out) if cfg.run else nullcontext()
     with lock, interrupt_on_signals(), make_executor(cfg, look) as executor:
-        return _Grid(cfg, look, executor).run()
+        return _Grid(cfg, look, executor, on_record).run()
 
 
 class _Grid:
     """One invocation of a grid: its stages, and the runs they ask for (trained at most once)."""
 
-    def __init__(self, cfg: BenchConfig, look: Resolver, executor: Executor) -> None:
-        self.cfg, self.look, self.executor = cfg, look, executor
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        look: Resolver,
+        executor: Executor,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg, self.look, self.executor, self.on_record = cfg, look, executor, on_record
         self.results = cfg.out / RESULTS
         self.summary = GridSummary(out=cfg.out)
         self.task_of: dict[str, Task] = {name: look.task(name) for name in cfg.tasks}
@@ -324,6 +337,8 @@ class _Grid:
     def append(self, spec: RunSpec, record: dict[str, Any]) -> None:
         """Append a finished run's record to ``results.jsonl`` (this process only)."""
         append_record(self.results, record)
+        if self.on_record is not None:
+            self.on_record(record)
 
     def run(self) -> GridSummary:
         t0 = time.perf_counter()

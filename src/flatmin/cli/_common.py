@@ -119,6 +119,32 @@ def importable_working_directory(args: argparse.Namespace) -> None:
         sys.path.insert(0, cwd)
 
 
+def add_log_option(p: argparse.ArgumentParser) -> None:
+    """``--log KIND TARGET``: live curves in TensorBoard or MLflow (``flatmin.bench.loggers``)."""
+    p.add_argument(
+        "--log", nargs=2, metavar=("KIND", "TARGET"),
+        help="live curves: 'tensorboard DIR' or 'mlflow URI' (a directory: a local SQLite "
+        "store); needs the tensorboard / mlflow extra",
+    )  # fmt: skip
+
+
+def open_log(args: argparse.Namespace) -> Any:
+    """``--log`` as a :class:`~flatmin.bench.loggers.RunLogger` (``None`` without it).
+
+    Raises:
+        ValueError: an unknown kind, or its extra is not installed (said before anything runs).
+    """
+    if not getattr(args, "log", None):
+        return None
+    from flatmin.bench.loggers import open_logger
+
+    kind, target = args.log
+    try:
+        return open_logger(kind, target)
+    except ImportError as exc:
+        raise ValueError(f"Invalid --log {kind}: {exc}") from exc
+
+
 def out_dir_problem(option: str, path: Path) -> str | None:
     """Why ``path`` cannot become an output directory (``None``: it can); creates nothing.
 

@@ -10,8 +10,10 @@ from flatmin.cli._common import (
     TASK_HELP,
     THREADS,
     Subparsers,
+    add_log_option,
     add_scale_options,
     error,
+    open_log,
     out_dir_problem,
     real,
     resolve_device,
@@ -43,6 +45,7 @@ def add_parser(sub: Subparsers) -> None:
         "--report-only", action=flag, default=False, help="only rewrite the report from OUT"
     )
     add_scale_options(p, defaults="the suite's: cpu and fp32 for quick and full")
+    add_log_option(p)
     p.set_defaults(handler=run)
 
 
@@ -135,17 +138,23 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
         )  # fmt: skip
         cfg.validate()
+        logger = open_log(args)
     except ValueError as exc:
         return error(args, exc)
     problem = out_dir_problem("--out", cfg.out)
     if problem:
         return error(args, problem)
+    # Live curves: each run is logged as its record arrives, whichever executor trained it.
+    on_record = None if logger is None else logger.log_record
     try:
-        summary = bench.run_grid(cfg)
+        summary = bench.run_grid(cfg, on_record=on_record)
     except ValueError as exc:  # a Ray cluster that cannot be reached or host a run
         return error(args, exc)
     except (DataUnavailableError, OutputLockedError, OSError) as exc:
         return error(args, exc, 1)
+    finally:
+        if logger is not None:
+            logger.close()
     report = cfg.out / "report.md"
     print(
         f"{summary.planned} runs: {summary.ran} trained, {summary.skipped} already done, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,11 @@ from flatmin.cli._common import (
     TASK_HELP,
     THREADS,
     Subparsers,
+    add_log_option,
     add_scale_options,
     error,
     int_at_least,
+    open_log,
     out_dir_problem,
     prog,
     real,
@@ -53,6 +57,7 @@ def add_parser(sub: Subparsers) -> None:
     t.add_argument("--threads", type=THREADS, default=1, metavar="N", help="torch threads")
     t.add_argument("--progress", action=flag, default=True, help="progress bar on stderr")
     add_scale_options(t, defaults="cpu, fp32")
+    add_log_option(t)
     t.add_argument(
         "--sam-mode", choices=("global", "per-replica"), default="global",
         help="under torchrun: perturb with the all-reduced gradient (global, = one process on "
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         spec, task, world, device = _spec(args, torchrun_env())
+        logger = open_log(args)
     except ValueError as exc:
         return error(args, exc)
     out = Path(args.out)
@@ -181,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
 
     dist = init_distributed(device, args.sam_mode, fsdp=args.fsdp)
     try:
-        return _train_and_write(args, spec, task, dist, state, out)
+        return _train_and_write(args, spec, task, dist, state, out, logger)
     finally:
+        if logger is not None:
+            logger.close()
         if dist is not None:
             import torch.distributed
 
@@ -225,19 +233,15 @@ def _finished(out: Path, config_hash: str) -> bool:
     return metrics.get("hash") == config_hash and (out / "checkpoint.pt").is_file()
 def _train_and_write(
     args: argparse.Namespace, spec: Any, task: Any, dist: Any, state: dict[str, Any] | None,
-    out: Path,
+    out: Path, logger: Any = None,
 ) -> int:  # fmt: skip
-    """Train (resuming from ``state``), then write checkpoint and metrics (rank 0 only)."""
-    import json
+    """Train (resuming from ``state``), then write checkpoint and metrics (rank 0 only).
 
+    With ``logger`` (``--log``) rank 0 logs every epoch live as one logger run.
+    """
     from flatmin import bench
-    from flatmin._io import atomic_write_text, finite_json
-    from flatmin.bench.checkpoint import (
-        STATE_FILE,
-        full_state_dicts,
-        save_checkpoint,
-        save_training_state,
-    )
+    from flatmin.bench.checkpoint import STATE_FILE, full_state_dicts, save_training_state
+    from flatmin.bench.loggers import chain
 
     main_rank = dist is None or dist.rank == 0
     state_path = out / STATE_FILE
@@ -258,17 +262,21 @@ def _train_and_write(
     def on_state(training_state: Any) -> None:
         save_training_state(state_path, training_state)
 
+    if not main_rank:
+        logger = None
     try:
         if main_rank:
             out.mkdir(parents=True, exist_ok=True)
-        with torch_threads(args.threads):
+        with torch_threads(args.threads), _logged(logger, spec, task) as log:
             result = bench.train(
-                spec, task=task, on_epoch=on_epoch, dist=dist, resume=state,
+                spec, task=task, on_epoch=chain(on_epoch, log), dist=dist, resume=state,
                 # Under FSDP2 a rank holds shards only: no per-epoch state (no --resume).
                 on_state=on_state if main_rank and not getattr(dist, "fsdp", False) else None,
             )  # fmt: skip
             # Full state dicts: under FSDP2 a collective that every rank takes part in.
             states = full_state_dicts(result) if result.record["status"] == "ok" else None
+            if log is not None:
+                log.finish(result.record)
     except OSError as exc:
         return error(args, f"could not write the training state into {str(out)!r}: {exc}", 1)
     finally:
@@ -276,6 +284,30 @@ def _train_and_write(
             bar.close()
     if not main_rank:
         return 0
+    return _write_results(args, out, result, states)
+
+
+@contextmanager
+def _logged(logger: Any, spec: Any, task: Any) -> Iterator[Any]:
+    """The logger's run for this training (``None`` without ``--log``)."""
+    if logger is None:
+        yield None
+        return
+    from flatmin.bench.loggers import run_name, run_params
+
+    config = {**spec.config(task), "hash": spec.config_hash(task)}
+    with logger.run(run_name(config), run_params(config)) as log:
+        yield log
+
+
+def _write_results(args: argparse.Namespace, out: Path, result: Any, states: Any) -> int:
+    """Checkpoint and ``metrics.json`` of a finished run (rank 0), and its one-line summary."""
+    import json
+
+    from flatmin._io import atomic_write_text, finite_json
+    from flatmin.bench.checkpoint import STATE_FILE, save_checkpoint
+
+    state_path = out / STATE_FILE
     rec = result.record
     try:
         # Each file is replaced atomically: a failure here (disk full) keeps the previous one.

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 from flatmin.cli._common import (
     TASK_HELP,
     Subparsers,
+    add_log_option,
     add_scale_options,
     error,
     int_at_least,
+    open_log,
     out_dir_problem,
     real,
     torch_threads,
@@ -105,6 +107,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         help="progress bar on stderr",
     )  # fmt: skip
     add_scale_options(p, defaults="cpu, fp32")
+    add_log_option(p)
 
 
 def _check(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], Any]:
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         ranges, device = _check(args)
+        logger = open_log(args)
     except ValueError as exc:
         return error(args, exc)
     # An import path's colon stays out of the default directory name (mytasks:t -> mytasks.t).
@@ -159,11 +163,15 @@ def run(args: argparse.Namespace) -> int:
                 pruner=args.pruner, warmup=args.warmup, epochs=args.epochs, out=out,
                 timeout=args.timeout, spread_penalty=args.spread_penalty, ranges=ranges,
                 progress=args.progress, device=device, precision=args.precision or "fp32",
+                logger=logger,
             )  # fmt: skip
     except StudyConflictError as exc:
         return error(args, exc)
     except (DataUnavailableError, tune_bench.NoTrialCompleted) as exc:
         return error(args, exc, 1)
+    finally:
+        if logger is not None:
+            logger.close()
     wall = time.perf_counter() - t0
     try:
         figure = _save_figure(result, out / "tune.png")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatmin.bench.device import check_precision, check_support, resolve_device
+from flatmin.bench.loggers import RunLogger, chain, run_name, run_params
 from flatmin.bench.methods import METHODS, Hyper, get_method
 from flatmin.bench.plan import Grid as BenchGrid
 from flatmin.bench.plan import tuned_methods
@@ -73,14 +74,29 @@ def _train_run(
     on_epoch: Callable[[int, int, dict[str, float]], None],
     device: str = "cpu",
     precision: str = "fp32",
+    logger: RunLogger | None = None,
 ) -> dict[str, Any]:
-    """Train one tuning run of the benchmark on ``device`` at ``precision``; return its record."""
+    """Train one tuning run of the benchmark on ``device`` at ``precision``; return its record.
+
+    With ``logger`` the run is one logger run, live per epoch (a pruned trial ends ``killed``).
+    """
     spec = RunSpec(
         task, method, seed, budget, _hyper(params), epochs, stage="tune", device=device,
         precision=precision,
     )  # fmt: skip
-    # Validate every epoch: the pruner reads the per-epoch validation accuracy.
-    return train(spec, on_epoch=on_epoch, eval_val=True).record
+    if logger is None:
+        # Validate every epoch: the pruner reads the per-epoch validation accuracy.
+        return train(spec, on_epoch=on_epoch, eval_val=True).record
+    config = {**spec.config(), "hash": spec.config_hash()}
+    logger.start_run(run_name(config), run_params(config))
+    try:
+        record = train(spec, on_epoch=chain(on_epoch, logger), eval_val=True).record
+    except BaseException as exc:
+        stopped = isinstance(exc, (KeyboardInterrupt, import_optuna().TrialPruned))
+        logger.end_run("killed" if stopped else "failed")
+        raise
+    logger.finish(record)
+    return record
 
 
 def check_scale(task: str, method: str, device: str, precision: str) -> str:
@@ -107,6 +123,7 @@ def bench_train_fn(
     *,
     device: str = "cpu",
     precision: str = "fp32",
+    logger: RunLogger | None = None,
 ) -> TrainFn:
     """A training function for :func:`flatmin.tune.search` that trains a benchmark run.
 
@@ -121,13 +138,14 @@ def bench_train_fn(
         device: where each run trains (``"cpu"``, ``"cuda:0"``, ``"mps"``; not ``"auto"``:
             resolve it with :func:`flatmin.bench.device.resolve_device` first).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        logger: live curves (``flatmin tune --log``): each seed's run is one logger run.
     """
 
     def train_fn(params: dict[str, float | int], seed: int, report: Reporter) -> float:
         record = _train_run(
             task, method, seed, budget, params, epochs,
             lambda epoch, _epochs, metrics: report(epoch, metrics["val_acc"]),
-            device=device, precision=precision,
+            device=device, precision=precision, logger=logger,
         )  # fmt: skip
         if record["status"] != "ok":
             raise TrialFailed(f"seed {seed}: {record.get('reason')}")
@@ -235,6 +253,7 @@ def suggest_hyper(
     progress: bool = False,
     device: str = "cpu",
     precision: str = "fp32",
+    logger: RunLogger | None = None,
 ) -> tuple[Hyper, TuneResult]:
     """Choose ``method``'s hyper-parameters on ``task``'s validation split with a search.
 
@@ -258,6 +277,7 @@ def suggest_hyper(
             settings include the device type and the precision unless they are ``cpu`` and
             ``fp32``: a search resumes on another GPU, not on another kind of device.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast, loss scaling).
+        logger: live curves of every trial's runs (:mod:`flatmin.bench.loggers`).
 
     Returns:
         ``(hyper, result)``: the best trial's hyper-parameters as a ``Hyper``, and the result.
@@ -278,7 +298,9 @@ def suggest_hyper(
     if precision != "fp32":
         config["precision"] = precision
     result = search(
-        bench_train_fn(task, method, budget, epochs, device=device, precision=precision), space,
+        bench_train_fn(
+            task, method, budget, epochs, device=device, precision=precision, logger=logger
+        ), space,
         n_trials=n_trials, seeds=seeds, out=out, pruner=pruner, warmup=int(warmup * n_epochs),
         timeout=timeout, spread_penalty=spread_penalty, progress=progress, config=config,
     )  # fmt: skip
