@@ -179,6 +179,7 @@ class TuneRecord(RunRecord):
     """A finished tuning run (validation split only)."""
 
 
+#: Any record of ``results.jsonl``: an evaluation run, a tuning run or an error.
 Record = Union[EvalRecord, TuneRecord, ErrorRecord]  # noqa: UP007 - a runtime alias (3.10)
 
 
