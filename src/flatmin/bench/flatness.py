@@ -216,6 +216,38 @@ def _study(
     methods: Sequence[str],
     resolver: Any,
 ) -> dict[str, Any]:
+    results, reproduced = _retrain(task, specs, hypers, records, methods, resolver)
+    models = _solutions(results, hypers, methods)
+    _save_checkpoints(out / "checkpoints", models, results, hypers)
+    data = results[methods[0]].data
+    sets = {"train": data.train_eval, "test": data.test}
+    measures, spectra = _measures(models, data, sets)
+    rays, lines = _paths(models, data, sets, methods)
+    study = {
+        "task": task.name,
+        "seed": specs[methods[0]].seed,
+        "methods": list(methods),
+        "hypers": {m: hypers[m].as_dict() for m in methods},
+        "reproduced": reproduced,
+        "measures": measures,
+        "rays": rays,
+        "interpolations": lines,
+        "settings": asdict(SETTINGS),
+        "checkpoints": {m: f"checkpoints/{m}.pt" for m in models},
+    }
+    _figures(out, study, spectra)
+    return study
+
+
+def _retrain(
+    task: Task,
+    specs: Mapping[str, RunSpec],
+    hypers: Mapping[str, Hyper],
+    records: Mapping[str, Mapping[str, Any]],
+    methods: Sequence[str],
+    resolver: Any,
+) -> tuple[dict[str, TrainResult], dict[str, Any]]:
+    """Each method's run trained again (a shared trajectory once), and whether it reproduced."""
     dataset = resolver.dataset(task) if resolver is not None else None
     by_hash: dict[str, TrainResult] = {}
     results: dict[str, TrainResult] = {}
@@ -227,8 +259,16 @@ def _study(
         results[m] = by_hash[h]
         rep = reproduction(m, hypers[m], records.get(h), by_hash[h].record)
         reproduced[m] = {"run": h, **rep}
-    models = _solutions(results, hypers, methods)
-    ckpt = out / "checkpoints"
+    return results, reproduced
+
+
+def _save_checkpoints(
+    ckpt: Path,
+    models: Mapping[str, nn.Module],
+    results: Mapping[str, TrainResult],
+    hypers: Mapping[str, Hyper],
+) -> None:
+    """One checkpoint per solution, in the standard format (`flatmin landscape` reads them)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     for m in models:
         res = results[m]
@@ -240,10 +280,13 @@ def _study(
             averager=res.averagers[start] if not trajectory and start is not None else None,
             data=res.data,
         )
-        # The standard format: `flatmin landscape checkpoints/*.pt` works on them.
         save_checkpoint(ckpt / f"{m}.pt", view)
-    data = results[methods[0]].data
-    sets = {"train": data.train_eval, "test": data.test}
+
+
+def _measures(
+    models: Mapping[str, nn.Module], data: Any, sets: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, SpectrumResult]]]:
+    """Curvature measures and the SLQ spectrum of each solution on each set (same draws)."""
     gen = torch.Generator()
     measures: dict[str, dict[str, Any]] = {}
     spectra: dict[str, dict[str, SpectrumResult]] = {name: {} for name in sets}
@@ -262,9 +305,17 @@ def _study(
                 "nodes": [float(v) for v in spectrum.nodes.ravel()],
                 "weights": [float(v) for v in spectrum.weights.ravel()],
             }
+    return measures, spectra
+
+
+def _paths(
+    models: Mapping[str, nn.Module], data: Any, sets: Mapping[str, Any], methods: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A random filter-normalised ray through each solution; the line baseline → each other."""
     mb = SETTINGS.max_batches
     ts = np.linspace(-SETTINGS.ray_distance, SETTINGS.ray_distance, SETTINGS.points)
     alphas = np.linspace(SETTINGS.alpha_min, SETTINGS.alpha_max, SETTINGS.points)
+    gen = torch.Generator()
     rays, lines = {}, {}
     for m, model in models.items():
         gen.manual_seed(SETTINGS.seed)
@@ -280,20 +331,7 @@ def _study(
                     bn_batches=data.train_eval, max_batches=mb,
                 )
             )  # fmt: skip
-    study = {
-        "task": task.name,
-        "seed": specs[methods[0]].seed,
-        "methods": list(methods),
-        "hypers": {m: hypers[m].as_dict() for m in methods},
-        "reproduced": reproduced,
-        "measures": measures,
-        "rays": rays,
-        "interpolations": lines,
-        "settings": asdict(SETTINGS),
-        "checkpoints": {m: f"checkpoints/{m}.pt" for m in models},
-    }
-    _figures(out, study, spectra)
-    return study
+    return rays, lines
 
 
 def _figures(
