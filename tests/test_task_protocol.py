@@ -281,6 +281,9 @@ def test_tensor_dataset_errors(kwargs, exc, match):
         ({"loss": "ce"}, TypeError, "Invalid task loss"),
         ({"data": [1, 2]}, TypeError, "Invalid task data: list"),
         ({"folds": 2}, ValueError, "Invalid folds: 2"),
+        ({"outer_fold": (3, 3)}, ValueError, r"Invalid outer_fold: \(3, 3\)"),
+        ({"outer_fold": (0, 3), "folds": 3}, ValueError, "Invalid outer_fold"),
+        ({"outer_fold": (0, 3, 1)}, ValueError, "Invalid outer_fold"),
         ({"label_noise": 1.5}, ValueError, "Invalid label_noise"),
     ],
 )

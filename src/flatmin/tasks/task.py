@@ -447,8 +447,9 @@ class Task:
         ):
             raise ValueError(f"Invalid folds: {self.folds!r} (expected an int >= 3 or None)")
         if self.outer_fold is not None:
-            f, k = (*self.outer_fold, None)[:2] if isinstance(self.outer_fold, tuple) else (0, 0)
-            if self.folds is not None or not isinstance(k, int) or k < 3 or f not in range(k):
+            fk = self.outer_fold
+            ok = isinstance(fk, tuple) and len(fk) == 2 and all(type(v) is int for v in fk)
+            if self.folds is not None or not ok or fk[1] < 3 or not 0 <= fk[0] < fk[1]:
                 raise ValueError(
                     f"Invalid outer_fold: {self.outer_fold!r} (expected (f, k) with k >= 3, "
                     "0 <= f < k, and folds=None)"
