@@ -289,7 +289,7 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
         flatmin.data.DataUnavailableError: a dataset cannot be fetched (before anything runs).
         flatmin._proc.Interrupted: SIGINT or SIGTERM; the finished runs are kept.
     """
-    look = FoldResolver(resolver or RegistryResolver())
+    look = _FoldResolver(resolver or RegistryResolver())
     cfg.validate(look)
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
     lock = exclusive_output(cfg.out) if cfg.run else nullcontext()
@@ -297,7 +297,7 @@ def run_grid(cfg: BenchConfig, *, resolver: Resolver | None = None) -> GridSumma
         return _Grid(cfg, look, executor).run()
 
 
-class FoldResolver:
+class _FoldResolver:
     """A resolver that also resolves the fold tasks (``<task>@fold<f>``) of its tasks."""
 
     def __init__(self, inner: Resolver) -> None:
@@ -313,7 +313,7 @@ class FoldResolver:
         return self.inner.dataset(task)
 
 
-def fold_grid(cfg: BenchConfig, look: Resolver) -> tuple[BenchConfig, dict[str, tuple[str, ...]]]:
+def _fold_grid(cfg: BenchConfig, look: Resolver) -> tuple[BenchConfig, dict[str, tuple[str, ...]]]:
     """``cfg`` with each cross-validated task replaced by its fold tasks, and those by task.
 
     The per-task settings (budget, fixed hyper-parameters, extra methods) of a cross-validated
@@ -340,7 +340,7 @@ class _Grid:
 
     def __init__(self, cfg: BenchConfig, look: Resolver, executor: Executor) -> None:
         self.meta = meta_of(cfg)  # the tasks as given, cross-validated ones unexpanded
-        cfg, self.folds = fold_grid(cfg, look)
+        cfg, self.folds = _fold_grid(cfg, look)
         self.cfg, self.look, self.executor = cfg, look, executor
         self.results = cfg.out / RESULTS
         self.summary = GridSummary(out=cfg.out)
