@@ -59,11 +59,16 @@ def test_the_committed_results_parse_into_typed_records_unchanged():
 
 def test_replanning_the_full_suite_on_the_committed_results_trains_nothing(tmp_path):
     shutil.copy(COMMITTED, tmp_path / "results.jsonl")
-    cfg = BenchConfig.from_suite(get_suite("full"), tmp_path, run=False, report=False,
+    # MUTAG is left out until it is rerun: its committed runs pooled the folds inside one run and
+    # chose once for all folds; nested CV now runs and tunes each outer fold as its own task.
+    suite = get_suite("full")
+    tasks = tuple(t for t in suite.tasks if t != "mutag")
+    cfg = BenchConfig.from_suite(suite, tmp_path, tasks=tasks, run=False, report=False,
                                  progress=False, analysis_task=None)  # fmt: skip
     summary = run_grid(cfg)
+    mutag = sum(json.loads(line)["task"] == "mutag" for line in COMMITTED.read_text().splitlines())
     assert summary.ran == 0 and summary.failed == 0
-    assert summary.planned == summary.skipped == 440
+    assert summary.planned == summary.skipped == 440 - mutag
     # Every task x method x seed has its result, read from the records found.
     grid = sum(len(cfg.methods_of(t)) for t in cfg.tasks) * len(cfg.seeds)
     assert len(summary.records) == grid and all(r.ok for r in summary.records)

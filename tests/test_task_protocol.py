@@ -281,6 +281,9 @@ def test_tensor_dataset_errors(kwargs, exc, match):
         ({"loss": "ce"}, TypeError, "Invalid task loss"),
         ({"data": [1, 2]}, TypeError, "Invalid task data: list"),
         ({"folds": 2}, ValueError, "Invalid folds: 2"),
+        ({"outer_fold": (3, 3)}, ValueError, r"Invalid outer_fold: \(3, 3\)"),
+        ({"outer_fold": (0, 3), "folds": 3}, ValueError, "Invalid outer_fold"),
+        ({"outer_fold": (0, 3, 1)}, ValueError, "Invalid outer_fold"),
         ({"label_noise": 1.5}, ValueError, "Invalid label_noise"),
     ],
 )
@@ -302,6 +305,9 @@ def test_user_task_with_folds_through_the_tuned_grid(user_module, tmp_path):
     res = flatmin.bench.run(tasks=[name], methods=["baseline", "sam"], seeds=1, out=tmp_path,
                             tune=True, report=False)  # fmt: skip
     assert res.summary.failed == 0 and res.summary.tuning
+    # nested: each outer fold is tuned as its own task, on its own inner validation split
     tuned = [r.to_dict() for r in res.summary.tune_records if r.method == "sam"]
-    assert tuned and all(r["cv"] == "nested" and r["sizes"]["folds"] == 3 for r in tuned)
-    assert res.get(name, "sam").seeds == (0,)
+    assert {r["task"] for r in tuned} == {f"{name}@fold{f}" for f in range(3)}
+    assert all(r["sizes"] == {"train": 30, "val": 30, "test": 30} for r in tuned)
+    sam = res.get(name, "sam")
+    assert sam.seeds == (0,) and len(sam.fold_hypers) == 3 and res.rows[0].test_size == 90

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.bench.methods import Hyper
-from flatmin.bench.report import TaskRow, summarize
+from flatmin.bench.report import TaskRow, fold_hypers, summarize
 from flatmin.bench.runner import BenchConfig, GridSummary, RegistryResolver, run_grid
 from flatmin.bench.stats import Cell
 from flatmin.tasks import Task
@@ -45,7 +45,10 @@ class MethodSummary:
         vs_baseline: the paired difference to the baseline in points, with its 95 % CI, paired
             t-test and Holm-corrected p-value (``None`` for the baseline itself, or without
             paired seeds).
-        hyper: the hyper-parameters used (chosen on validation data with ``tune=True``).
+        hyper: the hyper-parameters used (chosen on validation data with ``tune=True``); for a
+            cross-validated task those every outer fold chose alike.
+        fold_hypers: a cross-validated task's hyper-parameters per outer fold (each chosen on
+            that fold's inner validation split; ``()`` for a task with fixed splits).
     """
 
     task: str
@@ -55,6 +58,7 @@ class MethodSummary:
     accuracy: Cell
     vs_baseline: Cell | None
     hyper: Hyper
+    fold_hypers: tuple[Hyper, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,15 @@ def _results(
             if m not in row.absolute:
                 continue
             per_seed = _test_accuracies(summary, row.task, m)
+            folds = fold_hypers(summary.hypers, row.task, m)
+            hyper = summary.hypers.get((row.task, m), Hyper())
+            if folds:  # the values all folds share
+                shared = [dataclasses.asdict(hp).items() for hp in folds]
+                hyper = Hyper(**{k: v for k, v in shared[0] if all((k, v) in s for s in shared)})
             out.append(MethodSummary(
                 task=row.task, method=m, seeds=tuple(s for s, _ in per_seed),
                 test_acc=tuple(a for _, a in per_seed), accuracy=row.absolute[m],
-                vs_baseline=row.diffs.get(m), hyper=summary.hypers.get((row.task, m), Hyper()),
+                vs_baseline=row.diffs.get(m), hyper=hyper, fold_hypers=folds,
             ))  # fmt: skip
     return out
 
@@ -173,7 +182,8 @@ def run(
     The protocol is :func:`~flatmin.bench.run_grid`'s, unchanged: every finished run is
     appended to ``out/results.jsonl`` (a rerun trains only what is missing) and ``report.md``
     is written. A user's task goes through all of it: tuning on validation data
-    (``tune=True``), k-fold cross-validation (``Task.folds``), memorisation (clean labels),
+    (``tune=True``), nested k-fold cross-validation (``Task.folds``: tuned per outer fold,
+    the folds pooled into one result), memorisation (clean labels),
     the budget ablation (``ablation_task=``), the flatness study (``analysis_task=``), worker
     processes (``jobs=``) and Ray (``executor="ray"``).
 

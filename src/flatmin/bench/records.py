@@ -13,12 +13,13 @@ Three kinds, by the line's ``status`` and ``stage``:
 raises :class:`InvalidRecordError` naming the first problem. Each record keeps the JSON object it
 was read from (:meth:`~RunRecord.to_dict`), so the file format is unchanged by reading and
 writing. :class:`MethodResult` is a method's result read from its trajectory's record (a view
-such as SWA reads an average of the baseline's run), the unit of the report's tables.
+such as SWA reads an average of the baseline's run), the unit of the report's tables;
+:func:`pool_folds` pools the results of a cross-validated task's outer folds into one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
@@ -33,6 +34,7 @@ __all__ = [
     "RunRecord",
     "TuneRecord",
     "parse_record",
+    "pool_folds",
 ]
 
 STATUSES = ("ok", "failed", "error")
@@ -341,3 +343,95 @@ class MethodResult:
         if self.budget_factor is not None:
             out["budget_factor"] = self.budget_factor
         return out
+
+
+# The split whose size weighs each metric when folds are pooled.
+_POOL_SPLIT = {
+    "test_acc": "test", "test_loss": "test", "live_test_acc": "test", "val_acc": "val",
+    "val_loss": "val", "train_acc": "train", "train_loss": "train", "train_acc_clean": "train",
+    "noise_memorised": "train",
+}  # fmt: skip
+
+
+def _pooled_metrics(parts: Sequence[MethodResult]) -> Metrics:
+    """The folds' metrics pooled: an accuracy is Σ correct / Σ samples, a loss the weighted mean.
+
+    ``noise_memorised`` (its denominator, a fold's flipped labels, is not recorded) is the mean
+    weighted by the training sizes: stratified folds flip the same share of each.
+    """
+    out: dict[str, float | None] = {}
+    for name, split in _POOL_SPLIT.items():
+        values = [getattr(p.final, name) for p in parts]
+        sizes = [p.run.sizes.get(split, 0) if p.run is not None else 0 for p in parts]
+        if any(v is None for v in values) or not all(sizes):
+            out[name] = None
+        elif name.endswith(("_acc", "_acc_clean")):  # counts are integers: no rounding drift
+            out[name] = sum(round(v * n) for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+        else:
+            out[name] = sum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+    return Metrics(**out)
+
+
+def _common(values: Sequence[Any]) -> Any:
+    """The value every fold has, else ``None``."""
+    return values[0] if all(v == values[0] for v in values) else None
+
+
+def _pooled_record(task: str, parts: Sequence[MethodResult], status: str, reason: str | None,
+                   final: Metrics) -> Record:  # fmt: skip
+    """A record of the pooled folds, shaped as a cross-validated run's (sizes summed)."""
+    runs = [p.run for p in parts if p.run is not None]
+    first = {k: v for k, v in parts[0].record.to_dict().items() if k != "averages"}
+    data: dict[str, Any] = {
+        **first, "task": task, "hash": "+".join(p.record.hash for p in parts),
+        "status": status, "reason": reason, "folds": len(parts),
+        "hyper": {k: v for k, v in first.get("hyper", {}).items()
+                  if _common([p.record.hyper.get(k) for p in parts]) is not None},
+        "wall_time": sum(p.wall_time for p in parts),
+    }  # fmt: skip
+    if len(runs) == len(parts):
+        sizes = {s: sum(r.sizes.get(s, 0) for r in runs) for s in ("train", "val", "test")}
+        data["sizes"] = {**sizes, "folds": len(parts)}
+    if status == "ok":
+        data["final"] = {k: v for k, v in final.__dict__.items() if v is not None}
+        curves = [r.curves for r in runs]
+        data["curves"] = {
+            k: [sum(col) / len(col) for col in zip(*(c[k] for c in curves))]
+            for k in curves[0] if all(k in c for c in curves)
+        }  # fmt: skip
+    else:
+        data.pop("final", None)
+    return parse_record(data)
+
+
+def pool_folds(task: str, parts: Sequence[MethodResult]) -> MethodResult:
+    """One result of a cross-validated ``task`` from its outer folds' results, fold 0 first.
+
+    The parts are one method's results at one seed on the fold tasks (:meth:`Task.fold
+    <flatmin.tasks.Task.fold>`), each tuned on its own inner validation split. Accuracies are
+    pooled over the folds' samples (Σ correct / Σ total: every sample tested once), wall times
+    summed, curves averaged; ``hyper`` keeps the values all folds chose. A fold that is not
+    ``ok`` makes the pooled result not ``ok`` (its status, the reason naming the fold).
+    """
+    if not parts:
+        raise ValueError(f"Invalid folds of {task!r}: none (expected one result per fold)")
+    # An error (retried by the next invocation) outranks a failed fold (a deterministic result).
+    bad = [i for i, p in enumerate(parts) if not p.ok]
+    bad.sort(key=lambda i: parts[i].status != "error")
+    status, reason, final = "ok", None, Metrics()
+    if bad:
+        part = parts[bad[0]]
+        status, reason = part.status, f"fold {bad[0]} ({part.record.hash}): {part.reason}"
+    else:
+        final = _pooled_metrics(parts)
+    first = parts[0]
+    hyper = {
+        k: v for k, v in first.hyper.items() if _common([p.hyper.get(k) for p in parts]) is not None
+    }
+    return MethodResult(
+        task=task, method=first.method, seed=first.seed, status=status,
+        trajectory=first.trajectory, hyper=hyper, final=final,
+        record=_pooled_record(task, parts, status, reason, final), reason=reason,
+        averaging_start_epoch=_common([p.averaging_start_epoch for p in parts]),
+        budget_factor=first.budget_factor,
+    )  # fmt: skip

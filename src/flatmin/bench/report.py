@@ -32,8 +32,9 @@ from flatmin.bench.plan import TuneChoice
 from flatmin.bench.records import MethodResult, Record
 from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
 from flatmin.bench.tuning import SearchSummary
+from flatmin.tasks import split_fold_name
 
-__all__ = ["ReportData", "TaskRow", "summarize", "write_csv", "write_report"]
+__all__ = ["ReportData", "TaskRow", "fold_hypers", "summarize", "write_csv", "write_report"]
 
 Meta = Mapping[str, object]
 """The grid's options shown in the report (:func:`flatmin.bench.runner.meta_of`)."""
@@ -318,6 +319,35 @@ def _variant_table(rows: Sequence[TaskRow], variants: Sequence[str]) -> list[str
     return _table(header, body)
 
 
+def fold_hypers(
+    hypers: Mapping[tuple[str, str], Hyper], task: str, method: str
+) -> tuple[Hyper, ...]:
+    """A cross-validated task's hyper-parameters per outer fold (``()``: none are recorded).
+
+    ``hypers`` holds them by fold task (``("mutag@fold3", "sam")``), as the runner chose them.
+    """
+    found = {}
+    for (t, m), hp in hypers.items():
+        parent, fold = split_fold_name(t)
+        if m == method and parent == task and fold is not None:
+            found[fold] = hp
+    return tuple(found[f] for f in sorted(found))
+
+
+def _hyper_cell(hypers: Sequence[Hyper]) -> str:
+    """``rho=0.05``; per-fold choices as their range and list (``rho=0.02–0.1 (0.05, 0.02, …)``)."""
+    cells = []
+    for k in sorted({k for hp in hypers for k in hp.as_dict()}):
+        values = [hp.as_dict().get(k) for hp in hypers]
+        if all(v == values[0] for v in values):
+            cells.append(f"{k}={values[0]:g}")
+            continue
+        nums = [v for v in values if v is not None]
+        listed = ", ".join("–" if v is None else f"{v:g}" for v in values)
+        cells.append(f"{k}={min(nums):g}–{max(nums):g} (per fold: {listed})")
+    return ", ".join(cells) or "–"
+
+
 def _hyper_table(
     hypers: Mapping[tuple[str, str], Hyper], tasks: Sequence[str], methods: Sequence[str]
 ) -> list[str]:
@@ -326,8 +356,7 @@ def _hyper_table(
         cells = [t]
         for m in methods:
             hp = hypers.get((t, m))
-            d = hp.as_dict() if hp is not None else {}
-            cells.append(", ".join(f"{k}={v:g}" for k, v in sorted(d.items())) or "–")
+            cells.append(_hyper_cell([hp] if hp is not None else fold_hypers(hypers, t, m)))
         body.append(cells)
     return _table(["Task", *map(_label, methods)], body)
 

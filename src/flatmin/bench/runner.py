@@ -13,6 +13,14 @@ Stages (the protocol is :mod:`flatmin.bench.plan`):
    trained again (deterministically: the test accuracy must match the recorded one) with
    checkpoints, and their flatness is measured (:mod:`flatmin.bench.flatness`).
 
+Nested cross-validation: a cross-validated task (``Task.folds = k``) enters the grid as its ``k``
+fold tasks ``<task>@fold<f>`` (:meth:`~flatmin.tasks.Task.fold`), each a task with fixed splits
+(outer fold ``f``'s inner training and validation splits, and test fold ``f``), so every stage
+above runs per outer fold: ``rho`` and ``start`` are chosen on that fold's inner validation split
+only. The results are then pooled per method and seed into one result of the task
+(:func:`~flatmin.bench.records.pool_folds`: every sample tested once). The budget ablation and
+the flatness study need a task with fixed splits (name one fold, ``mutag@fold0``).
+
 Every finished run is appended to ``<out>/results.jsonl`` (:mod:`flatmin.bench.store`) under
 its configuration hash. Rerunning the same grid skips the hashes already recorded (status ``ok``
 or ``failed``: a non-finite loss is deterministic); a run that was interrupted, or that raised
@@ -38,14 +46,15 @@ from flatmin.bench.executors import Executor, Progress
 from flatmin.bench.flatness import flatness_study, load_flatness
 from flatmin.bench.methods import ABLATION_METHODS, Hyper, get_method
 from flatmin.bench.plan import TuneChoice, eval_trajectory, method_result, plan_eval
-from flatmin.bench.records import MethodResult, Record
+from flatmin.bench.records import MethodResult, Record, pool_folds
 from flatmin.bench.report import write_report
 from flatmin.bench.resolver import RegistryResolver, Resolver
 from flatmin.bench.store import append_record, latest_by_hash, read_records
 from flatmin.bench.suites import Suite
 from flatmin.bench.train import RunSpec
 from flatmin.bench.tuning import GridTuner, SearchSummary, Tuner, TuningOutcome
-from flatmin.tasks import BUDGETS, Task
+from flatmin.data import Dataset
+from flatmin.tasks import BUDGETS, Task, split_fold_name
 
 __all__ = [
     "BenchConfig",
@@ -163,6 +172,11 @@ class BenchConfig:
         resolver = resolver or RegistryResolver()
         for name in self.tasks:
             resolver.task(name)  # raises with the list of known tasks
+            parent, fold = split_fold_name(name)
+            if fold is not None and parent in self.tasks and resolver.task(parent).folds:
+                raise ValueError(
+                    f"Invalid tasks: {name!r} is a fold of {parent!r}, which runs all its folds"
+                )
         extras = [m for ms in self.extra_methods.values() for m in ms]
         for name in (*self.methods, *extras, *self.variants):
             get_method(name)
@@ -181,6 +195,11 @@ class BenchConfig:
             if special is not None and special not in self.tasks:
                 raise ValueError(
                     f"Invalid ablation/analysis task: {special!r} is not one of the tasks"
+                )
+            if special is not None and (k := resolver.task(special).folds):
+                raise ValueError(
+                    f"Invalid ablation/analysis task: {special!r} is cross-validated ({k} folds; "
+                    f"name one fold as a task instead, e.g. {special + '@fold0'!r})"
                 )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"Invalid seeds: {self.seeds} (expected distinct seeds)")
@@ -222,12 +241,15 @@ class GridSummary:
         ran: runs trained now.
         failed: runs that ended ``failed`` or ``error`` (of all in the grid).
         wall_time: seconds.
-        records: one result per (task, method, seed) of the evaluation grid.
+        records: one result per (task, method, seed) of the evaluation grid (a cross-validated
+            task's folds pooled into one result).
+        fold_records: the results of the cross-validated tasks' fold tasks (``mutag@fold3``).
         tune_records: the tuning runs' records.
         ablation: results of the budget ablation (``budget_factor`` set).
         tuning: the validation-grid choices (:class:`~flatmin.bench.tuning.GridTuner`).
         searches: the searches of another tuner (``OptunaTuner``).
-        hypers: the hyper-parameters used, by (task, method).
+        hypers: the hyper-parameters used, by (task, method) (by fold task for a
+            cross-validated task).
         flatness: the flatness study (``None`` without ``analysis_task``).
         out: output directory.
     """
@@ -238,6 +260,7 @@ class GridSummary:
     failed: int = 0
     wall_time: float = 0.0
     records: list[MethodResult] = field(default_factory=list)
+    fold_records: list[MethodResult] = field(default_factory=list)
     tune_records: list[Record] = field(default_factory=list)
     ablation: list[MethodResult] = field(default_factory=list)
     tuning: list[TuneChoice] = field(default_factory=list)
@@ -273,12 +296,50 @@ def run_grid(
         flatmin.data.DataUnavailableError: a dataset cannot be fetched (before anything runs).
         flatmin._proc.Interrupted: SIGINT or SIGTERM; the finished runs are kept.
     """
-    look = resolver or RegistryResolver()
+    look = _FoldResolver(resolver or RegistryResolver())
     cfg.validate(look)
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> what it found
     lock = exclusive_output(cfg.out) if cfg.run else nullcontext()
     with lock, interrupt_on_signals(), make_executor(cfg, look) as executor:
         return _Grid(cfg, look, executor, on_record).run()
+
+
+class _FoldResolver:
+    """A resolver that also resolves the fold tasks (``<task>@fold<f>``) of its tasks."""
+
+    def __init__(self, inner: Resolver) -> None:
+        self.inner = inner
+
+    def task(self, name: str) -> Task:
+        """The task ``name``, or outer fold ``f`` of the task it names (:meth:`Task.fold`)."""
+        parent, fold = split_fold_name(name)
+        return self.inner.task(name) if fold is None else self.inner.task(parent).fold(fold)
+
+    def dataset(self, task: Task) -> Dataset | None:
+        """The inner resolver's dataset (a fold task's is its task's: it cuts its own fold)."""
+        return self.inner.dataset(task)
+
+
+def _fold_grid(cfg: BenchConfig, look: Resolver) -> tuple[BenchConfig, dict[str, tuple[str, ...]]]:
+    """``cfg`` with each cross-validated task replaced by its fold tasks, and those by task.
+
+    The per-task settings (budget, fixed hyper-parameters, extra methods) of a cross-validated
+    task apply to each of its folds.
+    """
+    folds = {}
+    for name in cfg.tasks:
+        k = look.task(name).folds
+        if k:
+            folds[name] = tuple(f"{name}@fold{f}" for f in range(k))
+
+    def per_fold(table: Mapping[str, Any]) -> dict[str, Any]:
+        return {n: v for t, v in table.items() for n in folds.get(t, (t,))}
+
+    return replace(
+        cfg, tasks=tuple(n for t in cfg.tasks for n in folds.get(t, (t,))),
+        task_budgets=per_fold(cfg.task_budgets), hypers=per_fold(cfg.hypers),
+        extra_methods=per_fold(cfg.extra_methods),
+    ), folds  # fmt: skip
 
 
 class _Grid:
@@ -291,6 +352,8 @@ class _Grid:
         executor: Executor,
         on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self.meta = meta_of(cfg)  # the tasks as given, cross-validated ones unexpanded
+        cfg, self.folds = _fold_grid(cfg, look)
         self.cfg, self.look, self.executor, self.on_record = cfg, look, executor, on_record
         self.results = cfg.out / RESULTS
         self.summary = GridSummary(out=cfg.out)
@@ -364,7 +427,7 @@ class _Grid:
             summary.flatness = load_flatness(cfg.out)
         summary.wall_time = time.perf_counter() - t0
         if cfg.report:
-            write_report(cfg.out, summary, meta=meta_of(cfg))
+            write_report(cfg.out, summary, meta=self.meta)
         return summary
 
     # -- 1. tuning ----------------------------------------------------------------------------
@@ -435,9 +498,20 @@ class _Grid:
     ) -> None:
         """The summary's results, tuning records and failure count from the records."""
         summary = self.summary
-        for (t, name, _), spec in eval_specs.items():
-            if (rec := found.get(self.hash_of(spec))) is not None:
-                summary.records.append(self.result(rec, t, name, None))
+        results = [
+            self.result(rec, t, name, None) for (t, name, _), spec in eval_specs.items()
+            if (rec := found.get(self.hash_of(spec))) is not None
+        ]  # fmt: skip
+        parent_of = {n: t for t, names in self.folds.items() for n in names}
+        summary.fold_records = [r for r in results if r.task in parent_of]
+        by = {(r.task, r.method, r.seed): r for r in summary.fold_records}
+        for r in results:
+            if r.task not in parent_of:
+                summary.records.append(r)
+            elif r.task == self.folds[parent_of[r.task]][0]:  # pooled, in the grid's order
+                parts = [by.get((n, r.method, r.seed)) for n in self.folds[parent_of[r.task]]]
+                if all(p is not None for p in parts):  # a fold not run yet: no result yet
+                    summary.records.append(pool_folds(parent_of[r.task], parts))  # type: ignore[arg-type]
         for (t, name, _, factor), spec in ablation.items():
             if (rec := found.get(self.hash_of(spec))) is not None:
                 summary.ablation.append(self.result(rec, t, name, factor))

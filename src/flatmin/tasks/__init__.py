@@ -23,6 +23,7 @@ from flatmin.tasks.task import (
     correct_fn,
     cross_validation_split,
     loss_fn,
+    split_fold_name,
 )
 
 del _catalog
@@ -41,4 +42,5 @@ __all__ = [
     "loss_fn",
     "register_task",
     "register_variant",
+    "split_fold_name",
 ]

@@ -5,7 +5,8 @@
 - a registered name (``"digits"``),
 - an import path ``"package.module:attr"`` whose ``attr`` (dotted attributes allowed) is a
   :class:`~flatmin.tasks.Task` or a zero-argument callable returning one — a user's own task,
-- either of them with ``-noisy<NN>``: its ``NN`` % label-noise variant.
+- either of them with ``-noisy<NN>``: its ``NN`` % label-noise variant,
+- a cross-validated task with ``@fold<f>``: its outer fold ``f`` as a task (:meth:`Task.fold`).
 
 A task found by import path is renamed to the path, so its records, checkpoints and reports name
 what resolves it again (in a ``--jobs`` worker or on a Ray worker, which import the module
@@ -21,7 +22,7 @@ import re
 import sys
 from dataclasses import replace
 
-from flatmin.tasks.task import Task
+from flatmin.tasks.task import Task, split_fold_name
 
 __all__ = ["get_task", "list_tasks", "register_task", "register_variant"]
 
@@ -103,7 +104,8 @@ def _import_task(spec: str) -> Task:
 def get_task(name: str) -> Task:
     """Return the task ``name``: a registered name or ``package.module:attr``.
 
-    ``<task>-noisy<NN>`` gives the ``NN`` % label-noise variant of either.
+    ``<task>-noisy<NN>`` gives the ``NN`` % label-noise variant of either, ``<task>@fold<f>``
+    the outer fold ``f`` of a cross-validated task (``"mutag@fold3"``, ``"pkg.mod:attr@fold0"``).
 
     Raises:
         TypeError: ``name`` is not a string.
@@ -114,6 +116,9 @@ def get_task(name: str) -> Task:
         raise TypeError(f"Invalid task: {name!r} (expected a name or package.module:attr)")
     if name in _REGISTRY:
         return _REGISTRY[name]
+    parent, fold = split_fold_name(name)
+    if fold is not None:
+        return get_task(parent).fold(fold)
     m = _NOISY.match(name)
     if m and 0 < int(m["pct"]) < 100 and (m["base"] in _REGISTRY or ":" in m["base"]):
         return get_task(m["base"]).with_label_noise(int(m["pct"]) / 100)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "correct_fn",
     "cross_validation_split",
     "loss_fn",
+    "split_fold_name",
 ]
 
 #: The budgets every task defines: ``quick`` (minutes on a CPU) and ``full`` (the benchmark's).
@@ -68,6 +70,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 _SCHEDULES = ("cosine", "constant")
 SUBSET_SEED = 0
+_FOLD = re.compile(r"^(?P<base>.+)@fold(?P<fold>0|[1-9][0-9]*)$")
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,15 @@ def cross_validation_split(dataset: Dataset, folds: int, fold: int) -> Dataset:
     )
 
 
+def split_fold_name(name: str) -> tuple[str, int | None]:
+    """``(task, fold)`` of a fold task's name (``"mutag@fold3"``: ``("mutag", 3)``).
+
+    A name that is not a fold task's gives ``(name, None)``.
+    """
+    m = _FOLD.match(name)
+    return (name, None) if m is None else (m["base"], int(m["fold"]))
+
+
 DataSource = Dataset | Callable[[], Dataset]
 """A user task's data: a :class:`~flatmin.data.Dataset` or a zero-argument callable making one."""
 
@@ -381,6 +393,7 @@ class Task:
             fixed splits). Every sample is pooled and dealt to ``k`` folds; run ``f`` tests on
             fold ``f`` and trains and validates on a stratified split of the others
             (:func:`cross_validation_split`), so a run over all folds tests every sample once.
+            The benchmark runs each outer fold as its own task (:meth:`fold`).
         label_noise: fraction of training labels flipped (``0`` for clean tasks).
         noise_seed: seed of the label flips (fixed: the same noisy labels for every run).
         description: one line.
@@ -390,6 +403,8 @@ class Task:
         loss: ``loss(outputs, targets) -> scalar mean`` (keyword only; default: cross-entropy
             ignoring ``-100`` targets). ESAM's per-sample losses call it on single samples
             (``torch.func.vmap``); accuracy is always the argmax's.
+        outer_fold: ``(f, k)`` (keyword only): this task's splits are outer fold ``f`` of the
+            nested ``k``-fold cross-validation of its data (the tasks made by :meth:`fold`).
     """
 
     name: str
@@ -408,6 +423,7 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(
         default=loss_fn, kw_only=True, compare=False
     )
+    outer_fold: tuple[int, int] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         for name in ("name", "domain", "dataset"):
@@ -430,6 +446,14 @@ class Task:
             isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 3
         ):
             raise ValueError(f"Invalid folds: {self.folds!r} (expected an int >= 3 or None)")
+        if self.outer_fold is not None:
+            fk = self.outer_fold
+            ok = isinstance(fk, tuple) and len(fk) == 2 and all(type(v) is int for v in fk)
+            if self.folds is not None or not ok or fk[1] < 3 or not 0 <= fk[0] < fk[1]:
+                raise ValueError(
+                    f"Invalid outer_fold: {self.outer_fold!r} (expected (f, k) with k >= 3, "
+                    "0 <= f < k, and folds=None)"
+                )
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"Invalid label_noise: {self.label_noise} (expected in [0, 1))")
 
@@ -448,6 +472,28 @@ class Task:
             raise ValueError(f"Invalid label-noise fraction: {fraction} (expected in (0, 1))")
         pct = round(100 * fraction)
         return replace(self, name=f"{self.name}-noisy{pct}", label_noise=fraction)
+
+    def fold(self, fold: int) -> Task:
+        """Outer fold ``fold`` of this cross-validated task, as a task with fixed splits.
+
+        The fold task ``<name>@fold<fold>`` trains, validates and tests on exactly the splits
+        that fold ``fold`` of :attr:`folds` uses (:func:`cross_validation_split`: the inner
+        training and validation splits of the outer training folds, and test fold ``fold``), so
+        the benchmark tunes and evaluates each outer fold on its own inner validation split
+        (nested cross-validation) and pools the folds' test counts in the report.
+
+        Raises:
+            ValueError: the task has fixed splits, or ``fold`` is not in ``0 .. folds - 1``.
+        """
+        if self.folds is None:
+            raise ValueError(f"Invalid fold: {fold!r} (task {self.name} has fixed splits)")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < self.folds:
+            raise ValueError(
+                f"Invalid fold: {fold!r} (task {self.name} has folds 0..{self.folds - 1})"
+            )
+        return replace(
+            self, name=f"{self.name}@fold{fold}", folds=None, outer_fold=(fold, self.folds)
+        )
 
     def load_dataset(self, cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
         """The task's whole dataset: the user's ``data``, else the registered ``dataset``.
@@ -470,6 +516,8 @@ class Task:
         if self.folds is None:
             if fold is not None:
                 raise ValueError(f"Invalid fold: {fold} (task {self.name} has fixed splits)")
+            if self.outer_fold is not None:
+                ds = cross_validation_split(ds, self.outer_fold[1], self.outer_fold[0])
         else:
             fold = 0 if fold is None else fold
             if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < self.folds:
