@@ -81,3 +81,25 @@ def test_ray_options_reach_the_config(grid, capsys, tmp_path):
 def test_a_stub_summary_without_an_ok_run_exits_1(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "run_grid", lambda cfg: GridSummary(planned=1, failed=1))
     assert main(["bench", "--tasks", "digits", "--no-progress", "--out", str(tmp_path)]) == 1
+
+
+def test_a_subset_of_a_suites_tasks_drops_the_others_settings(tmp_path):
+    """`--tasks mutag` on the full suite: the other tasks' extra methods, budgets and hypers, and
+    an ablation/analysis task not selected, do not apply (they made the grid invalid)."""
+    from flatmin.bench import BenchConfig, get_suite
+
+    suite = get_suite("full")
+    cfg = BenchConfig.from_suite(suite, tmp_path, tasks=("mutag",))
+    assert cfg.tasks == ("mutag",)
+    assert set(cfg.extra_methods) <= {"mutag"} and set(cfg.hypers) <= {"mutag"}
+    assert set(cfg.task_budgets) <= {"mutag"}
+    assert cfg.ablation_task is None and cfg.analysis_task is None
+    cfg.validate()
+    # Named explicitly, an ablation task outside the tasks is still an error.
+    bad = BenchConfig.from_suite(suite, tmp_path, tasks=("mutag",), ablation_task="digits-noisy40")
+    with pytest.raises(ValueError, match="Invalid ablation/analysis task: 'digits-noisy40'"):
+        bad.validate()
+    # Without --tasks the suite is unchanged.
+    full = BenchConfig.from_suite(suite, tmp_path)
+    assert full.extra_methods == dict(suite.extra_methods)
+    assert full.ablation_task == suite.ablation_task

@@ -156,7 +156,26 @@ class BenchConfig:
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
             jobs=suite.jobs, suite=suite.name, device=suite.device, precision=suite.precision,
         )  # fmt: skip
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cfg = replace(base, **given)
+        if "tasks" not in given:
+            return cfg
+        # A subset of the suite's tasks: its per-task settings of the others do not apply.
+        keep = set(cfg.tasks)
+
+        def only(name: str, table: Mapping[str, Any]) -> Any:
+            return table if name in given else {t: v for t, v in table.items() if t in keep}
+
+        def special(name: str, task: str | None) -> str | None:
+            return task if name in given or task in keep else None
+
+        return replace(
+            cfg, task_budgets=only("task_budgets", cfg.task_budgets),
+            hypers=only("hypers", cfg.hypers),
+            extra_methods=only("extra_methods", cfg.extra_methods),
+            ablation_task=special("ablation_task", cfg.ablation_task),
+            analysis_task=special("analysis_task", cfg.analysis_task),
+        )  # fmt: skip
 
     def budget_of(self, task: str) -> str:
         """The budget of ``task``'s runs."""
