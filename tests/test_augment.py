@@ -15,7 +15,7 @@ from flatmin.bench import Hyper, RunSpec, train
 from flatmin.data import Dataset, TensorSplit
 from flatmin.data.augment import CropFlip
 from flatmin.data.batching import Batches
-from flatmin.tasks import Recipe, Task
+from flatmin.tasks import Recipe, Task, get_task
 from flatmin.tasks.models import ResNetCNN
 
 
@@ -199,3 +199,13 @@ def test_recipe_config_names_augment_only_when_set() -> None:
     with_aug = Recipe("sgd", lr=0.1, weight_decay=0.0, batch_size=8, epochs=1,
                       augment=CropFlip(padding=3, flip=False))  # fmt: skip
     assert with_aug.config()["augment"] == {"padding": 3, "flip": False}
+
+
+def test_augmented_task_hash_covers_the_augmentation() -> None:
+    task = get_task("fashion-mnist-aug")
+    full = task.recipe("full")
+    assert full.augment == CropFlip(padding=2, flip=True)
+    plain = replace(task, full=replace(full, augment=None))
+    spec = RunSpec("fashion-mnist-aug", "baseline", 0, "full")
+    assert spec.config(task)["recipe"]["augment"] == {"padding": 2, "flip": True}
+    assert spec.config_hash(task) != spec.config_hash(plain)
