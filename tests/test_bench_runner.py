@@ -614,8 +614,10 @@ def test_quick_suite_hypers_are_the_committed_full_runs_choices(tmp_path):
     committed = Path(__file__).resolve().parent.parent / "docs" / "results" / "results.jsonl"
     shutil.copy(committed, tmp_path / "results.jsonl")
     full = get_suite("full")
-    # MUTAG's folds became nested (issue #22): its runs have new hashes until they are rerun.
-    tasks = tuple(t for t in full.tasks if get_task(t).folds is None)
+    # MUTAG's folds became nested (issue #22): its runs have new hashes until they are rerun; a
+    # task added after the committed run (fashion-mnist-aug, #23) has none yet.
+    done = {json.loads(line)["task"] for line in committed.read_text().splitlines()}
+    tasks = tuple(t for t in full.tasks if get_task(t).folds is None and t in done)
     cfg = BenchConfig.from_suite(full, tmp_path, run=False, report=False, progress=False,
                                  tasks=tasks)  # fmt: skip
     summary = run_grid(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -102,7 +102,7 @@ class RunSpec:
             "budget": spec.budget,
             "stage": spec.stage,
             "hyper": spec.hyper.as_dict(),
-            "recipe": asdict(spec.recipe(task)),
+            "recipe": spec.recipe(task).config(),
             "folds": task.folds,
             "average_starts": [average_key(s) for s in spec.starts()],
         }

@@ -13,6 +13,7 @@ Example:
 """
 
 from flatmin.data._cache import ChecksumError, DataUnavailableError, FetchResult, cache_root
+from flatmin.data.augment import CropFlip
 from flatmin.data.registry import (
     DatasetInfo,
     VerifyResult,
@@ -41,6 +42,7 @@ from flatmin.data.tensors import tensor_dataset
 __all__ = [
     "IGNORE_INDEX",
     "ChecksumError",
+    "CropFlip",
     "DataUnavailableError",
     "Dataset",
     "DatasetInfo",

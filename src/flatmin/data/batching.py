@@ -18,6 +18,12 @@ Several processes (``shard=(rank, world)``): every process draws the same permut
 the same global batches as an unsharded stream; each yields the ``rank``-th strided slice of
 every batch (``batch[rank::world]``, the assignment of ``torch.utils.data.DistributedSampler``),
 so the ``world`` shards of a step are exactly the unsharded batch.
+
+Augmentation (``augment``, a training stream's): each pass seeds a fresh generator with a number
+drawn from the stream's own ``generator`` after the permutation, and draws every batch's crops
+and flips from it. The augmented batches are thus fixed by the stream's seed alone (the same for
+every method, and restored with the generator's state on a resume), and every process of a
+sharded stream draws for the whole batch, then augments its own slice.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flatmin.data.augment import CropFlip
 from flatmin.data.splits import Graph, GraphSplit, NodeSplit, Split, TensorSplit
 
 __all__ = ["Batches", "GraphBatch", "collate_graphs"]
@@ -78,16 +85,19 @@ class Batches:
         shard: ``(rank, world)``: yield only this process's share of every batch (see the module
             docstring); ``batch_size`` stays the global batch size and must be a multiple of
             ``world``.
+        augment: crop and flip the images of every batch (a training stream's option; needs a
+            :class:`TensorSplit` of ``(N, C, H, W)`` images and a ``generator``).
 
     Raises:
-        ValueError: a bad ``batch_size`` or ``shard``, or a shard of a node-classification split.
+        ValueError: a bad ``batch_size`` or ``shard``, a shard of a node-classification split, or
+            ``augment`` on inputs that are not images or without a generator.
     """
 
     def __init__(
         self, split: Split, batch_size: int, *, shuffle: bool = False,
         generator: torch.Generator | None = None, drop_last: bool = False,
         indices: torch.Tensor | None = None, device: torch.device | str | None = None,
-        shard: tuple[int, int] | None = None,
+        shard: tuple[int, int] | None = None, augment: CropFlip | None = None,
     ) -> None:  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size} (expected >= 1)")
@@ -106,6 +116,22 @@ class Batches:
         self.shard = shard
         if shard is not None:
             self._check_shard(shard)
+        self.augment = augment
+        if augment is not None:
+            self._check_augment(augment)
+
+    def _check_augment(self, augment: CropFlip) -> None:
+        if not isinstance(augment, CropFlip):
+            raise TypeError(f"Invalid augment: {augment!r} (expected a CropFlip or None)")
+        if self.generator is None:
+            raise ValueError("Invalid generator: None (augment needs a torch.Generator)")
+        inputs = getattr(self.split, "inputs", None)
+        if not isinstance(self.split, TensorSplit) or inputs is None or inputs.dim() != 4:
+            shape = None if inputs is None else tuple(inputs.shape)
+            raise ValueError(
+                f"Invalid augment for {type(self.split).__name__} inputs of shape {shape} "
+                "(expected images (N, C, H, W))"
+            )
 
     def _check_shard(self, shard: tuple[int, int]) -> None:
         rank, world = shard
@@ -132,7 +158,7 @@ class Batches:
         return Batches(
             self.split, self.batch_size, shuffle=self.shuffle, generator=self.generator,
             drop_last=self.drop_last, indices=self.indices, device=self.device,
-            shard=(rank, world),
+            shard=(rank, world), augment=self.augment,
         )  # fmt: skip
 
     @property
@@ -166,6 +192,9 @@ class Batches:
             order = order[torch.randperm(order.numel(), generator=self.generator)]
         if isinstance(split, TensorSplit) and split.targets.device != order.device:
             order = order.to(split.targets.device)  # once per pass, not once per batch
+        if self.augment is not None:
+            yield from self._augmented(split, order)  # type: ignore[arg-type]
+            return
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.shard is not None:
@@ -177,3 +206,19 @@ class Batches:
                 yield collate_graphs([split.graphs[i] for i in idx.tolist()]), targets
             else:  # pragma: no cover - Split is a closed union
                 raise TypeError(f"Invalid split type: {type(split).__name__}")
+
+    def _augmented(
+        self, split: TensorSplit, order: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one pass in ``order``, augmented (see the module docstring)."""
+        assert self.augment is not None and self.generator is not None  # checked in __init__
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        draws_gen = torch.Generator().manual_seed(seed)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            draws = self.augment.draw(idx.numel(), draws_gen)
+            if self.shard is not None:
+                rank, world = self.shard
+                idx = idx[rank::world]
+                draws = tuple(d[rank::world] for d in draws)  # type: ignore[assignment]
+            yield self.augment.apply(split.inputs[idx], draws), split.targets[idx]

@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from flatmin.data import (
     stratified_indices,
     with_label_noise,
 )
+from flatmin.data.augment import CropFlip
 from flatmin.data.batching import Batches
 
 __all__ = [
@@ -96,6 +97,10 @@ class Recipe:
         fused: use the optimizer's fused kernel (one kernel for all parameters; on a CPU 4-5×
             faster than the default ``foreach`` step, which matters for the small models and
             the 2M-parameter embeddings of the text tasks).
+        augment: crop and flip the training batches (:class:`~flatmin.data.augment.CropFlip`;
+            ``None``: none). Training batches only, drawn from the run seed (the same images for
+            every method; SAM's two passes see one batch); validation, test and the training-set
+            evaluation are never augmented. Needs image inputs ``(N, C, H, W)``.
     """
 
     optimizer: str
@@ -110,6 +115,7 @@ class Recipe:
     val_subset: int | None = None
     test_subset: int | None = None
     fused: bool = True
+    augment: CropFlip | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS:
@@ -122,6 +128,19 @@ class Recipe:
             raise ValueError(
                 f"Invalid recipe: lr={self.lr}, epochs={self.epochs}, bs={self.batch_size}"
             )
+        if self.augment is not None and not isinstance(self.augment, CropFlip):
+            raise TypeError(f"Invalid augment: {self.augment!r} (expected a CropFlip or None)")
+
+    def config(self) -> dict[str, Any]:
+        """The recipe as plain JSON values (a run's hash covers them).
+
+        ``augment`` appears only when set, so the runs of a recipe without augmentation keep
+        the hashes they had before the option existed.
+        """
+        config = asdict(self)
+        if self.augment is None:
+            del config["augment"]
+        return config
 
     @property
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
@@ -282,6 +301,7 @@ class TaskData:
             return Batches(
                 split, old.batch_size, shuffle=old.shuffle, generator=old.generator,
                 drop_last=old.drop_last, indices=indices, device=device, shard=old.shard,
+                augment=old.augment,
             )  # fmt: skip
 
         return replace(
@@ -567,7 +587,8 @@ class Task:
         drop = len(ds.train) > bs
         return TaskData(
             task=self, budget=budget, recipe=recipe, seed=seed, dataset=ds,
-            train=Batches(ds.train, bs, shuffle=True, generator=gen, drop_last=drop),
+            train=Batches(ds.train, bs, shuffle=True, generator=gen, drop_last=drop,
+                          augment=recipe.augment),
             train_eval=Batches(ds.train, eval_bs), val=Batches(ds.val, eval_bs),
             test=Batches(ds.test, eval_bs), loss_fn=self.loss,
         )  # fmt: skip
