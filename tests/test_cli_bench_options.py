@@ -38,7 +38,7 @@ def grid(monkeypatch):
 def _config(grid, capsys, tmp_path) -> BenchConfig:
     assert len(grid) == 1, grid
     (cfg,), kwargs = grid[0]
-    assert kwargs == {} and isinstance(cfg, BenchConfig)
+    assert kwargs == {"on_record": None} and isinstance(cfg, BenchConfig)  # no --log
     assert cfg.out == tmp_path
     assert f"7 runs: 5 trained, 2 already done, 0 not ok; 3 s. Report: {tmp_path}" in (
         capsys.readouterr().out
