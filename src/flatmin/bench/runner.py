@@ -36,7 +36,7 @@ from flatmin.bench.device import check_precision, check_support, resolve_device
 from flatmin.bench.execute import check_executor, exclusive_output, make_executor
 from flatmin.bench.executors import Executor, Progress
 from flatmin.bench.flatness import flatness_study, load_flatness
-from flatmin.bench.methods import ABLATION_METHODS, Hyper, get_method
+from flatmin.bench.methods import ABLATION_METHODS, Grid, Hyper, get_method
 from flatmin.bench.plan import TuneChoice, eval_trajectory, method_result, plan_eval
 from flatmin.bench.records import MethodResult, Record
 from flatmin.bench.report import write_report
@@ -68,10 +68,14 @@ class BenchConfig:
         out: output directory (``results.jsonl``, ``report.md``, ``results.csv``, figures).
         tasks, methods: grid axes (``baseline`` is the reference of the report).
         seeds: evaluation seeds.
+        task_seeds: per-task exceptions to ``seeds`` (more seeds where a CI needs the power).
         budget: the tasks' ``"quick"`` or ``"full"`` recipes.
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
         tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
+        grids: validation-grid values replacing the methods' own, by trajectory method and
+            hyper-parameter (``{"sam": {"rho": (0.05, 0.2, 0.5)}}``: SAM's and WASAM's rho);
+            extended at an edge like the methods' grids.
         tuner: how ``tune`` chooses (:class:`~flatmin.bench.tuning.Tuner`): the validation
             grid (:class:`~flatmin.bench.tuning.GridTuner`, the reference protocol) or another
             tuner the caller builds (``flatmin.tune.bench.OptunaTuner``); its runs go through
@@ -109,10 +113,12 @@ class BenchConfig:
     tasks: tuple[str, ...]
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
+    task_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     budget: str = "quick"
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seeds: tuple[int, ...] = (100, 101)
+    grids: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
     tuner: Tuner = field(default_factory=GridTuner)
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
@@ -137,11 +143,18 @@ class BenchConfig:
 
     @classmethod
     def from_suite(cls, suite: Suite, out: str | os.PathLike[str], **overrides: Any) -> BenchConfig:
-        """The suite's grid with ``overrides`` (``None`` values are ignored)."""
+        """The suite's grid with ``overrides`` (``None`` values are ignored).
+
+        A ``seeds`` override applies to every task (the suite's per-task seed counts are
+        dropped with it).
+        """
+        task_seeds = {t: tuple(range(n)) for t, n in suite.task_seeds.items()}
+        if overrides.get("seeds") is not None:
+            task_seeds = {}
         base = cls(
             out=Path(out), tasks=suite.tasks, methods=suite.methods,
-            seeds=tuple(range(suite.seeds)), budget=suite.budget,
-            task_budgets=dict(suite.task_budgets), tune=suite.tune,
+            seeds=tuple(range(suite.seeds)), task_seeds=task_seeds, budget=suite.budget,
+            task_budgets=dict(suite.task_budgets), tune=suite.tune, grids=dict(suite.grids),
             tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
             extra_methods=dict(suite.extra_methods), variants=suite.variants,
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
@@ -152,6 +165,10 @@ class BenchConfig:
     def budget_of(self, task: str) -> str:
         """The budget of ``task``'s runs."""
         return self.task_budgets.get(task, self.budget)
+
+    def seeds_of(self, task: str) -> tuple[int, ...]:
+        """The evaluation seeds of ``task``."""
+        return self.task_seeds.get(task, self.seeds)
 
     def methods_of(self, task: str) -> tuple[str, ...]:
         """The methods run on ``task``: ``methods`` and its ``extra_methods``."""
@@ -182,8 +199,17 @@ class BenchConfig:
                 raise ValueError(
                     f"Invalid ablation/analysis task: {special!r} is not one of the tasks"
                 )
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"Invalid seeds: {self.seeds} (expected distinct seeds)")
+        for seeds in (self.seeds, *self.task_seeds.values()):
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"Invalid seeds: {seeds} (expected distinct seeds)")
+            if set(self.tune_seeds) & set(seeds):
+                raise ValueError(
+                    f"Invalid tune_seeds: {self.tune_seeds} (they overlap the evaluation seeds "
+                    f"{seeds})"
+                )
+        for name in self.task_seeds:
+            if name not in self.tasks:
+                raise ValueError(f"Invalid task seeds: {name!r} is not one of the tasks")
         if self.jobs < 1 or self.threads < 1:
             raise ValueError(f"Invalid jobs/threads: {self.jobs}/{self.threads} (expected >= 1)")
         check_executor(self)
@@ -193,15 +219,12 @@ class BenchConfig:
             self.tuner.check()
         if self.tune and not self.tune_seeds:
             raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
-        if set(self.tune_seeds) & set(self.seeds):
-            raise ValueError(
-                f"Invalid tune_seeds: {self.tune_seeds} (they overlap the evaluation seeds "
-                f"{self.seeds})"
-            )
         if any(f <= 0 or f == 1 for f in self.ablation_factors):
             raise ValueError(
                 f"Invalid ablation_factors: {self.ablation_factors} (expected > 0 and != 1)"
             )
+        for name, table in self.grids.items():
+            _check_grids(name, table)
         for table in self.hypers.values():
             for name, hyper in table.items():
                 eval_trajectory(get_method(name), get_method(name).resolve(hyper))
@@ -210,6 +233,18 @@ class BenchConfig:
         for name in self.tasks:
             for method in self.methods_of(name):
                 check_support(RunSpec(name, method, 0, precision=self.precision))
+
+
+def _check_grids(method: str, table: Mapping[str, tuple[float, ...]]) -> None:
+    """Refuse a grid of a hyper-parameter that ``method`` does not search, or bad values."""
+    m = get_method(method)
+    for param, values in table.items():
+        if param not in m.grids or m.trajectory != method:
+            raise ValueError(
+                f"Invalid grid: {method}.{param} (the trajectory {method!r} searches "
+                f"{list(m.grids) if m.trajectory == method else []})"
+            )
+        Grid(tuple(values), extend=m.grids[param].extend)  # ValueError on bad values
 
 
 @dataclass
@@ -385,8 +420,8 @@ class _Grid:
         cfg, specs = self.cfg, {}
         for task in tasks:
             specs.update(plan_eval(
-                [task], methods_of(task), cfg.seeds, self.summary.hypers, cfg.budget_of, epochs,
-                device=cfg.device, precision=cfg.precision,
+                [task], methods_of(task), cfg.seeds_of(task), self.summary.hypers, cfg.budget_of,
+                epochs, device=cfg.device, precision=cfg.precision,
             ))  # fmt: skip
         return specs
 
@@ -464,6 +499,8 @@ def meta_of(cfg: BenchConfig) -> dict[str, Any]:
         "extra_methods": {t: list(ms) for t, ms in cfg.extra_methods.items()},
         "variants": list(cfg.variants),
         "seeds": list(cfg.seeds),
+        "task_seeds": {t: list(s) for t, s in cfg.task_seeds.items()},
+        "grids": {m: {p: list(v) for p, v in g.items()} for m, g in cfg.grids.items()},
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),
         "tuner": cfg.tuner.name,
