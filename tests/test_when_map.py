@@ -210,3 +210,152 @@ def _toy_resolver():
     from test_bench_support import ToyResolver
 
     return ToyResolver()
+
+
+# -- power: minimum detectable effect --------------------------------------------------------------
+
+
+def test_mde_gives_80_percent_power_by_simulation_and_exceeds_the_normal_approximation():
+    import math
+
+    import numpy as np
+    from scipy.stats import norm
+    from scipy.stats import t as student
+
+    from flatmin.bench.stats import min_detectable_effect, t_test_power
+
+    # R: power.t.test(n = 10, sd = 1, power = 0.8, type = "one.sample")$delta = 0.9960.
+    assert min_detectable_effect(1.0, 10) == pytest.approx(0.9960, abs=5e-4)
+    n, sd = 5, 2.0
+    mde = min_detectable_effect(sd, n)
+    assert t_test_power(mde, sd, n) == pytest.approx(0.8, abs=1e-9)
+    # Independent check: a seeded simulation of the paired t-test at that true difference.
+    rng = np.random.default_rng(0)
+    d = rng.normal(mde, sd, (200_000, n))
+    tstat = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    assert (np.abs(tstat) > student.ppf(0.975, n - 1)).mean() == pytest.approx(0.8, abs=0.005)
+    # The normal approximation (z_0.975 + z_0.8) sd / sqrt(n) is too small at n = 5 ...
+    normal = (norm.ppf(0.975) + norm.ppf(0.8)) * sd / math.sqrt(n)
+    assert mde > 1.3 * normal
+    # ... and the limit at large n; the MDE scales with sd.
+    assert min_detectable_effect(1.0, 5000) == pytest.approx(2.8016 / math.sqrt(5000), rel=1e-3)
+    assert min_detectable_effect(3.0, 7) == pytest.approx(3 * min_detectable_effect(1.0, 7))
+
+
+def test_mde_edge_cases():
+    import math
+
+    from flatmin.bench.stats import min_detectable_effect
+
+    assert math.isnan(min_detectable_effect(0.0, 5))
+    with pytest.raises(ValueError, match="Invalid n: 1"):
+        min_detectable_effect(1.0, 1)
+    with pytest.raises(ValueError, match=r"Invalid power: 1\.0"):
+        min_detectable_effect(1.0, 5, power=1.0)
+
+
+# -- the report's map ------------------------------------------------------------------------------
+
+# Test accuracy (%) by task, method and seed; memorised share of flipped labels by task, method.
+MAP_ACC = {
+    "m-noisy0": {"baseline": (90, 91, 92), "sam": (91, 92, 93)},
+    "m-noisy40": {"baseline": (60, 61, 62), "sam": (80, 84, 82)},
+    "m-noisy40-x2": {"baseline": (58, 59, 60), "sam": (57, 59, 58)},
+    "m-asym40": {"baseline": (70, 71, 72), "sam": (75, 75.5, 77)},
+    "other": {"baseline": (50, 51, 52), "sam": (50, 52, 52)},
+}
+MAP_MEMO = {("m-noisy40", "baseline"): 0.91, ("m-noisy40", "sam"): 0.12,
+            ("m-noisy40-x2", "baseline"): 0.95, ("m-noisy40-x2", "sam"): 0.88}  # fmt: skip
+MAP_RHO = {"m-noisy0": 0.05, "m-noisy40": 0.2, "m-noisy40-x2": 0.5, "m-asym40": 0.2}
+
+
+def _map_summary():
+    from types import SimpleNamespace
+
+    from flatmin.bench import Hyper, MethodResult, parse_record
+
+    results = []
+    for task, by in MAP_ACC.items():
+        for method, accs in by.items():
+            for seed, acc in enumerate(accs):
+                memo = MAP_MEMO.get((task, method))
+                rec = {
+                    "hash": f"{task}-{method}-{seed}", "task": task, "method": method,
+                    "seed": seed, "stage": "eval", "status": "ok", "domain": "vision",
+                    "model": "net", "hyper": {}, "epochs": 3, "wall_time": 1.0,
+                    "sizes": {"train": 10, "val": 10, "test": 100}, "budget": "full",
+                    "recipe": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0,
+                               "batch_size": 8, "epochs": 3, "schedule": "cosine"},
+                    "final": {"test_acc": acc / 100, "val_acc": acc / 100, "train_acc": 0.9,
+                              "train_acc_clean": None if memo is None else 0.5,
+                              "noise_memorised": memo},
+                    "curves": {"val_acc": [acc / 100], "train_loss": [0.1]},
+                }  # fmt: skip
+                results.append(MethodResult.parse(rec, parse_record(rec)))
+    hypers = {(t, "sam"): Hyper(rho=r) for t, r in MAP_RHO.items()}
+    return SimpleNamespace(records=results, tune_records=[], ablation=[], tuning=[],
+                           searches=[], flatness=None, hypers=hypers)  # fmt: skip
+
+
+def test_noise_maps_group_the_cells_of_a_base():
+    from flatmin.bench.noise_map import MapCell, noise_maps, parse_cell
+
+    assert parse_cell("mnist-5k-noisy40-x0.5") == MapCell("mnist-5k", "noisy", 40, 0.5)
+    assert parse_cell("mnist-5k-asym40") == MapCell("mnist-5k", "asym", 40, 1.0)
+    assert parse_cell("mnist-5k") is None
+    (nm,) = noise_maps(list(MAP_ACC))
+    assert nm.base == "m" and nm.noises == (0, 40) and nm.factors == (1.0, 2.0)
+    assert nm.tasks == {(0, 1.0): "m-noisy0", (40, 1.0): "m-noisy40", (40, 2.0): "m-noisy40-x2"}
+    assert nm.checks == ("m-asym40",)
+    # One noisy task per base (the full suite) is no map.
+    assert noise_maps(["digits-noisy40", "mnist-5k-noisy40", "rotten-tomatoes"]) == []
+
+
+def test_report_map_section_tables(tmp_path):
+    from flatmin.bench import write_report
+
+    text = write_report(tmp_path, _map_summary(), meta={"methods": ["baseline", "sam"]},
+                        figures=False).read_text()  # fmt: skip
+    section = text.split("## When do flat minima help?")[1].split("\n## ")[0]
+    lines = section.splitlines()
+    sam = lines.index("**SAM − baseline** (points)")
+    assert lines[sam + 2] == "| Noise \\ budget | 1× | 2× |"
+    assert lines[sam + 4] == "| 0 % | +1.0 | – |"  # +1 on every seed: not tested, no mark
+    assert lines[sam + 5] == "| 40 % | +21.0* (mem 91→12) | -1.0 (mem 95→88) |"
+    rho = lines.index("**SAM: chosen rho** (and averaging start)")
+    assert lines[rho + 4:rho + 6] == ["| 0 % | 0.05 | – |", "| 40 % | 0.2 | 0.5 |"]
+    assert "| m-asym40 | +4.8* | 0.2 |" in lines
+    assert "other" not in section
+
+
+def test_map_figure_draws_the_gains_memorisation_and_rho(tmp_path):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from flatmin.bench import summarize
+    from flatmin.bench.figures import pyplot_agg
+    from flatmin.bench.noise_map import map_figure, noise_maps, write_map_figures
+
+    summary = _map_summary()
+    rows = {r.task: r for r in summarize(summary.records, ["baseline", "sam"])}
+    (nm,) = noise_maps(list(rows))
+    plt = pyplot_agg()
+    fig = map_figure(plt, nm, rows, summary.hypers, ["baseline", "sam"])
+    gain_ax, rho_ax = fig.axes[:2]
+    gains = gain_ax.images[0].get_array()
+    # Noise rows (0, 40) x budget columns (1x, 2x); the absent cell (0 %, 2x) is masked.
+    assert gains[1, 0] == pytest.approx(21.0) and gains[1, 1] == pytest.approx(-1.0)
+    assert gains[0, 0] == pytest.approx(1.0) and bool(gains.mask[0, 1])
+    vmin, vmax = gain_ax.images[0].get_clim()
+    assert vmin == -vmax == pytest.approx(-21.0)  # symmetric about 0: white is no gain
+    texts = {t.get_text() for t in gain_ax.texts}
+    assert {"+21.0*\n(mem 91→12)", "-1.0\n(mem 95→88)", "+1.0"} <= texts
+    assert [t.get_text() for t in gain_ax.get_yticklabels()] == ["0 %", "40 %"]
+    assert [t.get_text() for t in gain_ax.get_xticklabels()] == ["1×", "2×"]
+    rho = rho_ax.images[0].get_array()
+    assert rho[1, 1] == pytest.approx(np.log10(0.5)) and rho[0, 0] == pytest.approx(np.log10(0.05))
+    assert {t.get_text() for t in rho_ax.texts} == {"0.05", "0.2", "0.5"}
+    plt.close(fig)
+    assert write_map_figures(tmp_path, [nm], rows, summary.hypers, ["baseline", "sam"]) == [
+        "map_m.png"]  # fmt: skip
+    assert (tmp_path / "map_m.png").stat().st_size > 1000
