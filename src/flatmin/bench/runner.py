@@ -223,8 +223,8 @@ class BenchConfig:
             raise ValueError(
                 f"Invalid ablation_factors: {self.ablation_factors} (expected > 0 and != 1)"
             )
-        for name, table in self.grids.items():
-            _check_grids(name, table)
+        for name, grid in self.grids.items():
+            _check_grids(name, grid)
         for table in self.hypers.values():
             for name, hyper in table.items():
                 eval_trajectory(get_method(name), get_method(name).resolve(hyper))
