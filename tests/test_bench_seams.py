@@ -59,9 +59,8 @@ def test_the_committed_results_parse_into_typed_records_unchanged():
 
 def test_replanning_the_full_suite_on_the_committed_results_trains_nothing(tmp_path):
     shutil.copy(COMMITTED, tmp_path / "results.jsonl")
-    # Fashion-noisy40's seeds 5-9 (issue #23) are not in the committed run: 5 seeds here.
     cfg = BenchConfig.from_suite(get_suite("full"), tmp_path, run=False, report=False,
-                                 progress=False, analysis_task=None, task_seeds={})  # fmt: skip
+                                 progress=False, analysis_task=None)  # fmt: skip
     summary = run_grid(cfg)
     assert summary.ran == 0 and summary.failed == 0
     assert summary.planned == summary.skipped == 440

@@ -359,3 +359,39 @@ def test_map_figure_draws_the_gains_memorisation_and_rho(tmp_path):
     assert write_map_figures(tmp_path, [nm], rows, summary.hypers, ["baseline", "sam"]) == [
         "map_m.png"]  # fmt: skip
     assert (tmp_path / "map_m.png").stat().st_size > 1000
+
+
+# -- the budget ablation, tuned again per budget (item 4) ------------------------------------------
+
+
+def test_tuned_budget_ablation_chooses_again_per_budget(tmp_path):
+    from flatmin.bench import run_grid
+    from test_bench_support import ToyResolver
+
+    cfg = BenchConfig(
+        out=tmp_path, tasks=("toy-a",), methods=("baseline", "swa", "sam", "wasam"), seeds=(0,),
+        extra_methods={"toy-a": ("samk",)}, tune=True, tune_seeds=(100,),
+        grids={"sam": {"rho": (0.05, 0.2)}}, ablation_task="toy-a", ablation_factors=(0.5, 2.0),
+        progress=False,
+    )  # fmt: skip
+    summary = run_grid(cfg, resolver=ToyResolver())
+    tuned = {(c.task, c.method) for c in summary.tuning}
+    for variant in ("toy-a-x0.5", "toy-a-x2"):
+        # Only the ablation's methods are tuned on a budget variant (no samk, no extension of
+        # the main grid's methods).
+        assert {m for t, m in tuned if t == variant} == {"baseline", "swa", "sam", "wasam"}
+    ablation = {(r.method, r.budget_factor): r for r in summary.ablation}
+    methods = ("baseline", "swa", "sam", "wasam")
+    assert set(ablation) == {(m, f) for m in methods for f in (0.5, 2.0)}
+    for (method, factor), r in ablation.items():
+        variant = f"toy-a-x{factor:g}"
+        assert r.task == "toy-a" and r.record.task == variant  # reported under the ablation task
+        assert r.hyper == summary.hypers[(variant, method)].as_dict()  # its own budget's choice
+        assert r.record.epochs == {0.5: 2, 2.0: 8}[factor]  # the toy recipe's 4 epochs scaled
+    text = (tmp_path / "report.md").read_text()
+    ablation_text = text.split("## Budget ablation")[1].split("\n## ")[0]
+    assert "Hyper-parameters used at each budget" in ablation_text
+    rho2 = summary.hypers[("toy-a-x2", "sam")].rho
+    assert f"rho={rho2:g}" in ablation_text.split("| SAM |")[-1]
+    again = run_grid(cfg, resolver=ToyResolver())
+    assert again.ran == 0 and again.hypers == summary.hypers

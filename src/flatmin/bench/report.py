@@ -432,8 +432,16 @@ def _ablation_table(ablation: Sequence[MethodResult], main: Sequence[MethodResul
         float(r.budget_factor or 1.0): r.run.epochs_planned if r.run else None for r in ablation
     }
     head = [f"{f:g}× ({epochs.get(f, '1×')} ep)" if f != 1.0 else "1× (main grid)" for f in factors]
+    chosen: dict[str, dict[float, str]] = {}
+    for r in [*ablation, *(r for r in main if r.task == task)]:
+        text = ", ".join(f"{k}={v:g}" for k, v in sorted(r.hyper.items())) or "–"
+        chosen.setdefault(r.method, {})[float(r.budget_factor or 1.0)] = text
+    hyper_body = [[_label(m), *(chosen.get(m, {}).get(f, "–") for f in factors)] for m in pts]
     return [f"Task `{task}`, test accuracy (%), mean ± 95 % CI over seeds.", "",
-            *_table(["Method", *head], body)]  # fmt: skip
+            *_table(["Method", *head], body), "",
+            "Hyper-parameters used at each budget (tuned again per budget when the grid is "
+            f"tuned: the tasks `{task}-x<F>` in 'Validation grids').", "",
+            *_table(["Method", *head], hyper_body)]  # fmt: skip
 
 
 def _csv_row(r: MethodResult) -> dict[str, object]:

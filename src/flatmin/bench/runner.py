@@ -8,7 +8,10 @@ Stages (the protocol is :mod:`flatmin.bench.plan`):
 2. **Evaluation**: every (task, method, seed) at the chosen hyper-parameters; views of one
    trajectory share its run (baseline/swa, sam/wasam).
 3. **Budget ablation** (``ablation_task``): baseline, SWA, SAM and WASAM of one task at other
-   multiples of its epoch budget.
+   multiples of its epoch budget. With ``tune`` each budget is the task variant
+   ``<task>-x<F>`` (:meth:`~flatmin.tasks.Task.with_budget`), tuned in stage 1 like every task
+   (rho and start chosen again per budget), so that what the ablation shows is a budget's effect,
+   not the 1× choices' mismatch; without ``tune`` the fixed hyper-parameters are used.
 4. **Flatness** (``analysis_task``): the first evaluation seed's baseline and SAM runs are
    trained again (deterministically: the test accuracy must match the recorded one) with
    checkpoints, and their flatness is measured (:mod:`flatmin.bench.flatness`).
@@ -85,10 +88,13 @@ class BenchConfig:
         hyper_source: where ``hypers`` come from (shown in the report).
         extra_methods: methods run on some tasks only, by task (e.g. the cheap SAM variants on
             the label-noise tasks).
+        task_methods: the methods of some tasks instead of ``methods`` and ``extra_methods``
+            (the retuned budget ablation's tasks).
         variants: the methods the report shows as cheap SAM variants (cost and the share of
             SAM's gain kept) instead of in the headline table.
         ablation_task: train baseline/SWA/SAM/WASAM of this task also at ``ablation_factors`` ×
-            its epoch budget.
+            its epoch budget (with ``tune``: tuned again per budget, as the tasks
+            ``<task>-x<F>``).
         ablation_factors: multiples of the epoch budget for the ablation (besides 1).
         analysis_task: measure the flatness of this task's first-seed models.
         jobs: parallel worker processes (``executor="ray"`` without a cluster address: the CPUs
@@ -123,6 +129,7 @@ class BenchConfig:
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
     extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    task_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
     ablation_task: str | None = None
     ablation_factors: tuple[float, ...] = (0.5, 2.0)
@@ -171,7 +178,9 @@ class BenchConfig:
         return self.task_seeds.get(task, self.seeds)
 
     def methods_of(self, task: str) -> tuple[str, ...]:
-        """The methods run on ``task``: ``methods`` and its ``extra_methods``."""
+        """The methods run on ``task``: its ``task_methods``, else ``methods`` and its extras."""
+        if task in self.task_methods:
+            return self.task_methods[task]
         extra = self.extra_methods.get(task, ())
         return self.methods + tuple(m for m in extra if m not in self.methods)
 
@@ -317,6 +326,7 @@ class _Grid:
         self.results = cfg.out / RESULTS
         self.summary = GridSummary(out=cfg.out)
         self.task_of: dict[str, Task] = {name: look.task(name) for name in cfg.tasks}
+        self.task_of.update({name: look.task(name) for name in self.ablation_tasks().values()})
         self.counted: set[str] = set()
         # Trained in this invocation: an error is retried by the next one, not again now.
         self.attempted: set[str] = set()
@@ -389,11 +399,31 @@ class _Grid:
 
     # -- 1. tuning ----------------------------------------------------------------------------
 
+    def ablation_tasks(self) -> dict[float, str]:
+        """The retuned budget ablation's tasks by factor (``{}`` without ``tune``)."""
+        cfg, at = self.cfg, self.cfg.ablation_task
+        if at is None or not cfg.tune:
+            return {}
+        return {f: f"{at}-x{f:g}" for f in cfg.ablation_factors}
+
+    def tuning_grid(self) -> BenchConfig:
+        """The configuration the tuner searches: the tasks and the ablation's budget variants."""
+        cfg, at = self.cfg, self.cfg.ablation_task
+        extra = tuple(self.ablation_tasks().values())
+        if at is None or not extra:
+            return cfg
+        methods = tuple(m for m in ABLATION_METHODS if m in cfg.methods_of(at))
+        return replace(
+            cfg, tasks=(*cfg.tasks, *extra),
+            task_methods={**cfg.task_methods, **dict.fromkeys(extra, methods)},
+            task_budgets={**cfg.task_budgets, **dict.fromkeys(extra, cfg.budget_of(at))},
+        )  # fmt: skip
+
     def tune(self) -> TuningOutcome:
         """The tuner's session, driven ask/tell through the executor (none without ``tune``)."""
         if not self.cfg.tune:
             return TuningOutcome(hypers={})
-        session = self.cfg.tuner.start(self.cfg, self.task_of)
+        session = self.cfg.tuner.start(self.tuning_grid(), self.task_of)
         found = self.records()
         while not session.done:
             trained = self.train(session.ask(found), "validation grid")
@@ -404,8 +434,9 @@ class _Grid:
     def hypers(self, outcome: TuningOutcome) -> dict[tuple[str, str], Hyper]:
         """The tuned hyper-parameters, else the suite's fixed ones, else the defaults."""
         hypers = dict(outcome.hypers)
-        for task in self.cfg.tasks:
-            for name in self.cfg.methods_of(task):
+        grid = self.tuning_grid()
+        for task in grid.tasks:
+            for name in grid.methods_of(task):
                 if (task, name) not in hypers:
                     fixed = self.cfg.hypers.get(task, {}).get(name)
                     hypers[(task, name)] = get_method(name).resolve(fixed)
@@ -426,17 +457,29 @@ class _Grid:
         return specs
 
     def ablation_specs(self) -> dict[tuple[str, str, int, float], RunSpec]:
-        """Baseline, SWA, SAM and WASAM of the ablation task at other epoch budgets."""
+        """Baseline, SWA, SAM and WASAM of the ablation task at other epoch budgets.
+
+        Keyed by the ablation task (not its budget variant), method, seed and factor.
+        """
         cfg, at = self.cfg, self.cfg.ablation_task
         if at is None:
             return {}
         base_epochs = cfg.epochs or self.task_of[at].recipe(cfg.budget_of(at)).epochs
         methods = [m for m in ABLATION_METHODS if m in cfg.methods_of(at)]
+        tuned = self.ablation_tasks()
+        grid = self.tuning_grid()
         out = {}
         for factor in cfg.ablation_factors:
-            epochs = max(1, round(factor * base_epochs))
-            for (t, name, seed), spec in self.plan([at], lambda _t: methods, epochs).items():
-                out[(t, name, seed, factor)] = spec
+            task = tuned.get(factor, at)
+            epochs: int | None = max(1, round(factor * base_epochs))
+            if task != at:  # the variant's recipe has the scaled epochs; scale an override only
+                epochs = max(1, round(factor * cfg.epochs)) if cfg.epochs else None
+            specs = plan_eval(
+                [task], methods, cfg.seeds_of(at), self.summary.hypers, grid.budget_of, epochs,
+                device=cfg.device, precision=cfg.precision,
+            )  # fmt: skip
+            for (_, name, seed), spec in specs.items():
+                out[(at, name, seed, factor)] = spec
         return out
 
     # -- results and 4. flatness ----------------------------------------------------------------
@@ -460,7 +503,9 @@ class _Grid:
                 summary.records.append(self.result(rec, t, name, None))
         for (t, name, _, factor), spec in ablation.items():
             if (rec := found.get(self.hash_of(spec))) is not None:
-                summary.ablation.append(self.result(rec, t, name, factor))
+                # Read with the variant's own choices, reported under the ablation task.
+                result = self.result(rec, spec.task, name, factor)
+                summary.ablation.append(replace(result, task=t))
         tune_hashes = dict.fromkeys(self.hash_of(s) for s in tune_specs)
         summary.tune_records = [found[h] for h in tune_hashes if h in found]
         all_runs = {self.hash_of(s) for s in (*eval_specs.values(), *ablation.values())}
