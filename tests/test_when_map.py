@@ -395,3 +395,20 @@ def test_tuned_budget_ablation_chooses_again_per_budget(tmp_path):
     assert f"rho={rho2:g}" in ablation_text.split("| SAM |")[-1]
     again = run_grid(cfg, resolver=ToyResolver())
     assert again.ran == 0 and again.hypers == summary.hypers
+
+
+def test_report_prints_each_cells_minimum_detectable_effect(tmp_path):
+    import statistics
+
+    from flatmin.bench import write_report
+    from flatmin.bench.stats import min_detectable_effect
+
+    text = write_report(tmp_path, _map_summary(), meta={"methods": ["baseline", "sam"]},
+                        figures=False).read_text()  # fmt: skip
+    pvalues = text.split("## p-values")[1].split("\n## ")[0]
+    assert "| Task | Method | Difference | p (paired t) | p (Holm) | MDE at 80 % power |" in pvalues
+    sd = statistics.stdev([20.0, 23.0, 20.0])  # m-noisy40: SAM - baseline per seed
+    row = next(line for line in pvalues.splitlines() if line.startswith("| m-noisy40 | SAM"))
+    assert row.endswith(f"| {min_detectable_effect(sd, 3):.2f} (n=3) |")
+    zero = next(line for line in pvalues.splitlines() if line.startswith("| m-noisy0 | SAM"))
+    assert zero.endswith("| – |")  # +1 on every seed: no variance, no power computation
