@@ -412,3 +412,19 @@ def test_report_prints_each_cells_minimum_detectable_effect(tmp_path):
     assert row.endswith(f"| {min_detectable_effect(sd, 3):.2f} (n=3) |")
     zero = next(line for line in pvalues.splitlines() if line.startswith("| m-noisy0 | SAM"))
     assert zero.endswith("| – |")  # +1 on every seed: no variance, no power computation
+
+
+def test_with_an_epochs_override_the_ablation_keeps_the_1x_choices(tmp_path):
+    from flatmin.bench import run_grid
+    from test_bench_support import ToyResolver
+
+    cfg = BenchConfig(
+        out=tmp_path, tasks=("toy-a",), methods=("baseline", "sam"), seeds=(0,), tune=True,
+        tune_seeds=(100,), grids={"sam": {"rho": (0.05, 0.2)}}, ablation_task="toy-a",
+        ablation_factors=(2.0,), epochs=2, progress=False,
+    )  # fmt: skip
+    summary = run_grid(cfg, resolver=ToyResolver())
+    assert {c.task for c in summary.tuning} == {"toy-a"}
+    (sam,) = [r for r in summary.ablation if r.method == "sam"]
+    assert sam.record.task == "toy-a" and sam.record.epochs == 4
+    assert sam.hyper == summary.hypers[("toy-a", "sam")].as_dict()

@@ -400,9 +400,13 @@ class _Grid:
     # -- 1. tuning ----------------------------------------------------------------------------
 
     def ablation_tasks(self) -> dict[float, str]:
-        """The retuned budget ablation's tasks by factor (``{}`` without ``tune``)."""
+        """The retuned budget ablation's tasks by factor.
+
+        ``{}`` without ``tune``, and with an ``epochs`` override (a smoke run: the override would
+        tune every budget at the same epochs), where the ablation uses the 1× choices.
+        """
         cfg, at = self.cfg, self.cfg.ablation_task
-        if at is None or not cfg.tune:
+        if at is None or not cfg.tune or cfg.epochs is not None:
             return {}
         return {f: f"{at}-x{f:g}" for f in cfg.ablation_factors}
 
@@ -471,9 +475,8 @@ class _Grid:
         out = {}
         for factor in cfg.ablation_factors:
             task = tuned.get(factor, at)
-            epochs: int | None = max(1, round(factor * base_epochs))
-            if task != at:  # the variant's recipe has the scaled epochs; scale an override only
-                epochs = max(1, round(factor * cfg.epochs)) if cfg.epochs else None
+            # A variant's recipe has the scaled epochs (and there is no override, see above).
+            epochs = None if task != at else max(1, round(factor * base_epochs))
             specs = plan_eval(
                 [task], methods, cfg.seeds_of(at), self.summary.hypers, grid.budget_of, epochs,
                 device=cfg.device, precision=cfg.precision,
