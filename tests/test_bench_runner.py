@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -618,8 +619,11 @@ def test_quick_suite_hypers_are_the_committed_full_runs_choices(tmp_path):
     # task added after the committed run (fashion-mnist-aug, #23) has none yet.
     done = {json.loads(line)["task"] for line in committed.read_text().splitlines()}
     tasks = tuple(t for t in full.tasks if get_task(t).folds is None and t in done)
+    # Fashion-noisy40's seeds 5-9 and the ablation's retuned budgets (issue #23) are not in the
+    # committed run: 5 seeds and no ablation here.
     cfg = BenchConfig.from_suite(full, tmp_path, run=False, report=False, progress=False,
-                                 tasks=tasks)  # fmt: skip
+                                 tasks=tasks, task_seeds={})  # fmt: skip
+    cfg = replace(cfg, ablation_task=None)
     summary = run_grid(cfg)
     assert summary.ran == 0 and summary.planned == summary.skipped  # every tuning run recorded
     for task, methods in QUICK_HYPERS.items():

@@ -109,6 +109,9 @@ class ToyResolver:
     """Resolver of the toy tasks; ``TOY_SLEEP`` seconds of delay per run (for the kill test)."""
 
     def task(self, name: str) -> Task:
+        base, _, factor = name.rpartition("-x")  # budget variants, as get_task resolves them
+        if base in TASKS and factor:
+            return TASKS[base].with_budget(float(factor))
         if name not in TASKS:
             raise ValueError(f"Unknown task: {name!r} (known: {', '.join(TASKS)})")
         return TASKS[name]

@@ -79,6 +79,11 @@ class Grid(Protocol):
         """The epoch override."""
         ...
 
+    @property
+    def grids(self) -> Mapping[str, Mapping[str, tuple[float, ...]]]:
+        """Initial grid values replacing the methods' own, by trajectory method and parameter."""
+        ...
+
     def methods_of(self, task: str) -> tuple[str, ...]:
         """The methods run on ``task``."""
         ...
@@ -238,9 +243,22 @@ def method_result(record: Mapping[str, Any], method: str, hyper: Hyper) -> dict[
     return out
 
 
-def _grid_values(state: GridState, task: str, method: Method, param: str) -> tuple[float, ...]:
+def _initial(cfg: Grid, method: Method, param: str) -> tuple[float, ...]:
+    """The grid ``param`` of ``method`` starts from: the configuration's, else the method's.
+
+    Keyed by the trajectory, so that the views of one trajectory (sam and wasam) search the same
+    values; the averaging ``start`` of a view is read from its trajectory and keeps its grid.
+    """
+    if param in free_params(method):
+        return method.grids[param].values
+    return cfg.grids.get(method.trajectory, {}).get(param, method.grids[param].values)
+
+
+def _grid_values(
+    state: GridState, cfg: Grid, task: str, method: Method, param: str
+) -> tuple[float, ...]:
     key = (task, method.trajectory, param)
-    return state.get(key, method.grids[param].values)
+    return state.get(key, _initial(cfg, method, param))
 
 
 def _extensions(values: tuple[float, ...], original: tuple[float, ...]) -> int:
@@ -289,8 +307,8 @@ def _select(
 
 
 def _extend(
-    m: Method, task: str, values: Mapping[str, tuple[float, ...]], chosen: tuple[float, ...],
-    new_state: GridState,
+    cfg: Grid, m: Method, task: str, values: Mapping[str, tuple[float, ...]],
+    chosen: tuple[float, ...], new_state: GridState,
 ) -> tuple[list[str], bool]:  # fmt: skip
     """Grow the grids whose chosen value is on an edge; (params still at an edge, grew)."""
     at_edge = []
@@ -304,7 +322,7 @@ def _extend(
         for end, edge in (("low", current[0]), ("high", current[-1])):
             if chosen[i] != edge:
                 continue
-            if _extensions(current, grid.values) >= MAX_EXTENSIONS:
+            if _extensions(current, _initial(cfg, m, p)) >= MAX_EXTENSIONS:
                 at_edge.append(p)
                 continue
             new = grid.step_beyond(current, end)
@@ -315,11 +333,11 @@ def _extend(
     return at_edge, grew
 
 
-def _added(m: Method, values: Mapping[str, tuple[float, ...]]) -> tuple[str, ...]:
+def _added(cfg: Grid, m: Method, values: Mapping[str, tuple[float, ...]]) -> tuple[str, ...]:
     """The values added to each grid so far (``"rho: 0.0032, 0.008"``)."""
     out = []
     for p in m.grids:
-        added = [v for v in values[p] if v not in m.grids[p].values]
+        added = [v for v in values[p] if v not in _initial(cfg, m, p)]
         if added:
             out.append(f"{p}: " + ", ".join(f"{v:g}" for v in added))
     return tuple(out)
@@ -375,7 +393,7 @@ def plan_tuning(
                 continue
             free = free_params(m)
             values = {
-                p: (m.grids[p].values if p in free else _grid_values(new_state, task, m, p))
+                p: (m.grids[p].values if p in free else _grid_values(new_state, cfg, task, m, p))
                 for p in params
             }
             points = list(itertools.product(*(values[p] for p in params)))
@@ -385,7 +403,7 @@ def plan_tuning(
                 continue
             scores, chosen, any_eligible = _select(m, points, per_seed)
             at_edge, grew = (
-                _extend(m, task, values, chosen, new_state) if any_eligible else ([], False)
+                _extend(cfg, m, task, values, chosen, new_state) if any_eligible else ([], False)
             )
             if grew:
                 extended_now.add(m.trajectory)
@@ -393,7 +411,7 @@ def plan_tuning(
                 continue
             choices[(task, name)] = TuneChoice(
                 task, name, params, tuple(points), tuple(scores), tuple(per_seed), chosen, fixed,
-                _added(m, values), tuple(at_edge),
+                _added(cfg, m, values), tuple(at_edge),
             )  # fmt: skip
         # A method whose trajectory grid grew this round must be re-chosen next round, even if
         # its own choice sat inside the grid (the new point may beat it).

@@ -28,9 +28,10 @@ from flatmin._io import atomic_write_text
 from flatmin.bench.figures import ablation_accuracies, report_figures
 from flatmin.bench.flatness import flatness_lines
 from flatmin.bench.methods import METHODS, Hyper
+from flatmin.bench.noise_map import map_lines, noise_maps, write_map_figures
 from flatmin.bench.plan import TuneChoice
 from flatmin.bench.records import MethodResult, Record
-from flatmin.bench.stats import Cell, mean_ci, paired_difference, with_holm
+from flatmin.bench.stats import Cell, mean_ci, min_detectable_effect, paired_difference, with_holm
 from flatmin.bench.tuning import SearchSummary
 from flatmin.tasks import split_fold_name
 
@@ -426,6 +427,13 @@ def _task_table(records: Sequence[MethodResult]) -> list[str]:
     return _table(header, list(seen.values()))
 
 
+def _mde(c: Cell) -> str:
+    """The cell's minimum detectable effect at 80 % power (``–`` without two seeds or variance)."""
+    if c.n < 2 or c.constant:
+        return "–"
+    return f"{min_detectable_effect(c.std, c.n):.2f} (n={c.n})"
+
+
 def _pvalue_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
     body = []
     for r in rows:
@@ -434,10 +442,12 @@ def _pvalue_table(rows: Sequence[TaskRow], methods: Sequence[str]) -> list[str]:
             if c is None or m == "baseline":
                 continue
             if c.p is None:
-                body.append([r.task, _label(m), f"{c.mean:+.2f}", "= (not tested)", "–"])
+                body.append([r.task, _label(m), f"{c.mean:+.2f}", "= (not tested)", "–", _mde(c)])
             else:
-                body.append([r.task, _label(m), f"{c.mean:+.2f}", f"{c.p:.2g}", f"{c.p_holm:.2g}"])
-    return _table(["Task", "Method", "Difference", "p (paired t)", "p (Holm)"], body)
+                body.append([r.task, _label(m), f"{c.mean:+.2f}", f"{c.p:.2g}", f"{c.p_holm:.2g}",
+                             _mde(c)])  # fmt: skip
+    header = ["Task", "Method", "Difference", "p (paired t)", "p (Holm)", "MDE at 80 % power"]
+    return _table(header, body)
 
 
 def _ablation_table(ablation: Sequence[MethodResult], main: Sequence[MethodResult]) -> list[str]:
@@ -451,8 +461,16 @@ def _ablation_table(ablation: Sequence[MethodResult], main: Sequence[MethodResul
         float(r.budget_factor or 1.0): r.run.epochs_planned if r.run else None for r in ablation
     }
     head = [f"{f:g}× ({epochs.get(f, '1×')} ep)" if f != 1.0 else "1× (main grid)" for f in factors]
+    chosen: dict[str, dict[float, str]] = {}
+    for r in [*ablation, *(r for r in main if r.task == task)]:
+        text = ", ".join(f"{k}={v:g}" for k, v in sorted(r.hyper.items())) or "–"
+        chosen.setdefault(r.method, {})[float(r.budget_factor or 1.0)] = text
+    hyper_body = [[_label(m), *(chosen.get(m, {}).get(f, "–") for f in factors)] for m in pts]
     return [f"Task `{task}`, test accuracy (%), mean ± 95 % CI over seeds.", "",
-            *_table(["Method", *head], body)]  # fmt: skip
+            *_table(["Method", *head], body), "",
+            "Hyper-parameters used at each budget (tuned again per budget when the grid is "
+            f"tuned: the tasks `{task}-x<F>` in 'Validation grids').", "",
+            *_table(["Method", *head], hyper_body)]  # fmt: skip
 
 
 def _csv_row(r: MethodResult) -> dict[str, object]:
@@ -636,7 +654,12 @@ def _pvalue_sections(
         "",
         "## p-values",
         "",
-        "Headline methods; Holm over every tested cell of the headline table (the `*` above).",
+        "Headline methods; Holm over every tested cell of the headline table (the `*` above). "
+        "MDE: the minimum detectable effect (points), the true mean difference that a "
+        "two-sided paired t-test at α = 0.05 (before Holm) detects with 80 % power given the "
+        "cell's n seeds and the observed sd of its paired differences (exact noncentral t, "
+        "`flatmin.bench.stats.min_detectable_effect`); a difference well below it is "
+        "inconclusive, not absent.",
         "",
         *_pvalue_table(rows, methods),
         "",
@@ -649,6 +672,32 @@ def _pvalue_sections(
             *_pvalue_table(variant_rows, variants),
             "",
         ]
+    return lines
+
+
+def _map_sections(
+    out: Path, rows: Sequence[TaskRow], hypers: Mapping[tuple[str, str], Hyper],
+    methods: Sequence[str], figures: bool,
+) -> list[str]:  # fmt: skip
+    """The noise × budget maps of tasks sharing a base (:mod:`flatmin.bench.noise_map`)."""
+    maps = noise_maps([r.task for r in rows])
+    if not maps:
+        return []
+    by_task = {r.task: r for r in rows}
+    lines = [
+        "## When do flat minima help? (label noise × budget)",
+        "",
+        "Each cell is a task of its own, tuned on its own validation data. Mean test-accuracy "
+        "gain over the baseline (points; `*`: Holm p < 0.05 in the headline family) and, in "
+        "brackets, the share of flipped training labels reproduced (%) by the baseline → the "
+        "method. Then the chosen rho per cell: does the best rho grow with noise and budget?",
+        "",
+    ]
+    for nm in maps:
+        lines += map_lines(nm, by_task, hypers, methods)
+    if figures:
+        names = write_map_figures(out, maps, by_task, hypers, methods)
+        lines += [*(f"![{n}]({n})" for n in names), ""]
     return lines
 
 
@@ -702,6 +751,7 @@ def write_report(
     write_csv(out / "results.csv", [*records, *summary.ablation])
     lines = _intro(meta, records, rows, methods, variants)
     lines += _accuracy_sections(rows, variant_rows, methods, variants)
+    lines += _map_sections(out, rows, summary.hypers, methods, figures)
     if summary.ablation:
         lines += ["## Budget ablation", "", *_ablation_table(summary.ablation, records), ""]
     if summary.flatness:

@@ -8,7 +8,10 @@ Stages (the protocol is :mod:`flatmin.bench.plan`):
 2. **Evaluation**: every (task, method, seed) at the chosen hyper-parameters; views of one
    trajectory share its run (baseline/swa, sam/wasam).
 3. **Budget ablation** (``ablation_task``): baseline, SWA, SAM and WASAM of one task at other
-   multiples of its epoch budget.
+   multiples of its epoch budget. With ``tune`` each budget is the task variant
+   ``<task>-x<F>`` (:meth:`~flatmin.tasks.Task.with_budget`), tuned in stage 1 like every task
+   (rho and start chosen again per budget), so that what the ablation shows is a budget's effect,
+   not the 1× choices' mismatch; without ``tune`` the fixed hyper-parameters are used.
 4. **Flatness** (``analysis_task``): the first evaluation seed's baseline and SAM runs are
    trained again (deterministically: the test accuracy must match the recorded one) with
    checkpoints, and their flatness is measured (:mod:`flatmin.bench.flatness`).
@@ -44,7 +47,7 @@ from flatmin.bench.device import check_precision, check_support, resolve_device
 from flatmin.bench.execute import check_executor, exclusive_output, make_executor
 from flatmin.bench.executors import Executor, Progress
 from flatmin.bench.flatness import flatness_study, load_flatness
-from flatmin.bench.methods import ABLATION_METHODS, Hyper, get_method
+from flatmin.bench.methods import ABLATION_METHODS, Grid, Hyper, get_method
 from flatmin.bench.plan import TuneChoice, eval_trajectory, method_result, plan_eval
 from flatmin.bench.records import MethodResult, Record, pool_folds
 from flatmin.bench.report import write_report
@@ -77,10 +80,14 @@ class BenchConfig:
         out: output directory (``results.jsonl``, ``report.md``, ``results.csv``, figures).
         tasks, methods: grid axes (``baseline`` is the reference of the report).
         seeds: evaluation seeds.
+        task_seeds: per-task exceptions to ``seeds`` (more seeds where a CI needs the power).
         budget: the tasks' ``"quick"`` or ``"full"`` recipes.
         task_budgets: per-task exceptions to ``budget`` (``{"mutag": "full"}``).
         tune: choose the hyper-parameters on the validation split (:mod:`flatmin.bench.plan`).
         tune_seeds: seeds of the validation-grid runs (disjoint from ``seeds``).
+        grids: validation-grid values replacing the methods' own, by trajectory method and
+            hyper-parameter (``{"sam": {"rho": (0.05, 0.2, 0.5)}}``: SAM's and WASAM's rho);
+            extended at an edge like the methods' grids.
         tuner: how ``tune`` chooses (:class:`~flatmin.bench.tuning.Tuner`): the validation
             grid (:class:`~flatmin.bench.tuning.GridTuner`, the reference protocol) or another
             tuner the caller builds (``flatmin.tune.bench.OptunaTuner``); its runs go through
@@ -90,10 +97,13 @@ class BenchConfig:
         hyper_source: where ``hypers`` come from (shown in the report).
         extra_methods: methods run on some tasks only, by task (e.g. the cheap SAM variants on
             the label-noise tasks).
+        task_methods: the methods of some tasks instead of ``methods`` and ``extra_methods``
+            (the retuned budget ablation's tasks).
         variants: the methods the report shows as cheap SAM variants (cost and the share of
             SAM's gain kept) instead of in the headline table.
         ablation_task: train baseline/SWA/SAM/WASAM of this task also at ``ablation_factors`` ×
-            its epoch budget.
+            its epoch budget (with ``tune``: tuned again per budget, as the tasks
+            ``<task>-x<F>``).
         ablation_factors: multiples of the epoch budget for the ablation (besides 1).
         analysis_task: measure the flatness of this task's first-seed models.
         jobs: parallel worker processes (``executor="ray"`` without a cluster address: the CPUs
@@ -118,14 +128,17 @@ class BenchConfig:
     tasks: tuple[str, ...]
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
+    task_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     budget: str = "quick"
     task_budgets: Mapping[str, str] = field(default_factory=dict)
     tune: bool = False
     tune_seeds: tuple[int, ...] = (100, 101)
+    grids: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
     tuner: Tuner = field(default_factory=GridTuner)
     hypers: Mapping[str, Mapping[str, Hyper]] = field(default_factory=dict)
     hyper_source: str | None = None
     extra_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    task_methods: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[str, ...] = ()
     ablation_task: str | None = None
     ablation_factors: tuple[float, ...] = (0.5, 2.0)
@@ -146,11 +159,18 @@ class BenchConfig:
 
     @classmethod
     def from_suite(cls, suite: Suite, out: str | os.PathLike[str], **overrides: Any) -> BenchConfig:
-        """The suite's grid with ``overrides`` (``None`` values are ignored)."""
+        """The suite's grid with ``overrides`` (``None`` values are ignored).
+
+        A ``seeds`` override applies to every task (the suite's per-task seed counts are
+        dropped with it).
+        """
+        task_seeds = {t: tuple(range(n)) for t, n in suite.task_seeds.items()}
+        if overrides.get("seeds") is not None:
+            task_seeds = {}
         base = cls(
             out=Path(out), tasks=suite.tasks, methods=suite.methods,
-            seeds=tuple(range(suite.seeds)), budget=suite.budget,
-            task_budgets=dict(suite.task_budgets), tune=suite.tune,
+            seeds=tuple(range(suite.seeds)), task_seeds=task_seeds, budget=suite.budget,
+            task_budgets=dict(suite.task_budgets), tune=suite.tune, grids=dict(suite.grids),
             tune_seeds=suite.tune_seeds, hypers=suite.hypers, hyper_source=suite.hyper_source,
             extra_methods=dict(suite.extra_methods), variants=suite.variants,
             ablation_task=suite.ablation_task, analysis_task=suite.analysis_task,
@@ -173,6 +193,7 @@ class BenchConfig:
             cfg, task_budgets=only("task_budgets", cfg.task_budgets),
             hypers=only("hypers", cfg.hypers),
             extra_methods=only("extra_methods", cfg.extra_methods),
+            task_seeds=only("task_seeds", cfg.task_seeds),
             ablation_task=special("ablation_task", cfg.ablation_task),
             analysis_task=special("analysis_task", cfg.analysis_task),
         )  # fmt: skip
@@ -181,8 +202,14 @@ class BenchConfig:
         """The budget of ``task``'s runs."""
         return self.task_budgets.get(task, self.budget)
 
+    def seeds_of(self, task: str) -> tuple[int, ...]:
+        """The evaluation seeds of ``task``."""
+        return self.task_seeds.get(task, self.seeds)
+
     def methods_of(self, task: str) -> tuple[str, ...]:
-        """The methods run on ``task``: ``methods`` and its ``extra_methods``."""
+        """The methods run on ``task``: its ``task_methods``, else ``methods`` and its extras."""
+        if task in self.task_methods:
+            return self.task_methods[task]
         extra = self.extra_methods.get(task, ())
         return self.methods + tuple(m for m in extra if m not in self.methods)
 
@@ -220,8 +247,17 @@ class BenchConfig:
                     f"Invalid ablation/analysis task: {special!r} is cross-validated ({k} folds; "
                     f"name one fold as a task instead, e.g. {special + '@fold0'!r})"
                 )
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"Invalid seeds: {self.seeds} (expected distinct seeds)")
+        for seeds in (self.seeds, *self.task_seeds.values()):
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"Invalid seeds: {seeds} (expected distinct seeds)")
+            if set(self.tune_seeds) & set(seeds):
+                raise ValueError(
+                    f"Invalid tune_seeds: {self.tune_seeds} (they overlap the evaluation seeds "
+                    f"{seeds})"
+                )
+        for name in self.task_seeds:
+            if name not in self.tasks:
+                raise ValueError(f"Invalid task seeds: {name!r} is not one of the tasks")
         if self.jobs < 1 or self.threads < 1:
             raise ValueError(f"Invalid jobs/threads: {self.jobs}/{self.threads} (expected >= 1)")
         check_executor(self)
@@ -231,15 +267,12 @@ class BenchConfig:
             self.tuner.check()
         if self.tune and not self.tune_seeds:
             raise ValueError("Invalid tune_seeds: () (tuning needs at least one seed)")
-        if set(self.tune_seeds) & set(self.seeds):
-            raise ValueError(
-                f"Invalid tune_seeds: {self.tune_seeds} (they overlap the evaluation seeds "
-                f"{self.seeds})"
-            )
         if any(f <= 0 or f == 1 for f in self.ablation_factors):
             raise ValueError(
                 f"Invalid ablation_factors: {self.ablation_factors} (expected > 0 and != 1)"
             )
+        for name, grid in self.grids.items():
+            _check_grids(name, grid)
         for table in self.hypers.values():
             for name, hyper in table.items():
                 eval_trajectory(get_method(name), get_method(name).resolve(hyper))
@@ -248,6 +281,18 @@ class BenchConfig:
         for name in self.tasks:
             for method in self.methods_of(name):
                 check_support(RunSpec(name, method, 0, precision=self.precision))
+
+
+def _check_grids(method: str, table: Mapping[str, tuple[float, ...]]) -> None:
+    """Refuse a grid of a hyper-parameter that ``method`` does not search, or bad values."""
+    m = get_method(method)
+    for param, values in table.items():
+        if param not in m.grids or m.trajectory != method:
+            raise ValueError(
+                f"Invalid grid: {method}.{param} (the trajectory {method!r} searches "
+                f"{list(m.grids) if m.trajectory == method else []})"
+            )
+        Grid(tuple(values), extend=m.grids[param].extend)  # ValueError on bad values
 
 
 @dataclass
@@ -357,7 +402,7 @@ def _fold_grid(cfg: BenchConfig, look: Resolver) -> tuple[BenchConfig, dict[str,
     return replace(
         cfg, tasks=tuple(n for t in cfg.tasks for n in folds.get(t, (t,))),
         task_budgets=per_fold(cfg.task_budgets), hypers=per_fold(cfg.hypers),
-        extra_methods=per_fold(cfg.extra_methods),
+        extra_methods=per_fold(cfg.extra_methods), task_seeds=per_fold(cfg.task_seeds),
     ), folds  # fmt: skip
 
 
@@ -377,6 +422,7 @@ class _Grid:
         self.results = cfg.out / RESULTS
         self.summary = GridSummary(out=cfg.out)
         self.task_of: dict[str, Task] = {name: look.task(name) for name in cfg.tasks}
+        self.task_of.update({name: look.task(name) for name in self.ablation_tasks().values()})
         self.counted: set[str] = set()
         # Trained in this invocation: an error is retried by the next one, not again now.
         self.attempted: set[str] = set()
@@ -451,11 +497,35 @@ class _Grid:
 
     # -- 1. tuning ----------------------------------------------------------------------------
 
+    def ablation_tasks(self) -> dict[float, str]:
+        """The retuned budget ablation's tasks by factor.
+
+        ``{}`` without ``tune``, and with an ``epochs`` override (a smoke run: the override would
+        tune every budget at the same epochs), where the ablation uses the 1× choices.
+        """
+        cfg, at = self.cfg, self.cfg.ablation_task
+        if at is None or not cfg.tune or cfg.epochs is not None:
+            return {}
+        return {f: f"{at}-x{f:g}" for f in cfg.ablation_factors}
+
+    def tuning_grid(self) -> BenchConfig:
+        """The configuration the tuner searches: the tasks and the ablation's budget variants."""
+        cfg, at = self.cfg, self.cfg.ablation_task
+        extra = tuple(self.ablation_tasks().values())
+        if at is None or not extra:
+            return cfg
+        methods = tuple(m for m in ABLATION_METHODS if m in cfg.methods_of(at))
+        return replace(
+            cfg, tasks=(*cfg.tasks, *extra),
+            task_methods={**cfg.task_methods, **dict.fromkeys(extra, methods)},
+            task_budgets={**cfg.task_budgets, **dict.fromkeys(extra, cfg.budget_of(at))},
+        )  # fmt: skip
+
     def tune(self) -> TuningOutcome:
         """The tuner's session, driven ask/tell through the executor (none without ``tune``)."""
         if not self.cfg.tune:
             return TuningOutcome(hypers={})
-        session = self.cfg.tuner.start(self.cfg, self.task_of)
+        session = self.cfg.tuner.start(self.tuning_grid(), self.task_of)
         found = self.records()
         while not session.done:
             trained = self.train(session.ask(found), "validation grid")
@@ -466,8 +536,9 @@ class _Grid:
     def hypers(self, outcome: TuningOutcome) -> dict[tuple[str, str], Hyper]:
         """The tuned hyper-parameters, else the suite's fixed ones, else the defaults."""
         hypers = dict(outcome.hypers)
-        for task in self.cfg.tasks:
-            for name in self.cfg.methods_of(task):
+        grid = self.tuning_grid()
+        for task in grid.tasks:
+            for name in grid.methods_of(task):
                 if (task, name) not in hypers:
                     fixed = self.cfg.hypers.get(task, {}).get(name)
                     hypers[(task, name)] = get_method(name).resolve(fixed)
@@ -482,23 +553,34 @@ class _Grid:
         cfg, specs = self.cfg, {}
         for task in tasks:
             specs.update(plan_eval(
-                [task], methods_of(task), cfg.seeds, self.summary.hypers, cfg.budget_of, epochs,
-                device=cfg.device, precision=cfg.precision,
+                [task], methods_of(task), cfg.seeds_of(task), self.summary.hypers, cfg.budget_of,
+                epochs, device=cfg.device, precision=cfg.precision,
             ))  # fmt: skip
         return specs
 
     def ablation_specs(self) -> dict[tuple[str, str, int, float], RunSpec]:
-        """Baseline, SWA, SAM and WASAM of the ablation task at other epoch budgets."""
+        """Baseline, SWA, SAM and WASAM of the ablation task at other epoch budgets.
+
+        Keyed by the ablation task (not its budget variant), method, seed and factor.
+        """
         cfg, at = self.cfg, self.cfg.ablation_task
         if at is None:
             return {}
         base_epochs = cfg.epochs or self.task_of[at].recipe(cfg.budget_of(at)).epochs
         methods = [m for m in ABLATION_METHODS if m in cfg.methods_of(at)]
+        tuned = self.ablation_tasks()
+        grid = self.tuning_grid()
         out = {}
         for factor in cfg.ablation_factors:
-            epochs = max(1, round(factor * base_epochs))
-            for (t, name, seed), spec in self.plan([at], lambda _t: methods, epochs).items():
-                out[(t, name, seed, factor)] = spec
+            task = tuned.get(factor, at)
+            # A variant's recipe has the scaled epochs (and there is no override, see above).
+            epochs = None if task != at else max(1, round(factor * base_epochs))
+            specs = plan_eval(
+                [task], methods, cfg.seeds_of(at), self.summary.hypers, grid.budget_of, epochs,
+                device=cfg.device, precision=cfg.precision,
+            )  # fmt: skip
+            for (_, name, seed), spec in specs.items():
+                out[(at, name, seed, factor)] = spec
         return out
 
     # -- results and 4. flatness ----------------------------------------------------------------
@@ -533,7 +615,9 @@ class _Grid:
                     summary.records.append(pool_folds(parent_of[r.task], parts))  # type: ignore[arg-type]
         for (t, name, _, factor), spec in ablation.items():
             if (rec := found.get(self.hash_of(spec))) is not None:
-                summary.ablation.append(self.result(rec, t, name, factor))
+                # Read with the variant's own choices, reported under the ablation task.
+                result = self.result(rec, spec.task, name, factor)
+                summary.ablation.append(replace(result, task=t))
         tune_hashes = dict.fromkeys(self.hash_of(s) for s in tune_specs)
         summary.tune_records = [found[h] for h in tune_hashes if h in found]
         all_runs = {self.hash_of(s) for s in (*eval_specs.values(), *ablation.values())}
@@ -572,6 +656,8 @@ def meta_of(cfg: BenchConfig) -> dict[str, Any]:
         "extra_methods": {t: list(ms) for t, ms in cfg.extra_methods.items()},
         "variants": list(cfg.variants),
         "seeds": list(cfg.seeds),
+        "task_seeds": {t: list(s) for t, s in cfg.task_seeds.items()},
+        "grids": {m: {p: list(v) for p, v in g.items()} for m, g in cfg.grids.items()},
         "tune": cfg.tune,
         "tune_seeds": list(cfg.tune_seeds),
         "tuner": cfg.tuner.name,

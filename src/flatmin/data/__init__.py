@@ -35,6 +35,7 @@ from flatmin.data.splits import (
     TensorSplit,
     stratified_folds,
     stratified_indices,
+    with_asymmetric_noise,
     with_label_noise,
 )
 from flatmin.data.tensors import tensor_dataset
@@ -64,5 +65,6 @@ __all__ = [
     "tensor_dataset",
     "unknown_dataset_message",
     "verify",
+    "with_asymmetric_noise",
     "with_label_noise",
 ]

@@ -1,4 +1,4 @@
-"""Split containers, seeded stratified splits and symmetric label noise.
+"""Split containers, seeded stratified splits, symmetric and class-dependent label noise.
 
 Every split is a frozen dataclass of tensors. Image and text splits are :class:`TensorSplit`
 (``inputs[i]`` is sample ``i``); graph-classification splits are :class:`GraphSplit` (one small
@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 __all__ = [
+    "DIGIT_FLIPS",
     "IGNORE_INDEX",
     "Dataset",
     "Graph",
@@ -21,8 +22,10 @@ __all__ = [
     "NodeSplit",
     "Split",
     "TensorSplit",
+    "asymmetric_flips",
     "stratified_folds",
     "stratified_indices",
+    "with_asymmetric_noise",
     "with_label_noise",
 ]
 
@@ -225,4 +228,60 @@ def with_label_noise(dataset: Dataset, fraction: float, *, seed: int = 0) -> Dat
     train = dataset.train
     noisy = _flip(train.targets, fraction, dataset.num_classes, seed)
     clean = train.clean_targets if train.clean_targets is not None else train.targets
+    return replace(dataset, train=replace(train, targets=noisy, clean_targets=clean))
+
+
+#: Patrini et al.'s class-dependent flips of the ten digits: 2 → 7, 3 → 8, 5 ↔ 6, 7 → 1.
+DIGIT_FLIPS: dict[int, int] = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
+
+
+def asymmetric_flips(dataset: Dataset) -> dict[int, int]:
+    """The class-dependent flips of ``dataset``: source class → the class it is mislabelled as.
+
+    The ten digits (class names ``"0"`` … ``"9"``) get :data:`DIGIT_FLIPS` (confusions of
+    similar-looking digits); any other dataset the cyclic map ``c → (c + 1) mod K``.
+    """
+    k = dataset.num_classes
+    if tuple(dataset.class_names) == tuple(str(d) for d in range(10)):
+        return dict(DIGIT_FLIPS)
+    return {c: (c + 1) % k for c in range(k)}
+
+
+def with_asymmetric_noise(
+    dataset: Dataset, fraction: float, *, flips: dict[int, int] | None = None, seed: int = 0
+) -> Dataset:
+    """Return ``dataset`` with class-dependent label noise on the training split only.
+
+    Within every source class ``c`` of ``flips`` exactly ``round(fraction · n_c)`` training
+    labels, chosen uniformly without replacement (generator seeded by ``seed``, drawn class by
+    class in increasing order), become ``flips[c]``; the other classes keep their labels, so the
+    share of flipped labels overall is below ``fraction``. Validation and test are returned
+    unchanged and the original training labels are kept in ``train.clean_targets``.
+
+    Args:
+        dataset: the clean dataset.
+        fraction: fraction of each source class to mislabel, in ``[0, 1)`` (at ``>= 0.5`` the
+            wrong class would be the majority).
+        flips: source class → target class (default: :func:`asymmetric_flips`).
+        seed: seed of the corruption (fixed per task).
+
+    References:
+        Patrini et al. 2017, "Making deep neural networks robust to label noise: a loss
+        correction approach", arXiv 1609.03683 (the MNIST flips 2→7, 3→8, 5↔6, 7→1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"Invalid label-noise fraction: {fraction} (expected in [0, 1))")
+    flips = asymmetric_flips(dataset) if flips is None else flips
+    k = dataset.num_classes
+    for src, dst in flips.items():
+        if not (0 <= src < k and 0 <= dst < k) or src == dst:
+            raise ValueError(f"Invalid flip: {src} -> {dst} (expected two classes of 0..{k - 1})")
+    train = dataset.train
+    clean = train.clean_targets if train.clean_targets is not None else train.targets
+    gen = torch.Generator().manual_seed(seed)
+    noisy = train.targets.clone()
+    for src in sorted(flips):
+        idx = torch.nonzero(train.targets == src).flatten()
+        chosen = idx[torch.randperm(idx.numel(), generator=gen)[: round(fraction * idx.numel())]]
+        noisy[chosen] = flips[src]
     return replace(dataset, train=replace(train, targets=noisy, clean_targets=clean))

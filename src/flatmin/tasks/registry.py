@@ -5,7 +5,9 @@
 - a registered name (``"digits"``),
 - an import path ``"package.module:attr"`` whose ``attr`` (dotted attributes allowed) is a
   :class:`~flatmin.tasks.Task` or a zero-argument callable returning one — a user's own task,
-- either of them with ``-noisy<NN>``: its ``NN`` % label-noise variant,
+- either of them with ``-noisy<NN>``: its ``NN`` % label-noise variant (``-noisy0``: the clean
+  control of the label-noise protocol), or ``-asym<NN>``: ``NN`` % class-dependent noise,
+- any of these with ``-x<F>``: ``F`` × the epochs of every recipe (``mnist-5k-noisy40-x2``),
 - a cross-validated task with ``@fold<f>``: its outer fold ``f`` as a task (:meth:`Task.fold`).
 
 A task found by import path is renamed to the path, so its records, checkpoints and reports name
@@ -28,7 +30,8 @@ __all__ = ["get_task", "list_tasks", "register_task", "register_variant"]
 
 _REGISTRY: dict[str, Task] = {}
 _LISTED_VARIANTS: list[str] = []
-_NOISY = re.compile(r"^(?P<base>.+)-noisy(?P<pct>[0-9]{1,2})$")
+_NOISY = re.compile(r"^(?P<base>.+)-(?P<kind>noisy|asym)(?P<pct>[0-9]{1,2})$")
+_BUDGET = re.compile(r"^(?P<base>.+)-x(?P<factor>[0-9]+(?:\.[0-9]+)?)$")
 _PATH = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)$")
 
 
@@ -119,12 +122,43 @@ def get_task(name: str) -> Task:
     parent, fold = split_fold_name(name)
     if fold is not None:
         return get_task(parent).fold(fold)
-    m = _NOISY.match(name)
-    if m and 0 < int(m["pct"]) < 100 and (m["base"] in _REGISTRY or ":" in m["base"]):
-        return get_task(m["base"]).with_label_noise(int(m["pct"]) / 100)
+    variant = _variant(name)
+    if variant is not None:
+        return variant
     if ":" in name:
         return _import_task(name)
     raise ValueError(
-        f"Unknown task: {name!r} (known: {', '.join(_REGISTRY)}; append -noisyNN for NN % "
-        "label noise, or give your own task as package.module:attr)"
+        f"Unknown task: {name!r} (known: {', '.join(_REGISTRY)}; append -noisyNN or -asymNN "
+        "for NN % label noise, -xF for F × the epochs, or give your own task as "
+        "package.module:attr)"
     )
+
+
+def _variant(name: str) -> Task | None:
+    """``name`` as a budget or label-noise variant of a task that resolves, else ``None``.
+
+    Only the canonical spelling resolves (``-x2``, not ``-x2.0``; ``-noisy5``, not
+    ``-noisy05``; the noise before the budget), so every variant has one name and its runs one
+    hash.
+    """
+    m = _BUDGET.match(name)
+    if m and (base := _resolvable(m["base"])) is not None:
+        factor = float(m["factor"])
+        if factor > 0 and f"{factor:g}" == m["factor"]:
+            return base.with_budget(factor)
+    m = _NOISY.match(name)
+    if m and _BUDGET.match(m["base"]) and m["base"] not in _REGISTRY:
+        return None  # the noise before the budget: <task>-noisy40-x2, never <task>-x2-noisy40
+    if m and str(int(m["pct"])) == m["pct"] and (base := _resolvable(m["base"])) is not None:
+        if m["kind"] == "asym" and int(m["pct"]) == 0:
+            return None
+        kind = "symmetric" if m["kind"] == "noisy" else "asymmetric"
+        return base.with_label_noise(int(m["pct"]) / 100, kind)
+    return None
+
+
+def _resolvable(base: str) -> Task | None:
+    """The task ``base`` when it is registered, an import path or a variant, else ``None``."""
+    if base in _REGISTRY or ":" in base:
+        return get_task(base)
+    return _variant(base)

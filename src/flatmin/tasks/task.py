@@ -20,6 +20,10 @@ brings its data (``data=``: a :class:`~flatmin.data.Dataset`, e.g. from
 own ``loss``. Label-noise variants are named ``<task>-noisy<NN>`` (``NN`` percent of the training
 labels flipped symmetrically with a fixed seed; validation and test untouched); they use the
 task's ``noisy_full`` recipe in the full budget (more epochs, so that SGD memorises the noise).
+``<task>-noisy0`` is the clean control of that protocol (no flips, the ``noisy_full`` recipe),
+``<task>-asym<NN>`` flips ``NN`` % of some classes to a fixed other class
+(:func:`~flatmin.data.with_asymmetric_noise`), and ``<task>-x<F>`` trains ``F`` × the epochs of
+every recipe (:meth:`Task.with_budget`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from flatmin.data import (
     load_dataset,
     stratified_folds,
     stratified_indices,
+    with_asymmetric_noise,
     with_label_noise,
 )
 from flatmin.data.augment import CropFlip
@@ -70,6 +75,8 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
 }
 _SCHEDULES = ("cosine", "constant")
+#: Kinds of label noise: flips to a uniform other class, or class-dependent flips.
+NOISE_KINDS = ("symmetric", "asymmetric")
 SUBSET_SEED = 0
 _FOLD = re.compile(r"^(?P<base>.+)@fold(?P<fold>0|[1-9][0-9]*)$")
 
@@ -415,6 +422,9 @@ class Task:
             (:func:`cross_validation_split`), so a run over all folds tests every sample once.
             The benchmark runs each outer fold as its own task (:meth:`fold`).
         label_noise: fraction of training labels flipped (``0`` for clean tasks).
+        noise_kind: ``"symmetric"`` (:func:`~flatmin.data.with_label_noise`) or
+            ``"asymmetric"`` (:func:`~flatmin.data.with_asymmetric_noise`: ``label_noise`` of
+            each source class flipped to its fixed target class).
         noise_seed: seed of the label flips (fixed: the same noisy labels for every run).
         description: one line.
         data: the user's data (keyword only; ``None``: load the registered ``dataset``). A
@@ -439,6 +449,7 @@ class Task:
     label_noise: float = 0.0
     noise_seed: int = 0
     description: str = ""
+    noise_kind: str = "symmetric"
     data: DataSource | None = field(default=None, kw_only=True, compare=False)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(
         default=loss_fn, kw_only=True, compare=False
@@ -476,6 +487,8 @@ class Task:
                 )
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"Invalid label_noise: {self.label_noise} (expected in [0, 1))")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"Invalid noise_kind: {self.noise_kind!r} (expected {NOISE_KINDS})")
 
     def recipe(self, budget: str = "quick") -> Recipe:
         """The recipe of ``budget`` (``"quick"`` or ``"full"``)."""
@@ -486,12 +499,45 @@ class Task:
             return self.noisy_full
         return self.quick if budget == "quick" else full
 
-    def with_label_noise(self, fraction: float) -> Task:
-        """The variant of this task with ``fraction`` symmetric label noise on the train split."""
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"Invalid label-noise fraction: {fraction} (expected in (0, 1))")
+    def with_label_noise(self, fraction: float, kind: str = "symmetric") -> Task:
+        """The variant with ``fraction`` label noise of ``kind`` on the train split.
+
+        ``<name>-noisy<NN>`` (symmetric) or ``<name>-asym<NN>`` (asymmetric). ``fraction = 0``
+        (symmetric only) is the clean control of the label-noise protocol, ``<name>-noisy0``:
+        no label changes, but the ``noisy_full`` recipe in the full budget, so that a noise level
+        is the only thing that differs from ``<name>-noisy<NN>``.
+        """
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"Invalid noise kind: {kind!r} (expected {NOISE_KINDS})")
+        if not 0.0 <= fraction < 1.0 or (kind == "asymmetric" and fraction == 0):
+            raise ValueError(f"Invalid label-noise fraction: {fraction} (expected in [0, 1))")
         pct = round(100 * fraction)
-        return replace(self, name=f"{self.name}-noisy{pct}", label_noise=fraction)
+        if pct == 0:
+            full = self.full if self.noisy_full is None else self.noisy_full
+            return replace(self, name=f"{self.name}-noisy0", full=full)
+        suffix = "noisy" if kind == "symmetric" else "asym"
+        return replace(self, name=f"{self.name}-{suffix}{pct}", label_noise=fraction,
+                       noise_kind=kind)  # fmt: skip
+
+    def with_budget(self, factor: float) -> Task:
+        """The variant ``<name>-x<F>`` training ``factor`` × the epochs of every recipe.
+
+        Epochs and warmup epochs are scaled and rounded (at least one epoch); averaging starts
+        are fractions of the epochs, so they scale with them. The learning rates and the rest of
+        each recipe are unchanged.
+        """
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"Invalid budget factor: {factor!r} (expected a number > 0)")
+
+        def scaled(r: Recipe) -> Recipe:
+            return replace(r, epochs=max(1, round(factor * r.epochs)),
+                           warmup_epochs=round(factor * r.warmup_epochs))  # fmt: skip
+
+        return replace(
+            self, name=f"{self.name}-x{factor:g}", quick=scaled(self.quick),
+            full=None if self.full is None else scaled(self.full),
+            noisy_full=None if self.noisy_full is None else scaled(self.noisy_full),
+        )  # fmt: skip
 
     def fold(self, fold: int) -> Task:
         """Outer fold ``fold`` of this cross-validated task, as a task with fixed splits.
@@ -551,7 +597,9 @@ class Task:
             val=_subset_split(ds.val, recipe.val_subset),
             test=_subset_split(ds.test, recipe.test_subset),
         )
-        if self.label_noise > 0:
+        if self.label_noise > 0 and self.noise_kind == "asymmetric":
+            ds = with_asymmetric_noise(ds, self.label_noise, seed=self.noise_seed)
+        elif self.label_noise > 0:
             ds = with_label_noise(ds, self.label_noise, seed=self.noise_seed)
         return ds
 
