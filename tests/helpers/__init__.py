@@ -1,0 +1,1 @@
+"""Helper modules shared by the tests (importable as ``helpers.*``: ``pythonpath = tests``)."""
