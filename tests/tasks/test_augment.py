@@ -209,3 +209,12 @@ def test_augmented_task_hash_covers_the_augmentation() -> None:
     spec = RunSpec("fashion-mnist-aug", "baseline", 0, "full")
     assert spec.config(task)["recipe"]["augment"] == {"padding": 2, "flip": True}
     assert spec.config_hash(task) != spec.config_hash(plain)
+
+
+def test_the_clean_suite_runs_the_clean_regime_task_tuned():
+    from flatmin.bench import get_suite
+
+    suite = get_suite("clean")
+    assert suite.tasks == ("fashion-mnist-aug",) and suite.tune and suite.seeds == 5
+    assert suite.methods == ("baseline", "swa", "swa-lr", "sam", "wasam")
+    assert get_task("fashion-mnist-aug").recipe("full").augment is not None
