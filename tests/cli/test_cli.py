@@ -15,7 +15,8 @@ from flatmin.cli import main
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--suite", "huge"], "Unknown suite: 'huge' (known: quick, full, clean, gpu, when)"),
+        (["bench", "--suite", "huge"],
+         "Unknown suite: 'huge' (known: quick, full, clean, gpu, when)"),
         (["bench", "--tasks", "cifar10"], "Unknown task: 'cifar10' (known: digits"),
         (["bench", "--methods", "sam", "adamw"], "Unknown method: 'adamw' (known: baseline"),
         (["bench", "--seeds", "0"], "Invalid seeds"),

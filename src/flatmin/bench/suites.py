@@ -2,10 +2,11 @@
 
 * ``full`` — the committed run in ``docs/results/``: three domains, label noise on three vision
   datasets and one text dataset beside clean tasks, the methods of Kaddour et al. (baseline,
-  SWA, SAM, WASAM) with both definitions of SWA, ASAM on two noisy vision tasks, the cheap SAM variants (SAM every k, LookSAM, ESAM, Momentum-SAM) on
-  two label-noise tasks, 5 evaluation seeds (10 on Fashion-MNIST with 40 % noise, for power),
-  every hyper-parameter chosen on validation data with 2 tuning seeds
-  (:mod:`flatmin.bench.plan`), a budget ablation (tuned again per budget) and a flatness study.
+  SWA, SAM, WASAM) with both definitions of SWA, ASAM on two noisy vision tasks, the cheap SAM
+  variants (SAM every k, LookSAM, ESAM, Momentum-SAM) on two label-noise tasks, 5 evaluation
+  seeds (10 on Fashion-MNIST with 40 % noise, for power), every hyper-parameter chosen on
+  validation data with 2 tuning seeds (:mod:`flatmin.bench.plan`), a budget ablation (tuned
+  again per budget) and a flatness study.
 * ``quick`` — the README's main command: one task per domain, baseline / SWA / SAM / WASAM,
   3 seeds, **no tuning**: each task's hyper-parameters are the full run's validation choices,
   written below with where they came from, so that its table shows what the full run shows in a
