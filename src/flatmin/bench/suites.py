@@ -110,10 +110,25 @@ QUICK_HYPERS: Mapping[str, Mapping[str, Hyper]] = {
         "sam": Hyper(rho=0.5),
         "wasam": Hyper(rho=0.5, start=0.5),
     },
-    "mutag": {
-        "swa": Hyper(start=0.75),
-        "sam": Hyper(rho=0.02),
-        "wasam": Hyper(rho=0.02, start=0.5),
+    # Nested CV: each outer fold of MUTAG chose on its own inner validation split (issue #22).
+    **{
+        f"mutag@fold{fold}": {
+            "swa": Hyper(start=swa),
+            "sam": Hyper(rho=sam),
+            "wasam": Hyper(rho=wasam_rho, start=wasam_start),
+        }
+        for fold, (swa, sam, wasam_rho, wasam_start) in enumerate([
+            (0.9, 0.02, 0.02, 0.5),
+            (0.5, 0.2, 0.1, 0.5),
+            (0.75, 0.0032, 0.0032, 0.5),
+            (0.75, 0.2, 0.05, 0.75),
+            (0.75, 0.1, 0.1, 0.5),
+            (0.75, 0.05, 0.05, 0.75),
+            (0.5, 0.2, 0.2, 0.5),
+            (0.75, 0.05, 0.05, 0.75),
+            (0.75, 0.05, 0.05, 0.75),
+            (0.75, 0.0032, 0.0032, 0.5),
+        ])
     },
 }
 
