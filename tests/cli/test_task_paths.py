@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,24 @@ def test_tune_on_the_users_task(user_folder, capsys):
             "--epochs", "1", "--out", str(user_folder / "t"), "--no-progress"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert (user_folder / "t" / "tune.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_bench_takes_a_users_task_by_path_with_the_optuna_tuner(tmp_path, monkeypatch, executor):
+    """Issue #22's acceptance: a task in a file outside the package, through `flatmin bench
+    --tasks module:attr --tune --tuner optuna` on either executor, gives the built-in layout."""
+    pytest.importorskip("optuna")
+    if executor == "ray":
+        pytest.importorskip("ray")
+    monkeypatch.chdir(Path(__file__).parents[2])  # examples/ is importable from here
+    out = tmp_path / executor
+    argv = ["bench", "--tasks", "examples.own_task:my_task", "--methods", "baseline", "sam",
+            "--seeds", "2", "--epochs", "1", "--tune", "--tuner", "optuna", "--tune-trials", "2",
+            "--jobs", "2", "--executor", executor, "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    tune = [r for r in records if r["stage"] == "tune" and r["method"] == "sam"]
+    assert tune and all(r["task"] == "examples.own_task:my_task" for r in records)
+    assert {r["seed"] for r in records if r["stage"] == "eval"} == {0, 1}
+    assert "## Test accuracy (final epoch)" in (out / "report.md").read_text()
