@@ -175,7 +175,7 @@ def _heat(ax: Any, nm: NoiseMap, data: np.ndarray, texts: np.ndarray, title: str
     ax.set_title(title, fontsize="medium")
     for (i, j), text in np.ndenumerate(texts):
         if text:
-            ax.text(j, i, text, ha="center", va="center", fontsize="small")
+            ax.text(j, i, text, ha="center", va="center", fontsize="x-small")
     return image
 
 
@@ -190,9 +190,17 @@ def map_figure(
     finite = [abs(v) for g in gains.values() for v in g.flat if np.isfinite(v)]
     vmax = max(finite, default=1.0) or 1.0
     panels = len(others) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels + 1, 3.4), squeeze=False)
+    ncols = min(panels, 3)  # rows of three panels: room for the two-line cell texts
+    nrows = -(-panels // ncols)
+    fig, grid = plt.subplots(
+        nrows, ncols, figsize=(4.8 * ncols, 4.4 * nrows), squeeze=False, layout="constrained"
+    )
+    axes = list(grid.flat)
+    for ax in axes[panels:]:
+        ax.remove()
+    axes = axes[:panels]
     images = []
-    for ax, m in zip(axes[0], others, strict=False):
+    for ax, m in zip(axes, others, strict=False):
         texts = np.empty(gains[m].shape, dtype=object)
         for i, n in enumerate(nm.noises):
             for j, f in enumerate(nm.factors):
@@ -201,10 +209,10 @@ def map_figure(
         images.append(_heat(ax, nm, gains[m], texts, f"{m.upper()} − baseline (points)",
                             cmap="RdBu", vmin=-vmax, vmax=vmax))  # fmt: skip
     if images:  # one shared scale, symmetric about 0
-        fig.colorbar(images[0], ax=list(axes[0][:-1]), shrink=0.8, label="test accuracy gain")
+        fig.colorbar(images[0], ax=axes[:-1], shrink=0.8, label="test accuracy gain (points)")
     rho = _matrix(nm, lambda t: getattr(hypers.get((t, "sam")), "rho", None))
     texts = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:g}", otypes=[object])(rho)
-    _heat(axes[0][-1], nm, np.log10(rho), texts, "SAM: chosen rho (log color)", cmap="viridis")
+    _heat(axes[-1], nm, np.log10(rho), texts, "SAM: chosen rho (log color)", cmap="viridis")
     fig.suptitle(f"{nm.base}: when does flatness help? (* Holm p < 0.05; mem: % of flipped "
                  "labels reproduced, baseline→method)", fontsize="medium")  # fmt: skip
     return fig
