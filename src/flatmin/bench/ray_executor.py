@@ -127,8 +127,9 @@ def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT)
 
 # The reaper: a fresh interpreter outside the driver's session that records the driver's new
 # Ray descendants (GCS, raylet, agents, workers: "ray" in their command line; processes that
-# existed before it started are not its business) twice a second and SIGKILLs them once its
-# stdin closes (the driver exited or was killed) or the driver is gone.
+# existed before it started are not its business) twice a second and SIGKILLs them, with the Ray
+# processes they started since, once its stdin closes (the driver exited or was killed) or the
+# driver is gone.
 _REAPER = r"""
 import os, signal, sys, select
 driver = int(sys.argv[1])
@@ -163,7 +164,14 @@ while True:
     ready, _, _ = select.select([sys.stdin], [], [], 0.5)
     if ready and not os.read(sys.stdin.fileno(), 1) or driver not in start:
         break
-_, start = table()
+# The driver is gone: processes started since the last look (an agent a raylet started) are no
+# longer its descendants, but they are still those of the Ray processes seen.
+kids, start = table()
+todo = list(seen)
+while todo:
+    for c in kids.get(todo.pop(), []):
+        if c not in seen and is_ray(c):
+            seen[c] = start[c]; todo.append(c)
 for pid, t in seen.items():
     if start.get(pid) == t:
         try:
