@@ -155,6 +155,7 @@ def is_ray(pid):
     except OSError:
         return False
 before = set(ours(*table()).items())
+print("ready", flush=True)  # the driver starts Ray only now: nothing of Ray is in `before`
 seen = {}
 while True:
     kids, start = table()
@@ -189,10 +190,14 @@ def start_reaper() -> subprocess.Popen[bytes] | None:
     """
     if not sys.platform.startswith("linux"):
         return None
-    return subprocess.Popen(
+    reaper = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
-        stdin=subprocess.PIPE, start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
+    # Wait until it has taken its snapshot of what existed before: a Ray process started
+    # earlier (a slow start under load) would count as not its business and outlive a kill.
+    reaper.stdout.readline()  # type: ignore[union-attr]
+    return reaper
 
 
 class _Loaded:
