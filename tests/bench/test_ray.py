@@ -16,7 +16,14 @@ from flatmin._io import FileLock
 from flatmin.bench import BenchConfig, RunSpec, read_records, run_grid
 from flatmin.bench.execute import LOCK
 from flatmin.cli import main
-from helpers.toy_tasks import TASKS, DyingResolver, ToyResolver, _all_gone, _descendants
+from helpers.toy_tasks import (
+    TASKS,
+    DyingResolver,
+    ToyResolver,
+    _all_gone,
+    _descendants,
+    start_bench,
+)
 
 TESTS = Path(__file__).parents[1]  # the tests' root: helpers.* importable
 NO_RAY = "Ray is not installed (pip install 'flatmin[ray]'; CI installs it with the test extra)"
@@ -157,16 +164,9 @@ def test_a_signal_stops_a_ray_grid_keeping_results_and_its_local_ray_instance_go
     tmp_path, sig, code
 ):
     pytest.importorskip("ray", reason=NO_RAY)
-    exe = Path(sys.executable).with_name("flatmin")
-    proc = subprocess.Popen([str(exe), *_BENCH, "--out", str(tmp_path)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_bench(_BENCH, tmp_path, timeout=180)
     results = tmp_path / "results.jsonl"
     try:
-        deadline = time.monotonic() + 180
-        while not results.exists() or not results.read_text():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         family = _descendants(proc.pid)  # the Ray instance: GCS, raylet, agents, workers
         assert any("raylet" in _cmdline(p) for p in family), family
         kept = results.read_text()

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 import warnings
-from pathlib import Path
 
 import pytest
 
 from flatmin._io import FileLock
 from flatmin.bench import RunSpec, read_records, run_grid
 from flatmin.bench.execute import LOCK
-from helpers.toy_tasks import TASKS, DyingResolver, ToyResolver, _all_gone, _descendants, toy_config
+from helpers.toy_tasks import (
+    TASKS,
+    DyingResolver,
+    ToyResolver,
+    _all_gone,
+    _descendants,
+    start_bench,
+    toy_config,
+)
 
 # -- signals and orphans ---------------------------------------------------------------------------
 
@@ -32,17 +37,9 @@ _BENCH = ["bench", "--tasks", "digits", "--methods", "baseline", "swa", "sam", "
      (signal.SIGTERM, 143, 1)],
 )  # fmt: skip
 def test_a_signal_stops_a_grid_keeping_results_and_leaving_no_process(tmp_path, sig, code, jobs):
-    exe = Path(sys.executable).with_name("flatmin")
-    argv = [str(exe), *_BENCH, "--jobs", str(jobs), "--out", str(tmp_path)]
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_bench([*_BENCH, "--jobs", str(jobs)], tmp_path, timeout=120)
     results = tmp_path / "results.jsonl"
     try:
-        deadline = time.monotonic() + 120
-        while not results.exists() or not results.read_text():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         family = _descendants(proc.pid)  # workers, the resource tracker, their children
         if jobs > 1:  # the workers and the resource tracker
             assert len(family) >= 3, family

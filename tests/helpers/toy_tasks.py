@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -196,3 +198,25 @@ def toy_config(out: Path, **kw) -> BenchConfig:
                 progress=False)  # fmt: skip
     base.update(kw)
     return BenchConfig(**base)
+
+
+def start_bench(argv: list[str], out: Path, timeout: float) -> subprocess.Popen[str]:
+    """``flatmin ARGV --out OUT`` in its own session, returned once its first record is written.
+
+    The caller stops it (a signal) and must kill it in a ``finally`` if it is still running.
+    """
+    exe = Path(sys.executable).with_name("flatmin")
+    proc = subprocess.Popen([str(exe), *argv, "--out", str(out)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + timeout
+    try:
+        while not results.exists() or not results.read_text():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
