@@ -129,10 +129,14 @@ def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT)
 # Ray descendants (GCS, raylet, agents, workers: "ray" in their command line; processes that
 # existed before it started are not its business) twice a second and SIGKILLs them, with the Ray
 # processes they started since, once its stdin closes (the driver exited or was killed) or the
-# driver is gone.
+# driver is gone. A process started between two looks whose parent died with the driver (an
+# agent of a raylet) is reparented and renames itself ("ray::DashboardAgent"), so it is neither a
+# descendant nor recognisable by its command line or environment; what still names it is an open
+# file in the driver's Ray session directory, "session_<date>_<time>_<us>_<driver pid>".
 _REAPER = r"""
-import os, signal, sys, select
+import os, re, signal, sys, select, time
 driver = int(sys.argv[1])
+session = re.compile(rf"/session_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_{driver}(/|$)")
 def table():
     kids, start = {}, {}
     for e in os.listdir("/proc"):
@@ -141,7 +145,7 @@ def table():
                 f = open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            kids.setdefault(int(f[1]), []).append(int(e)); start[int(e)] = f[19]
+            kids.setdefault(int(f[1]), []).append(int(e)); start[int(e)] = int(f[19])
     return kids, start
 def ours(kids, start):
     out, todo = {}, [driver]
@@ -154,7 +158,21 @@ def is_ray(pid):
         return b"ray" in open(f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         return False
-before = set(ours(*table()).items())
+def in_session(pid):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if session.search(os.readlink(f"/proc/{pid}/fd/{fd}")):
+                return True
+        except OSError:
+            pass
+    return False
+kids, start = table()
+born = start[os.getpid()]
+before = set(ours(kids, start).items())
 print("ready", flush=True)  # the driver starts Ray only now: nothing of Ray is in `before`
 seen = {}
 while True:
@@ -165,20 +183,30 @@ while True:
     ready, _, _ = select.select([sys.stdin], [], [], 0.5)
     if ready and not os.read(sys.stdin.fileno(), 1) or driver not in start:
         break
-# The driver is gone: processes started since the last look (an agent a raylet started) are no
-# longer its descendants, but they are still those of the Ray processes seen.
-kids, start = table()
-todo = list(seen)
-while todo:
-    for c in kids.get(todo.pop(), []):
-        if c not in seen and is_ray(c):
-            seen[c] = start[c]; todo.append(c)
-for pid, t in seen.items():
-    if start.get(pid) == t:
+# The driver is gone. Kill what was seen, the Ray processes those started since, and every
+# process born after the reaper with a file open in the driver's session directory; again until
+# a look finds nothing new (a raylet may be starting a worker as it dies).
+killed = set()
+for _ in range(20):
+    kids, start = table()
+    todo = list(seen)
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c not in seen and is_ray(c):
+                seen[c] = start[c]; todo.append(c)
+    for c, t in start.items():
+        if c not in seen and t >= born and c != os.getpid() and in_session(c):
+            seen[c] = t
+    fresh = {(c, t) for c, t in seen.items() if start.get(c) == t} - killed
+    if not fresh:
+        break
+    for pid, t in fresh:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    killed |= fresh
+    time.sleep(0.2)
 """
 
 
