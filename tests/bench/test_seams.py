@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -202,3 +206,66 @@ def test_an_unreachable_ray_address_is_refused_with_one_line(tmp_path, how):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"flatmin bench: error: Invalid {option}: '127.0.0.1:1' (no Ray")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@contextlib.contextmanager
+def _listener(answer: bytes | None):
+    """A TCP server that accepts and writes ``answer`` (``None``: silent; ``b""``: hangs up)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                conns.append(conn)
+                if answer is not None:
+                    conn.sendall(answer)
+                if answer == b"":  # read the client's bytes first: a clean close, not a reset
+                    conn.recv(1024)
+                    conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in conns:
+            conn.close()
+
+
+def test_an_address_where_something_else_listens_is_refused_with_one_line(tmp_path):
+    """A web server on the address: ray.init waited there for minutes, retrying."""
+    pytest.importorskip("ray")
+    with _listener(b"HTTP/1.0 400 Bad Request\r\n\r\n") as address:
+        proc = _bench(tmp_path, "--ray-address", address)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"flatmin bench: error: Invalid --ray-address: {address!r} (something listens there, "
+        "but not a Ray cluster: it does not answer as a gRPC server; its first bytes: "
+        "b'HTTP/1.0 ')\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (None, "no Ray cluster answers there: timed out"),
+        (b"", "something listens there, but not a Ray cluster"),  # accepts, then hangs up
+        (b"\0\0\x12\x01\0\0\0\0\0", "something listens there, but not a Ray cluster"),
+    ],
+    ids=["silent", "hangs-up", "not-settings"],
+)
+def test_a_silent_or_foreign_listener_is_refused_within_the_timeout(answer, reason):
+    from flatmin.bench.ray_executor import RayUnavailableError, check_reachable
+
+    with _listener(answer) as address, pytest.raises(RayUnavailableError, match=re.escape(reason)):
+        check_reachable(address, "--ray-address", timeout=0.5)
+
+
+def test_a_grpc_server_passes_the_probe():
+    """What a gRPC server (Ray's GCS) sends first: an empty SETTINGS frame."""
+    from flatmin.bench.ray_executor import check_reachable
+
+    with _listener(bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))) as address:
+        check_reachable(address, "--ray-address", timeout=2.0)

@@ -102,14 +102,22 @@ def _handlers_kept() -> Iterator[None]:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Refuse a ``host:port`` address where nothing accepts a TCP connection within ``timeout``.
+# What a gRPC server (a Ray GCS, a Ray Client server) answers to the HTTP/2 client preface:
+# its own first frame, a SETTINGS frame (RFC 9113, section 3.4): 9 header bytes, type 0x4.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
+_H2_SETTINGS = 4
 
-    ``"auto"`` and ``"local"`` are Ray's own lookups (they fail fast); a ``ray://`` client
-    address is checked on its host and port.
+
+def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse a ``host:port`` address where no gRPC server answers within ``timeout`` seconds.
+
+    A Ray cluster's address (its GCS) and a ``ray://`` client address both serve gRPC, which
+    answers the HTTP/2 client preface with a SETTINGS frame; ``ray.init`` would wait for minutes
+    on an address where nothing listens or where something else does (a web server, a silent
+    socket). ``"auto"`` and ``"local"`` are Ray's own lookups (they fail fast).
 
     Raises:
-        RayUnavailableError: nothing listens there.
+        RayUnavailableError: nothing listens there, or what listens does not speak gRPC.
     """
     if address in ("auto", "local"):
         return
@@ -118,11 +126,19 @@ def check_reachable(address: str, option: str, timeout: float = CONNECT_TIMEOUT)
     if not sep or not port.isdigit():
         raise RayUnavailableError(f"Invalid {option}: {address!r} (expected host:port or 'auto')")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            header = conn.recv(9)
     except OSError as exc:
         raise RayUnavailableError(
             f"Invalid {option}: {address!r} (no Ray cluster answers there: {exc})"
         ) from None
+    if len(header) < 4 or header[3] != _H2_SETTINGS:
+        raise RayUnavailableError(
+            f"Invalid {option}: {address!r} (something listens there, but not a Ray cluster: "
+            f"it does not answer as a gRPC server; its first bytes: {header!r})"
+        )
 
 
 # The reaper: a fresh interpreter outside the driver's session that records the driver's new
