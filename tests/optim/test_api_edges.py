@@ -109,3 +109,39 @@ def test_sharpness_says_a_batch_is_inputs_and_targets(batches, error, message):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     assert sharpness(model, nn.functional.mse_loss, [[x, y]]).values.shape == (1,)
+
+
+@pytest.mark.parametrize("layout", ["variant-without-base", "sam-and-base-only"])
+@pytest.mark.parametrize(
+    ("saved", "live", "foreign"),
+    [
+        ((torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), torch.optim.AdamW, "'dampening'"),
+        ((torch.optim.Adam, {"lr": 0.01}), torch.optim.SGD, "'amsgrad', 'betas'"),
+    ],
+    ids=["sgd-into-adamw", "adam-into-sgd"],
+)
+def test_an_older_state_of_another_base_class_is_refused_by_its_keys(layout, saved, live, foreign):
+    """Older layouts name no base class: its groups' keys (SGD's momentum) still tell it."""
+    model = _model()
+    cls, kwargs = saved
+    old = flatmin.SAM(model.parameters(), cls, **kwargs)
+    old.step(_closure(old, model))
+    state = copy.deepcopy(old.state_dict())
+    del state["variant"]["hyper"]["base_optimizer"]
+    if layout == "sam-and-base-only":
+        del state["variant"]
+    target = flatmin.SAM(_model().parameters(), live, lr=0.01)
+    with pytest.raises(ValueError, match=rf"its param groups hold \[{foreign}"):
+        target.load_state_dict(state)
+    assert target.steps_taken == 0 and not target.base_optimizer.state  # nothing was loaded
+
+
+def test_an_older_state_of_the_same_base_class_still_loads_in_both_layouts():
+    model = _model()
+    opt = flatmin.SAM(model.parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    opt.step(_closure(opt, model))
+    state = copy.deepcopy(opt.state_dict())
+    del state["variant"]
+    twin = flatmin.SAM(_model().parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    twin.load_state_dict(state)
+    assert twin.base_optimizer.state  # the base's state arrived

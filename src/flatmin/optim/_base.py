@@ -19,7 +19,14 @@ from torch.optim import Optimizer
 
 from flatmin.optim._policy import Policy
 
-__all__ = ["base_name", "check_base", "check_no_clash", "check_unambiguous", "family_keys"]
+__all__ = [
+    "base_name",
+    "check_base",
+    "check_no_clash",
+    "check_unambiguous",
+    "family_keys",
+    "foreign_base_keys",
+]
 
 #: The prefix of a family key that the base optimizer uses too.
 PREFIX = "sam_"
@@ -113,3 +120,25 @@ def check_unambiguous(keys: dict[str, str], group: dict[str, Any], family: str, 
                 f"Invalid param group: {name!r} is a key of both {family} and {base}; write "
                 f"{key!r} for {family}'s {name} and {name!r} for {base}'s"
             )
+
+
+def _torch_keys() -> set[str]:
+    """Every hyper-parameter name of the ``torch.optim`` optimizers (``momentum``, ``betas``...)."""
+    classes = (getattr(torch.optim, name) for name in dir(torch.optim))
+    return set().union(*(
+        _base_keys(c) for c in classes
+        if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer
+    ))  # fmt: skip
+
+
+def foreign_base_keys(
+    groups: Iterable[dict[str, Any]], base: Optimizer, own: Iterable[str]
+) -> set[str]:
+    """The ``torch.optim`` hyper-parameter names in saved ``groups`` that ``base`` does not use.
+
+    An old ``{"sam", "base"}`` state dict does not name its base class, but its groups carry
+    that class's keys: SGD's ``momentum`` in a dict loaded into AdamW, Adam's ``betas`` loaded
+    into SGD. ``own`` are the family's keys, which the groups hold too.
+    """
+    saved = set().union(*(set(g) for g in groups))
+    return (saved & _torch_keys()) - set(base.defaults) - set(own)

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin.optim._base import foreign_base_keys
+
 if TYPE_CHECKING:
     from flatmin.optim.averaging import WeightAveraging
     from flatmin.optim.sam import SAM
@@ -96,6 +98,8 @@ def validate(optimizer: SAM, state_dict: Any, *, legacy: bool) -> dict[str, Any]
                 raise type(err)(
                     f"Invalid {name} state_dict, {key!r} param group {i}: {err}"
                 ) from None
+    if not _base_class_recorded(state_dict.get("variant")):
+        _check_unnamed_base(optimizer, state_dict["base"]["param_groups"])
     if "variant" not in state_dict:
         return None
     variant = state_dict["variant"]
@@ -137,6 +141,24 @@ def _check_base_class(optimizer: SAM, variant: Any) -> None:
         raise ValueError(
             f"Invalid {name} state_dict: saved with base optimizer {saved}, but this {name}'s "
             f"base optimizer is {live} (their states do not fit; build the {name} on {saved})"
+        )
+
+
+def _base_class_recorded(variant: Any) -> bool:
+    hyper = variant.get("hyper") if isinstance(variant, Mapping) else None
+    return isinstance(hyper, Mapping) and "base_optimizer" in hyper
+
+
+def _check_unnamed_base(optimizer: SAM, groups: list[dict[str, Any]]) -> None:
+    # Older layouts name no base class; the keys of its groups still tell another one's.
+    own = {*optimizer._keys, *optimizer._keys.values()}
+    foreign = foreign_base_keys(groups, optimizer.base_optimizer, own)
+    if foreign:
+        name, live = type(optimizer).__name__, type(optimizer.base_optimizer).__name__
+        raise ValueError(
+            f"Invalid {name} state_dict: its param groups hold {sorted(foreign)}, which this "
+            f"{name}'s base optimizer {live} does not use (saved with another base optimizer; "
+            "build the SAM on that one)"
         )
 
 

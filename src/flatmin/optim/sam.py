@@ -485,7 +485,9 @@ class SAM(Policy, Optimizer):
         hyper-parameters it was saved with (a mismatch, e.g. another ``k``, is an error), every
         group value, the group sizes of both sections, the counters and the variant's own state.
         A ``{"sam", "base"}`` dict from an older flatmin ``SAM`` (no ``"variant"``) loads into
-        :class:`SAM`.
+        :class:`SAM`. Such older dicts do not name their base optimizer's class; one whose
+        groups hold ``torch.optim`` keys this base does not use (SGD's ``momentum`` loaded into
+        AdamW) is refused.
 
         Raises:
             ValueError: The state dict does not fit this optimizer (the message says why).
