@@ -211,10 +211,11 @@ def test_augmented_task_hash_covers_the_augmentation() -> None:
     assert spec.config_hash(task) != spec.config_hash(plain)
 
 
-def test_the_clean_suite_runs_the_clean_regime_task_tuned():
+def test_the_full_suite_runs_the_clean_regime_task_tuned():
     from flatmin.bench import get_suite
 
-    suite = get_suite("clean")
-    assert suite.tasks == ("fashion-mnist-aug",) and suite.tune and suite.seeds == 5
+    suite = get_suite("full")
+    assert "fashion-mnist-aug" in suite.tasks and suite.tune and suite.seeds == 5
     assert suite.methods == ("baseline", "swa", "swa-lr", "sam", "wasam")
+    assert "fashion-mnist-aug" not in suite.task_seeds
     assert get_task("fashion-mnist-aug").recipe("full").augment is not None
