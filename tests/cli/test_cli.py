@@ -16,7 +16,7 @@ from flatmin.cli import main
     ("argv", "message"),
     [
         (["bench", "--suite", "huge"],
-         "Unknown suite: 'huge' (known: quick, full, clean, gpu, when)"),
+         "Unknown suite: 'huge' (known: quick, full, gpu, when)"),
         (["bench", "--tasks", "cifar10"], "Unknown task: 'cifar10' (known: digits"),
         (["bench", "--methods", "sam", "adamw"], "Unknown method: 'adamw' (known: baseline"),
         (["bench", "--seeds", "0"], "Invalid seeds"),
